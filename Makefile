@@ -1,0 +1,60 @@
+# colcrypt — PGXS build and install of the extension, and the project's entry
+# points. The Postgres-free parts (keyd, keyctl, tests) build with CMake into
+# build/; `make install` installs both.
+
+EXTVERSION = 0.1.0
+
+MODULE_big = colcrypt
+OBJS = $(patsubst %.cpp,%.o,$(sort $(wildcard src/pg/*.cpp src/core/*.cpp))) keyd/client.o
+DATA_built = extension/colcrypt--$(EXTVERSION).sql
+DATA = extension/colcrypt.control $(wildcard extension/colcrypt--*--*.sql)
+REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
+REGRESS_OPTS = --inputdir=. --dbname=colcrypt_regression
+
+PG_CPPFLAGS = -I$(CURDIR)/src -I$(CURDIR)
+PG_CXXFLAGS = -std=c++17 -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-initializers
+ifeq ($(COLCRYPT_WERROR),1)
+PG_CXXFLAGS += -Werror
+endif
+SHLIB_LINK = -lcrypto -lstdc++
+# Debian's PG 15 would build LLVM bitcode with clang, which ignores PG_CXXFLAGS;
+# the extension gains nothing from JIT inlining, so skip it.
+with_llvm = no
+
+PG_CONFIG ?= pg_config
+PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
+ifneq ($(wildcard $(PGXS)),)
+include $(PGXS)
+else
+all:
+	@echo "postgresql-server-dev-15 is missing: run 'make deps' (or 'make demo' / 'make test')" >&2; exit 1
+endif
+
+extension/colcrypt--$(EXTVERSION).sql: extension/colcrypt.sql
+	cp $< $@
+
+CMAKE_BUILD_DIR ?= build
+PREFIX ?= /usr/local
+
+.PHONY: deps tools install-tools demo demo-stop test bench
+deps:
+	./scripts/install-deps.sh
+
+tools:
+	cmake -S . -B $(CMAKE_BUILD_DIR) -DCOLCRYPT_WERROR=$(if $(COLCRYPT_WERROR),ON,OFF)
+	cmake --build $(CMAKE_BUILD_DIR) -j$$(nproc)
+
+install: install-tools
+install-tools: tools
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(CMAKE_BUILD_DIR)/colcrypt-keyd $(CMAKE_BUILD_DIR)/colcrypt-keyctl $(DESTDIR)$(PREFIX)/bin/
+
+# The README's two commands.
+demo:
+	./scripts/demo.sh
+
+demo-stop:
+	./scripts/demo.sh stop
+
+test:
+	./scripts/test.sh

@@ -1,0 +1,44 @@
+// A blocking client for colcrypt-keyd's Unix socket, used by colcrypt-keyctl,
+// the tests and the Postgres extension. Postgres-free: the extension passes an
+// interrupt check that never longjmps.
+#pragma once
+#include <functional>
+#include <string>
+#include <string_view>
+
+#include "core/envelope.hpp"
+#include "core/wire.hpp"
+
+namespace colcrypt::keyd {
+
+struct ClientOptions {
+  std::string socket_path;
+  int timeout_ms = 5000;  // whole exchange: connect, send, receive
+  // Called at least every 100 ms while waiting; returning true abandons the
+  // exchange with Errc::Cancelled. Must not throw or longjmp.
+  std::function<bool()> interrupted;
+};
+
+// One connection per exchange (keys are cached by the caller, so exchanges
+// are rare). Failures throw colcrypt::Error:
+//   KeydUnavailable (cannot connect; message names the socket path),
+//   KeydTimeout, Cancelled, ProtocolError,
+//   and the mapping of keyd's Failure replies:
+//   NotFound -> KeyNotFound, Denied -> PermissionDenied,
+//   KeyUnavailable -> KeyUnavailable, AlreadyExists -> AlreadyExists,
+//   BadRequest -> InvalidArgument, Internal -> Internal.
+class Client {
+ public:
+  explicit Client(ClientOptions options);
+
+  wire::KeyReply fetch_primary(std::string_view name);
+  wire::KeyReply fetch_version(const KeyId& id, uint32_t version);
+  // Sends a JSON admin request, returns keyd's JSON reply text.
+  std::string admin(std::string_view json_request);
+
+ private:
+  wire::Frame exchange(const std::vector<uint8_t>& request);
+  ClientOptions options_;
+};
+
+}  // namespace colcrypt::keyd

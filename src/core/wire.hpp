@@ -1,0 +1,93 @@
+// The keyd wire protocol (docs/protocol.md): frames of
+//   u32 big-endian length of what follows | u8 message type | body
+// with a hard cap on the length. Strings are u16 big-endian length + bytes.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/bytes.hpp"
+#include "core/envelope.hpp"
+#include "core/secure_memory.hpp"
+
+namespace colcrypt::wire {
+
+constexpr uint32_t kMaxFrameSize = 1u << 20;  // type byte + body
+
+enum class MsgType : uint8_t {
+  // requests
+  FetchPrimary = 0x01,  // body: str name            -> Key (the primary version)
+  FetchVersion = 0x02,  // body: id[16], u32 version  -> Key
+  Admin = 0x10,         // body: JSON request         -> AdminResult
+  // replies
+  Key = 0x81,          // body: id[16], u32 version, u8 state, str name, key[32]
+  AdminResult = 0x90,  // body: JSON
+  Failure = 0xFF,      // body: u16 FailureCode, str message (generic, no secrets)
+};
+
+enum class FailureCode : uint16_t {
+  NotFound = 1,
+  Denied = 2,
+  BadRequest = 3,
+  Internal = 4,
+  KeyUnavailable = 5,  // version exists but is disabled / destroyed
+  AlreadyExists = 6,
+};
+
+enum class KeyState : uint8_t { Active = 1, DecryptOnly = 2, Disabled = 3, Destroyed = 4 };
+const char* key_state_name(KeyState s);
+
+struct KeyReply {
+  KeyId id{};
+  uint32_t version = 0;
+  KeyState state = KeyState::Active;
+  std::string name;
+  SecretBytes key;  // 32 bytes
+};
+
+struct FailureReply {
+  FailureCode code = FailureCode::Internal;
+  std::string message;
+};
+
+// A whole frame (length prefix included), ready to write.
+std::vector<uint8_t> encode_frame(MsgType type, ByteView body);
+// Frames carrying key bytes are built in secret memory.
+SecretBytes encode_key_reply(const KeyReply& reply);
+
+std::vector<uint8_t> encode_fetch_primary(std::string_view name);
+std::vector<uint8_t> encode_fetch_version(const KeyId& id, uint32_t version);
+std::vector<uint8_t> encode_admin(std::string_view json);
+std::vector<uint8_t> encode_admin_result(std::string_view json);
+std::vector<uint8_t> encode_failure(FailureCode code, std::string_view message);
+
+// Body decoders; each throws Errc::ProtocolError on short, long or invalid bodies.
+std::string decode_fetch_primary(ByteView body);
+void decode_fetch_version(ByteView body, KeyId& id, uint32_t& version);
+KeyReply decode_key_reply(ByteView body);
+FailureReply decode_failure(ByteView body);
+
+struct Frame {
+  MsgType type;
+  std::vector<uint8_t> body;  // wiped on destruction by the owner if it held secrets
+};
+
+// Accumulates bytes read from a stream and cuts them into frames. A frame
+// whose length is 0 or above kMaxFrameSize throws Errc::ProtocolError (the
+// connection must then be dropped). Unknown message types are returned as-is;
+// the receiver decides. The internal buffer is wiped as it is consumed.
+class FrameReader {
+ public:
+  ~FrameReader();
+  void feed(const uint8_t* data, size_t n);
+  std::optional<Frame> next();
+  size_t buffered() const { return buffer_.size(); }
+
+ private:
+  std::vector<uint8_t> buffer_;
+};
+
+}  // namespace colcrypt::wire
