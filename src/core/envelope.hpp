@@ -61,6 +61,15 @@ inline size_t opened_size(ByteView envelope) { return envelope.size - kEnvelopeO
 void seal(AeadKey& key, const KeyId& key_id, uint32_t key_version, PayloadType payload,
           ByteView context, ByteView plaintext, uint8_t* out);
 
+namespace detail {
+// seal() with a caller-chosen nonce. Only for seal() itself and for
+// deterministic tests / the worked example in docs/format.md: a nonce must
+// never be used twice with one key.
+void seal_with_nonce(AeadKey& key, const KeyId& key_id, uint32_t key_version, PayloadType payload,
+                     ByteView context, ByteView plaintext, const uint8_t nonce[AeadKey::kNonceSize],
+                     uint8_t* out);
+}  // namespace detail
+
 // Authenticates and decrypts into out (opened_size bytes). Throws
 // Errc::MalformedValue for a structurally invalid envelope and
 // Errc::DecryptionFailed, with one generic message, for every authentication
