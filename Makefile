@@ -8,6 +8,8 @@ MODULE_big = colcrypt
 OBJS = $(patsubst %.cpp,%.o,$(sort $(wildcard src/pg/*.cpp src/core/*.cpp))) keyd/client.o
 DATA_built = extension/colcrypt--$(EXTVERSION).sql
 DATA = extension/colcrypt.control $(wildcard extension/colcrypt--*--*.sql)
+# Without EXTENSION (the control file is not at the top level), PGXS would install DATA into contrib/.
+MODULEDIR = extension
 REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))
 REGRESS_OPTS = --inputdir=. --dbname=colcrypt_regression
 
@@ -16,10 +18,15 @@ PG_CXXFLAGS = -std=c++17 -Wall -Wextra -Wno-unused-parameter -Wno-missing-field-
 ifeq ($(COLCRYPT_WERROR),1)
 PG_CXXFLAGS += -Werror
 endif
+# PGXS tracks no header dependencies for C++: let the compiler write them, or a
+# changed header leaves objects built against the old struct layouts.
+PG_CXXFLAGS += -MMD -MP
+EXTRA_CLEAN = $(OBJS:.o=.d)
 SHLIB_LINK = -lcrypto -lstdc++
 # Debian's PG 15 would build LLVM bitcode with clang, which ignores PG_CXXFLAGS;
-# the extension gains nothing from JIT inlining, so skip it.
-with_llvm = no
+# the extension gains nothing from JIT inlining, so skip it. `override`: PGXS's
+# Makefile.global would reset a plain assignment (its `with_llvm = yes`).
+override with_llvm = no
 
 PG_CONFIG ?= pg_config
 PGXS := $(shell $(PG_CONFIG) --pgxs 2>/dev/null)
@@ -29,6 +36,8 @@ else
 all:
 	@echo "postgresql-server-dev-15 is missing: run 'make deps' (or 'make demo' / 'make test')" >&2; exit 1
 endif
+
+-include $(OBJS:.o=.d)
 
 extension/colcrypt--$(EXTVERSION).sql: extension/colcrypt.sql
 	cp $< $@

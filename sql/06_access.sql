@@ -1,0 +1,55 @@
+-- Access: nothing for PUBLIC; the role colcrypt_user (created by the
+-- extension) may use the schema and the functions. The GUCs are superuser-only.
+
+SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname = 'colcrypt_user';
+SELECT has_schema_privilege('public', 'colcrypt', 'USAGE') AS public_usage,
+       has_schema_privilege('colcrypt_user', 'colcrypt', 'USAGE') AS member_usage;
+SELECT p.oid::regprocedure AS function,
+       has_function_privilege('public', p.oid, 'EXECUTE') AS public_execute,
+       has_function_privilege('colcrypt_user', p.oid, 'EXECUTE') AS member_execute
+  FROM pg_proc p
+ WHERE p.pronamespace = 'colcrypt'::regnamespace
+ ORDER BY p.oid::regprocedure::text;
+
+CREATE ROLE regress_colcrypt_outsider;
+CREATE ROLE regress_colcrypt_app IN ROLE colcrypt_user;
+CREATE TABLE access_data (id int, v colcrypt.encrypted);
+INSERT INTO access_data VALUES (1, colcrypt.encrypt_field('for members only', 'regress_key'));
+GRANT SELECT, INSERT ON access_data TO regress_colcrypt_outsider, regress_colcrypt_app;
+
+-- a role without colcrypt_user: no schema, no functions
+SET ROLE regress_colcrypt_outsider;
+SELECT colcrypt.decrypt_field(v) FROM access_data;
+\echo :SQLSTATE
+SELECT colcrypt.encrypt_field('x', 'regress_key');
+\echo :SQLSTATE
+-- it may read the column, which is ciphertext (type I/O needs no grant)
+SELECT id, v::text LIKE 'colcrypt:%' AS ciphertext FROM access_data;
+RESET ROLE;
+
+-- USAGE on the schema alone is not enough: EXECUTE is revoked from PUBLIC
+GRANT USAGE ON SCHEMA colcrypt TO regress_colcrypt_outsider;
+SET ROLE regress_colcrypt_outsider;
+SELECT colcrypt.decrypt_field(v) FROM access_data;
+\echo :SQLSTATE
+SELECT colcrypt.key_version(v) FROM access_data;
+\echo :SQLSTATE
+RESET ROLE;
+REVOKE USAGE ON SCHEMA colcrypt FROM regress_colcrypt_outsider;
+
+-- a member of colcrypt_user encrypts and decrypts
+SET ROLE regress_colcrypt_app;
+INSERT INTO access_data VALUES (2, colcrypt.encrypt_field('written by the app', 'regress_key', 'app'));
+SELECT id, CASE id WHEN 1 THEN colcrypt.decrypt_field(v) ELSE colcrypt.decrypt_field(v, 'app') END
+       AS plaintext
+  FROM access_data ORDER BY id;
+SELECT colcrypt.key_name(v), colcrypt.key_version(v) FROM access_data WHERE id = 2;
+-- but cannot point the backend at another keyd or change the cache
+SET colcrypt.keyd_socket = '/tmp/not-keyd.sock';
+\echo :SQLSTATE
+SET colcrypt.key_cache_ttl = 0;
+\echo :SQLSTATE
+RESET ROLE;
+
+DROP TABLE access_data;
+DROP ROLE regress_colcrypt_outsider, regress_colcrypt_app;

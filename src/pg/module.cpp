@@ -1,0 +1,194 @@
+// Module initialisation: GUCs, the key cache's exit and transaction-end
+// callbacks, and the mapping of C++ failures to Postgres errors.
+
+// postgres.h must come first: keep clang-format from sorting it.
+// clang-format off
+extern "C" {
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "utils/guc.h"
+#include "utils/wait_event.h"
+}
+// clang-format on
+
+#include "pg/module.hpp"
+
+#include <sys/un.h>
+
+#include <cstring>
+
+#include "pg/guard.hpp"
+#include "pg/key_cache.hpp"
+
+extern "C" {
+PG_MODULE_MAGIC;
+void _PG_init(void);
+}
+
+namespace {
+
+char* keyd_socket_guc = nullptr;
+int key_cache_ttl_guc = 60;
+int keyd_timeout_guc = 5000;
+
+// The pid that registered the exit callback: a backend forked from a postmaster
+// that preloaded the library inherits the variable but not the callback.
+int exit_callback_pid = 0;
+
+bool check_keyd_socket(char** newval, void** extra, GucSource source) {
+  const char* path = *newval;
+  if (path == nullptr || path[0] == '\0') {
+    GUC_check_errdetail("colcrypt.keyd_socket must name colcrypt-keyd's socket.");
+    return false;
+  }
+  constexpr size_t kPathCapacity = sizeof(sockaddr_un::sun_path);
+  if (std::strlen(path) >= kPathCapacity) {
+    GUC_check_errdetail("A Unix socket path is at most %d bytes long.",
+                        static_cast<int>(kPathCapacity - 1));
+    return false;
+  }
+  return true;
+}
+
+// Read by the keyd client at least every 100 ms while it waits. Only reads the
+// flags: the interrupt itself is serviced (CHECK_FOR_INTERRUPTS) after the C++
+// part has unwound.
+bool interrupt_requested() { return InterruptPending && (QueryCancelPending || ProcDiePending); }
+
+// pg_stat_activity shows wait_event_type "Extension" while keyd is asked.
+void keyd_wait_start() { pgstat_report_wait_start(PG_WAIT_EXTENSION); }
+void keyd_wait_end() { pgstat_report_wait_end(); }
+
+void wipe_keys_at_exit(int code, Datum arg) { colcrypt::pg::clear_key_cache(); }
+
+void evict_keys_at_transaction_end(XactEvent event, void* arg) {
+  switch (event) {
+    case XACT_EVENT_COMMIT:
+    case XACT_EVENT_ABORT:
+    case XACT_EVENT_PARALLEL_COMMIT:
+    case XACT_EVENT_PARALLEL_ABORT:
+      colcrypt::pg::evict_expired_keys(key_cache_ttl_guc);
+      break;
+    default:
+      break;
+  }
+}
+
+int sqlstate_for(colcrypt::Errc code) {
+  using colcrypt::Errc;
+  switch (code) {
+    case Errc::InvalidArgument:
+      return ERRCODE_INVALID_PARAMETER_VALUE;
+    case Errc::MalformedValue:
+      return ERRCODE_DATA_CORRUPTED;
+    case Errc::DecryptionFailed:
+      return ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION;
+    case Errc::KeyNotFound:
+      return ERRCODE_UNDEFINED_OBJECT;
+    case Errc::KeyUnavailable:
+      return ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
+    case Errc::PermissionDenied:
+      return ERRCODE_INSUFFICIENT_PRIVILEGE;
+    case Errc::KeydUnavailable:
+      return ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION;
+    case Errc::KeydTimeout:
+      return ERRCODE_CONNECTION_FAILURE;
+    case Errc::ProtocolError:
+      return ERRCODE_PROTOCOL_VIOLATION;
+    case Errc::Cancelled:
+      return ERRCODE_QUERY_CANCELED;
+    default:
+      return ERRCODE_INTERNAL_ERROR;
+  }
+}
+
+}  // namespace
+
+void _PG_init(void) {
+  DefineCustomStringVariable("colcrypt.keyd_socket", "Path of colcrypt-keyd's Unix socket.",
+                             "Every backend and parallel worker fetches its keys from this socket.",
+                             &keyd_socket_guc, "/run/colcrypt/keyd.sock", PGC_SUSET, 0,
+                             check_keyd_socket, nullptr, nullptr);
+  DefineCustomIntVariable(
+      "colcrypt.key_cache_ttl", "How long a backend keeps a key it fetched from colcrypt-keyd.",
+      "0 keeps no key past the call that fetched it (one keyd request per "
+      "call). A rotated key becomes primary for encryption within this time.",
+      &key_cache_ttl_guc, 60, 0, 86400, PGC_SUSET, GUC_UNIT_S, nullptr, nullptr, nullptr);
+  DefineCustomIntVariable("colcrypt.keyd_timeout",
+                          "Time limit for one request to colcrypt-keyd (connect, send, receive).",
+                          nullptr, &keyd_timeout_guc, 5000, 1, 3600000, PGC_SUSET, GUC_UNIT_MS,
+                          nullptr, nullptr, nullptr);
+  MarkGUCPrefixReserved("colcrypt");
+  RegisterXactCallback(evict_keys_at_transaction_end, nullptr);
+}
+
+namespace colcrypt::pg {
+
+KeydSettings prepare_key_access() {
+  if (exit_callback_pid != MyProcPid) {
+    on_proc_exit(wipe_keys_at_exit, 0);
+    exit_callback_pid = MyProcPid;
+  }
+  KeydSettings settings;
+  settings.socket_path = keyd_socket_guc;
+  settings.timeout_ms = keyd_timeout_guc;
+  settings.cache_ttl_s = key_cache_ttl_guc;
+  settings.interrupted = interrupt_requested;
+  settings.wait_start = keyd_wait_start;
+  settings.wait_end = keyd_wait_end;
+  return settings;
+}
+
+void raise_failure(const GuardedFailure& f, ValueOrigin origin) {
+  if (f.out_of_memory)
+    ereport(ERROR, (errcode(ERRCODE_OUT_OF_MEMORY), errmsg("out of memory"),
+                    errdetail("colcrypt could not allocate memory outside Postgres' allocator.")));
+
+  switch (f.code) {
+    case Errc::MalformedValue:
+      switch (origin) {
+        case ValueOrigin::TextInput:
+          ereport(ERROR, (errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+                          errmsg("invalid input syntax for type colcrypt.encrypted"),
+                          errdetail("%s", f.message)));
+          break;
+        case ValueOrigin::BinaryInput:
+          ereport(ERROR, (errcode(ERRCODE_INVALID_BINARY_REPRESENTATION),
+                          errmsg("invalid binary value for type colcrypt.encrypted"),
+                          errdetail("%s", f.message)));
+          break;
+        case ValueOrigin::Stored:
+          ereport(ERROR,
+                  (errcode(ERRCODE_DATA_CORRUPTED), errmsg("malformed colcrypt.encrypted value"),
+                   errdetail("%s", f.message)));
+          break;
+      }
+      break;
+    case Errc::DecryptionFailed:
+      // One message for every authentication failure: no oracle.
+      ereport(ERROR,
+              (errcode(ERRCODE_EXTERNAL_ROUTINE_INVOCATION_EXCEPTION), errmsg("decryption failed"),
+               errdetail("Wrong key, wrong context, or the value was altered.")));
+      break;
+    case Errc::Cancelled:
+      // The keyd client gave up because a cancel or termination is pending:
+      // now that the C++ part has unwound, let Postgres service it (statement
+      // timeout, pg_cancel_backend, pg_terminate_backend).
+      CHECK_FOR_INTERRUPTS();
+      ereport(ERROR, (errcode(ERRCODE_QUERY_CANCELED),
+                      errmsg("canceling statement while waiting for colcrypt-keyd")));
+      break;
+    default:
+      break;
+  }
+  ereport(ERROR, (errcode(sqlstate_for(f.code)), errmsg("%s", f.message),
+                  f.detail[0] != '\0' ? errdetail("%s", f.detail) : 0,
+                  f.hint[0] != '\0' ? errhint("%s", f.hint) : 0));
+  pg_unreachable();
+}
+
+}  // namespace colcrypt::pg

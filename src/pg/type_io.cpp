@@ -1,0 +1,90 @@
+// I/O functions of the type colcrypt.encrypted: a varlena holding the raw
+// envelope (src/core/envelope.hpp). Text form "colcrypt:" + base64; binary
+// form the raw envelope bytes. Input validates the envelope's structure; no
+// I/O function ever decrypts or talks to keyd.
+
+// postgres.h must come first: keep clang-format from sorting it.
+// clang-format off
+extern "C" {
+#include "postgres.h"
+
+#include "fmgr.h"
+#include "libpq/pqformat.h"
+#include "utils/memutils.h"
+}
+// clang-format on
+
+#include <cstring>
+#include <string_view>
+
+#include "core/envelope.hpp"
+#include "pg/guard.hpp"
+
+using colcrypt::ByteView;
+using colcrypt::pg::guarded;
+using colcrypt::pg::ValueOrigin;
+
+extern "C" {
+PG_FUNCTION_INFO_V1(colcrypt_encrypted_in);
+PG_FUNCTION_INFO_V1(colcrypt_encrypted_out);
+PG_FUNCTION_INFO_V1(colcrypt_encrypted_recv);
+PG_FUNCTION_INFO_V1(colcrypt_encrypted_send);
+}
+
+// encrypted_in(cstring, oid, integer)
+Datum colcrypt_encrypted_in(PG_FUNCTION_ARGS) {
+  const char* input = PG_GETARG_CSTRING(0);
+  const std::string_view text(input, std::strlen(input));
+
+  size_t capacity = 0;
+  guarded(ValueOrigin::TextInput, [&] { capacity = colcrypt::decoded_size_bound(text.size()); });
+  bytea* result = static_cast<bytea*>(palloc(VARHDRSZ + capacity));
+  size_t size = 0;
+  guarded(ValueOrigin::TextInput, [&] {
+    uint8_t* out = reinterpret_cast<uint8_t*>(VARDATA(result));
+    size = colcrypt::decode_text(text, out, capacity);
+    colcrypt::parse_header(ByteView(out, size));
+  });
+  SET_VARSIZE(result, VARHDRSZ + size);
+  PG_RETURN_BYTEA_P(result);
+}
+
+// encrypted_out(encrypted): the canonical text form, never the plaintext.
+Datum colcrypt_encrypted_out(PG_FUNCTION_ARGS) {
+  bytea* value = PG_GETARG_BYTEA_PP(0);
+  const ByteView envelope(reinterpret_cast<const uint8_t*>(VARDATA_ANY(value)),
+                          VARSIZE_ANY_EXHDR(value));
+  // Stored bytes are printed even when they do not parse: a dump must never
+  // fail on them (the restore will report them).
+  size_t length = 0;
+  guarded(ValueOrigin::Stored, [&] { length = colcrypt::text_size(envelope.size); });
+  if (length + 1 > MaxAllocSize)
+    ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+                    errmsg("colcrypt.encrypted value too large for its text form"),
+                    errdetail("The text form of a %zu-byte value exceeds 1 GB.", envelope.size),
+                    errhint("Use binary COPY or decrypt the value.")));
+  char* out = static_cast<char*>(palloc(length + 1));
+  guarded(ValueOrigin::Stored, [&] { colcrypt::encode_text(envelope, out); });
+  out[length] = '\0';
+  PG_RETURN_CSTRING(out);
+}
+
+// encrypted_recv(internal, oid, integer): the raw envelope, treated as hostile.
+Datum colcrypt_encrypted_recv(PG_FUNCTION_ARGS) {
+  StringInfo buf = reinterpret_cast<StringInfo>(PG_GETARG_POINTER(0));
+  const int size = buf->len - buf->cursor;
+  bytea* result = static_cast<bytea*>(palloc(VARHDRSZ + size));
+  SET_VARSIZE(result, VARHDRSZ + size);
+  pq_copymsgbytes(buf, VARDATA(result), size);
+  guarded(ValueOrigin::BinaryInput, [&] {
+    colcrypt::parse_header(
+        ByteView(reinterpret_cast<const uint8_t*>(VARDATA(result)), static_cast<size_t>(size)));
+  });
+  PG_RETURN_BYTEA_P(result);
+}
+
+// encrypted_send(encrypted): the raw envelope bytes (as bytea's send does).
+Datum colcrypt_encrypted_send(PG_FUNCTION_ARGS) {
+  bytea* value = PG_GETARG_BYTEA_P_COPY(0);
+  PG_RETURN_BYTEA_P(value);
+}
