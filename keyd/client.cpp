@@ -1,0 +1,256 @@
+#include "keyd/client.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <memory>
+
+#include "core/error.hpp"
+#include "core/secure_memory.hpp"
+
+namespace colcrypt::keyd {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+constexpr int kSliceMs = 100;
+
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+// Wipes a buffer that may have held key bytes when it goes out of scope.
+struct WipeOnExit {
+  void* p;
+  size_t n;
+  ~WipeOnExit() { secure_zero(p, n); }
+};
+
+class Exchange {
+ public:
+  explicit Exchange(const ClientOptions& options)
+      : options_(options),
+        deadline_(Clock::now() + std::chrono::milliseconds(std::max(options.timeout_ms, 1))) {}
+
+  // Waits for events on fd in slices of at most kSliceMs, checking the
+  // interrupt callback between slices. Returns the revents.
+  short wait(int fd, short events, const char* waiting_for) {
+    for (;;) {
+      if (options_.interrupted && options_.interrupted()) {
+        throw Error(Errc::Cancelled, "request to colcrypt-keyd cancelled");
+      }
+      auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline_ - Clock::now()).count();
+      if (left <= 0) {
+        throw Error(Errc::KeydTimeout, std::string("colcrypt-keyd at ") + options_.socket_path +
+                                           " did not answer within " +
+                                           std::to_string(options_.timeout_ms) + " ms (" +
+                                           waiting_for + ")");
+      }
+      struct pollfd pfd {
+        fd, events, 0
+      };
+      int rc = ::poll(&pfd, 1, static_cast<int>(std::min<long long>(left, kSliceMs)));
+      if (rc < 0 && errno != EINTR) {
+        int err = errno;
+        throw Error(Errc::Io, std::string("poll failed: ") + std::strerror(err));
+      }
+      if (rc > 0) return pfd.revents;
+    }
+  }
+
+  // A short timed wait while keyd's listen backlog is full.
+  void sleep_slice() {
+    if (options_.interrupted && options_.interrupted()) {
+      throw Error(Errc::Cancelled, "request to colcrypt-keyd cancelled");
+    }
+    if (Clock::now() >= deadline_) {
+      throw Error(Errc::KeydTimeout, std::string("colcrypt-keyd at ") + options_.socket_path +
+                                         " did not accept the connection within " +
+                                         std::to_string(options_.timeout_ms) + " ms");
+    }
+    ::poll(nullptr, 0, 10);
+  }
+
+  [[noreturn]] void unavailable(int err) {
+    throw Error(Errc::KeydUnavailable, "cannot connect to colcrypt-keyd at " +
+                                           options_.socket_path + ": " + std::strerror(err));
+  }
+
+  std::unique_ptr<Fd> connect_socket() {
+    struct sockaddr_un addr {};
+    addr.sun_family = AF_UNIX;
+    if (options_.socket_path.empty() || options_.socket_path.size() >= sizeof addr.sun_path) {
+      throw Error(Errc::KeydUnavailable, "cannot connect to colcrypt-keyd at " +
+                                             options_.socket_path +
+                                             ": invalid socket path (empty or too long)");
+    }
+    std::memcpy(addr.sun_path, options_.socket_path.data(), options_.socket_path.size());
+    auto fd =
+        std::make_unique<Fd>(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (fd->get() < 0) {
+      int err = errno;
+      throw Error(Errc::Io, std::string("cannot create a socket: ") + std::strerror(err));
+    }
+    for (;;) {
+      if (::connect(fd->get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0) {
+        return fd;
+      }
+      int err = errno;
+      if (err == EINTR) continue;
+      if (err == EISCONN) return fd;  // a connect interrupted by a signal completed anyway
+      if (err == EAGAIN) {            // listen backlog full: keyd is busy, retry until the deadline
+        sleep_slice();
+        continue;
+      }
+      if (err == EINPROGRESS) {
+        wait(fd->get(), POLLOUT, "connecting");
+        int so_error = 0;
+        socklen_t len = sizeof so_error;
+        if (::getsockopt(fd->get(), SOL_SOCKET, SO_ERROR, &so_error, &len) != 0) so_error = errno;
+        if (so_error != 0) unavailable(so_error);
+        return fd;
+      }
+      unavailable(err);
+    }
+  }
+
+  void send_all(int fd, const std::vector<uint8_t>& data) {
+    size_t done = 0;
+    while (done < data.size()) {
+      ssize_t n = ::send(fd, data.data() + done, data.size() - done, MSG_NOSIGNAL);
+      if (n > 0) {
+        done += static_cast<size_t>(n);
+        continue;
+      }
+      int err = errno;
+      if (n < 0 && err == EINTR) continue;
+      if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK)) {
+        wait(fd, POLLOUT, "sending the request");
+        continue;
+      }
+      if (n < 0 && (err == EPIPE || err == ECONNRESET)) {
+        // keyd closed early (it refuses peers that way); its reason may be queued.
+        return;
+      }
+      throw Error(Errc::Io, std::string("cannot send to colcrypt-keyd at ") + options_.socket_path +
+                                ": " + std::strerror(err));
+    }
+  }
+
+  wire::Frame receive(int fd) {
+    wire::FrameReader reader;
+    uint8_t buf[4096];
+    WipeOnExit wipe{buf, sizeof buf};
+    for (;;) {
+      if (auto frame = reader.next()) return std::move(*frame);
+      ssize_t n = ::recv(fd, buf, sizeof buf, 0);
+      if (n > 0) {
+        reader.feed(buf, static_cast<size_t>(n));
+        continue;
+      }
+      int err = errno;
+      if (n < 0 && err == EINTR) continue;
+      if (n < 0 && (err == EAGAIN || err == EWOULDBLOCK)) {
+        wait(fd, POLLIN, "waiting for the reply");
+        continue;
+      }
+      if (n == 0 || err == ECONNRESET) {
+        throw Error(Errc::ProtocolError, "colcrypt-keyd at " + options_.socket_path +
+                                             " closed the connection without a reply");
+      }
+      throw Error(Errc::Io, std::string("cannot read from colcrypt-keyd at ") +
+                                options_.socket_path + ": " + std::strerror(err));
+    }
+  }
+
+ private:
+  const ClientOptions& options_;
+  Clock::time_point deadline_;
+};
+
+[[noreturn]] void throw_failure(const wire::Frame& frame) {
+  wire::FailureReply failure = wire::decode_failure(ByteView(frame.body));
+  std::string message =
+      failure.message.empty() ? "colcrypt-keyd refused the request" : failure.message;
+  switch (failure.code) {
+    case wire::FailureCode::NotFound:
+      throw Error(Errc::KeyNotFound, message);
+    case wire::FailureCode::Denied:
+      throw Error(Errc::PermissionDenied, message);
+    case wire::FailureCode::KeyUnavailable:
+      throw Error(Errc::KeyUnavailable, message);
+    case wire::FailureCode::AlreadyExists:
+      throw Error(Errc::AlreadyExists, message);
+    case wire::FailureCode::BadRequest:
+      throw Error(Errc::InvalidArgument, message);
+    case wire::FailureCode::Internal:
+      throw Error(Errc::Internal, message);
+  }
+  throw Error(Errc::Internal, message);  // a code newer than this client
+}
+
+wire::KeyReply expect_key(wire::Frame& frame) {
+  WipeOnExit wipe{frame.body.data(), frame.body.size()};
+  if (frame.type == wire::MsgType::Failure) throw_failure(frame);
+  if (frame.type != wire::MsgType::Key) {
+    throw Error(Errc::ProtocolError, "colcrypt-keyd sent an unexpected reply type");
+  }
+  return wire::decode_key_reply(ByteView(frame.body));
+}
+
+}  // namespace
+
+Client::Client(ClientOptions options) : options_(std::move(options)) {}
+
+wire::Frame Client::exchange(const std::vector<uint8_t>& request) {
+  Exchange ex(options_);
+  std::unique_ptr<Fd> fd = ex.connect_socket();
+  ex.send_all(fd->get(), request);
+  return ex.receive(fd->get());
+}
+
+wire::KeyReply Client::fetch_primary(std::string_view name) {
+  wire::Frame frame = exchange(wire::encode_fetch_primary(name));
+  wire::KeyReply reply = expect_key(frame);
+  if (reply.name != name) {
+    throw Error(Errc::ProtocolError, "colcrypt-keyd answered with a different key");
+  }
+  return reply;
+}
+
+wire::KeyReply Client::fetch_version(const KeyId& id, uint32_t version) {
+  wire::Frame frame = exchange(wire::encode_fetch_version(id, version));
+  wire::KeyReply reply = expect_key(frame);
+  if (reply.id != id || reply.version != version) {
+    throw Error(Errc::ProtocolError, "colcrypt-keyd answered with a different key");
+  }
+  return reply;
+}
+
+std::string Client::admin(std::string_view json_request) {
+  wire::Frame frame = exchange(wire::encode_admin(json_request));
+  if (frame.type == wire::MsgType::Failure) throw_failure(frame);
+  if (frame.type != wire::MsgType::AdminResult) {
+    throw Error(Errc::ProtocolError, "colcrypt-keyd sent an unexpected reply type");
+  }
+  return std::string(frame.body.begin(), frame.body.end());
+}
+
+}  // namespace colcrypt::keyd

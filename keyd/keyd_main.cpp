@@ -1,0 +1,304 @@
+// colcrypt-keyd: the key daemon. Runs in the foreground (systemd style);
+// docs/operations.md documents flags, environment, exit codes and files.
+#include <grp.h>
+#include <pwd.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <cstdio>
+#include <cstdlib>
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/error.hpp"
+#include "core/kdf.hpp"
+#include "keyd/log.hpp"
+#include "keyd/master_secret.hpp"
+#include "keyd/server.hpp"
+#include "keyd/store.hpp"
+
+#ifdef COLCRYPT_HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
+
+namespace {
+
+using namespace colcrypt;
+using namespace colcrypt::keyd;
+
+// Exit codes (sysexits.h values; the contract fixes them).
+constexpr int kExitOk = 0;
+constexpr int kExitUsage = 64;
+constexpr int kExitCorrupt = 65;
+constexpr int kExitUnavailable = 69;
+constexpr int kExitSoftware = 70;
+constexpr int kExitOsError = 71;
+constexpr int kExitWrongKey = 77;
+constexpr int kExitPermissions = 78;
+
+constexpr const char* kDefaultSocket = "/run/colcrypt/keyd.sock";
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+int exit_code_for(Errc code) {
+  switch (code) {
+    case Errc::InvalidArgument:
+      return kExitUsage;
+    case Errc::StoreCorrupt:
+    case Errc::MalformedValue:
+      return kExitCorrupt;
+    case Errc::WrongMasterKey:
+      return kExitWrongKey;
+    case Errc::InsecurePermissions:
+      return kExitPermissions;
+    case Errc::Io:
+      return kExitOsError;
+    default:
+      return kExitSoftware;
+  }
+}
+
+void harden_process() {
+  // No core dumps and no ptrace by other processes of the same user: the
+  // process holds the KEK and unwrapped keys.
+  ::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  struct rlimit no_core {
+    0, 0
+  };
+  ::setrlimit(RLIMIT_CORE, &no_core);
+  ::umask(0077);
+}
+
+std::optional<long long> parse_integer(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  char* end = nullptr;
+  errno = 0;
+  long long v = std::strtoll(text.c_str(), &end, 10);
+  if (errno != 0 || *end != '\0') return std::nullopt;
+  return v;
+}
+
+uid_t resolve_uid(const std::string& text) {
+  if (auto v = parse_integer(text)) {
+    if (*v < 0 || *v > 0x7fffffff) throw UsageError("invalid uid " + text);
+    return static_cast<uid_t>(*v);
+  }
+  struct passwd* pw = ::getpwnam(text.c_str());
+  if (!pw) throw UsageError("unknown user " + text);
+  return pw->pw_uid;
+}
+
+gid_t resolve_gid(const std::string& text) {
+  if (auto v = parse_integer(text)) {
+    if (*v < 0 || *v > 0x7fffffff) throw UsageError("invalid gid " + text);
+    return static_cast<gid_t>(*v);
+  }
+  struct group* gr = ::getgrnam(text.c_str());
+  if (!gr) throw UsageError("unknown group " + text);
+  return gr->gr_gid;
+}
+
+std::string env_or(const char* name, const std::string& fallback) {
+  const char* v = std::getenv(name);
+  return v && *v ? std::string(v) : fallback;
+}
+
+struct Options {
+  std::string store;
+  std::string socket;
+  std::string password_file;
+  std::string master_key_file;
+  std::vector<std::string> allow_uids;
+  std::vector<std::string> admin_uids;
+  std::string socket_group;
+  std::optional<uint32_t> pbkdf2_iterations;
+  bool insecure_fast_kdf = false;
+  std::string log_level = "info";
+};
+
+MasterSecret obtain_master_secret(const Options& o, std::optional<MasterSecret>& env_password,
+                                  const std::string& store_dir, bool new_store) {
+  if (!o.password_file.empty() && !o.master_key_file.empty()) {
+    throw UsageError("--password-file and --master-key-file exclude each other");
+  }
+  if (!o.master_key_file.empty()) return read_master_key_file(o.master_key_file);
+  if (!o.password_file.empty()) return read_password_file(o.password_file);
+  if (env_password) {
+    MasterSecret secret = std::move(*env_password);
+    env_password.reset();
+    return secret;
+  }
+  if (::isatty(STDIN_FILENO)) {
+    return prompt_password(
+        (new_store ? "New master password for key store " : "Master password for key store ") +
+            store_dir + ": ",
+        new_store);
+  }
+  throw UsageError(
+      "no master secret: use --master-key-file, --password-file or ENCRYPTION_MASTER_PASSWORD "
+      "(or run on a terminal to be asked)");
+}
+
+int run(const Options& o, std::optional<MasterSecret>& env_password) {
+  auto level = parse_log_level(o.log_level);
+  if (!level) throw UsageError("--log-level must be error, warning, info or debug");
+  set_log_level(*level);
+
+  const std::string store_dir = o.store.empty() ? env_or("ENCRYPTION_KEY_PATH", "") : o.store;
+  if (store_dir.empty()) {
+    throw UsageError("no key store: pass --store DIR or set ENCRYPTION_KEY_PATH");
+  }
+  ServerConfig config;
+  config.socket_path = o.socket.empty() ? env_or("COLCRYPT_KEYD_SOCKET", kDefaultSocket) : o.socket;
+  for (const auto& u : o.allow_uids) config.allow_uids.push_back(resolve_uid(u));
+  if (o.allow_uids.empty()) {
+    if (struct passwd* pw = ::getpwnam("postgres")) {
+      config.allow_uids.push_back(pw->pw_uid);
+    } else {
+      log_warning("no user \"postgres\" and no --allow-uid: only admin uids may fetch keys");
+    }
+  }
+  for (const auto& u : o.admin_uids) config.admin_uids.push_back(resolve_uid(u));
+  if (o.admin_uids.empty()) config.admin_uids.push_back(::geteuid());
+  if (!o.socket_group.empty()) config.socket_group = resolve_gid(o.socket_group);
+
+  uint32_t iterations = o.pbkdf2_iterations.value_or(kPbkdf2DefaultIterations);
+  const uint32_t min_iterations =
+      o.insecure_fast_kdf ? kMinInsecurePbkdf2Iterations : kMinPbkdf2Iterations;
+  if (iterations < min_iterations) {
+    throw UsageError("--pbkdf2-iterations must be at least " + std::to_string(min_iterations) +
+                     (o.insecure_fast_kdf ? "" : " (--insecure-fast-kdf allows 1000, for tests)"));
+  }
+  uint32_t rotation_days = kDefaultRotationIntervalDays;
+  if (const char* env = std::getenv("ENCRYPTION_ROTATION_INTERVAL_DAYS"); env && *env) {
+    auto v = parse_integer(env);
+    if (!v || *v < 1 || *v > kMaxRotationIntervalDays) {
+      throw UsageError("ENCRYPTION_ROTATION_INTERVAL_DAYS must be an integer from 1 to " +
+                       std::to_string(kMaxRotationIntervalDays));
+    }
+    rotation_days = static_cast<uint32_t>(*v);
+  }
+
+  // Fail fast, before a slow key derivation, when another keyd owns the socket.
+  claim_socket_path(config.socket_path);
+
+  const bool existing = KeyStore::exists(store_dir);
+  MasterSecret secret = obtain_master_secret(o, env_password, store_dir, !existing);
+  std::optional<KeyStore> store;
+  if (existing) {
+    store.emplace(KeyStore::open(store_dir, secret));
+    if (o.pbkdf2_iterations && store->kek_source() == MasterSecret::Kind::Password &&
+        store->pbkdf2_iterations() != iterations) {
+      log_info("--pbkdf2-iterations only applies to new stores; this one uses " +
+               std::to_string(store->pbkdf2_iterations()));
+    }
+    log_info("opened key store " + store_dir + " (" + std::to_string(store->keys().size()) +
+             " keys)");
+  } else {
+    store.emplace(KeyStore::create(store_dir, secret, iterations));
+    if (secret.kind == MasterSecret::Kind::Password) {
+      log_info("initialized a new key store in " + store_dir + " (PBKDF2-HMAC-SHA256, " +
+               std::to_string(iterations) + " iterations)");
+    } else {
+      log_info("initialized a new key store in " + store_dir + " (master key file)");
+    }
+  }
+  // The KEK is derived: the password is no longer needed.
+  secret = MasterSecret{};
+  env_password.reset();
+  store->set_default_rotation_interval_days(rotation_days);
+  if (shutdown_requested()) {
+    log_info("stop requested during startup");
+    return kExitOk;
+  }
+
+  const std::string socket_path = config.socket_path;
+  Server server(std::move(config), std::move(*store));
+  server.listen();
+  log_info("ready on " + socket_path);
+#ifdef COLCRYPT_HAVE_SYSTEMD
+  sd_notify(0, "READY=1");
+#endif
+  return server.run();
+}
+
+// Logs a startup failure and maps it to the exit code.
+int report_failure(const std::exception& failure) {
+  try {
+    throw;
+  } catch (const UsageError& e) {
+    log_error(e.what());
+    return kExitUsage;
+  } catch (const SocketUnavailable& e) {
+    log_error(e.what());
+    return kExitUnavailable;
+  } catch (const StoreInUse& e) {
+    log_error(e.what());
+    return kExitUnavailable;
+  } catch (const Error& e) {
+    log_error(e.what());
+    return exit_code_for(e.code());
+  } catch (...) {
+    log_error(std::string("internal error: ") + failure.what());
+    return kExitSoftware;
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  harden_process();
+  // Take the password out of the environment before anything else can fail
+  // (or fork): the variable's value is wiped in place and the variable removed.
+  std::optional<MasterSecret> env_password;
+  try {
+    env_password = take_password_from_env();
+  } catch (const Error& e) {
+    log_error(e.what());
+    return kExitUsage;
+  }
+  Options o;
+  CLI::App app{"colcrypt-keyd: the colcrypt key daemon (runs in the foreground)", "colcrypt-keyd"};
+  app.set_version_flag("--version", std::string("colcrypt-keyd ") + kKeydVersion);
+  app.add_option("--store", o.store, "key store directory (default: $ENCRYPTION_KEY_PATH)");
+  app.add_option("--socket", o.socket,
+                 std::string("Unix socket path (default: $COLCRYPT_KEYD_SOCKET, else ") +
+                     kDefaultSocket + ")");
+  app.add_option("--password-file", o.password_file,
+                 "read the master password from this file (mode 0600/0400)");
+  app.add_option("--master-key-file", o.master_key_file,
+                 "use this file's 32 raw bytes as the master key (mode 0600/0400)");
+  app.add_option("--allow-uid", o.allow_uids,
+                 "uid or user name allowed to fetch keys (repeatable; default: postgres)");
+  app.add_option("--admin-uid", o.admin_uids,
+                 "uid or user name allowed to administer (repeatable; default: keyd's euid)");
+  app.add_option("--socket-group", o.socket_group,
+                 "make the socket 0660 and its new directory 0750, owned by this group");
+  app.add_option("--pbkdf2-iterations", o.pbkdf2_iterations,
+                 "PBKDF2 iterations for a new password-protected store (default 600000)");
+  app.add_flag("--insecure-fast-kdf", o.insecure_fast_kdf,
+               "allow --pbkdf2-iterations down to 1000 (tests only)");
+  app.add_option("--log-level", o.log_level, "error, warning, info (default) or debug");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    log_error(std::string(e.what()) + " (see colcrypt-keyd --help)");
+    return kExitUsage;
+  }
+  try {
+    install_signal_handlers();
+    return run(o, env_password);
+  } catch (const std::exception& e) {
+    if (!shutdown_requested()) return report_failure(e);
+    log_info("stop requested during startup");
+    return kExitOk;
+  }
+}

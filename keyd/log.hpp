@@ -1,0 +1,24 @@
+// colcrypt-keyd's log: one line per event on stderr,
+// "colcrypt-keyd: LEVEL: message". Messages never carry key bytes.
+#pragma once
+#include <optional>
+#include <string>
+#include <string_view>
+
+namespace colcrypt::keyd {
+
+enum class LogLevel { Error = 0, Warning = 1, Info = 2, Debug = 3 };
+
+constexpr const char* kKeydVersion = "0.1.0";
+
+void set_log_level(LogLevel level);
+LogLevel log_level();
+std::optional<LogLevel> parse_log_level(std::string_view text);
+
+void log(LogLevel level, std::string_view message);
+inline void log_error(std::string_view m) { log(LogLevel::Error, m); }
+inline void log_warning(std::string_view m) { log(LogLevel::Warning, m); }
+inline void log_info(std::string_view m) { log(LogLevel::Info, m); }
+inline void log_debug(std::string_view m) { log(LogLevel::Debug, m); }
+
+}  // namespace colcrypt::keyd

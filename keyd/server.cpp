@@ -1,0 +1,695 @@
+#include "keyd/server.hpp"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <ctime>
+#include <deque>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "core/wire.hpp"
+#include "keyd/log.hpp"
+
+#ifdef COLCRYPT_HAVE_SYSTEMD
+#include <systemd/sd-daemon.h>
+#endif
+
+namespace colcrypt::keyd {
+namespace {
+
+using nlohmann::json;
+using Clock = std::chrono::steady_clock;
+
+int g_signal_pipe[2] = {-1, -1};
+// Lock-free atomics: safe to set from a signal handler and from other threads.
+std::atomic<bool> g_stop{false};
+std::atomic<bool> g_hup{false};
+static_assert(std::atomic<bool>::is_always_lock_free);
+
+void ensure_signal_pipe() {
+  if (g_signal_pipe[0] >= 0) return;
+  if (::pipe2(g_signal_pipe, O_NONBLOCK | O_CLOEXEC) != 0) {
+    int err = errno;
+    throw Error(Errc::Io, std::string("cannot create the signal pipe: ") + std::strerror(err));
+  }
+}
+
+void wake_loop(char why) {
+  if (g_signal_pipe[1] >= 0) {
+    ssize_t ignored = ::write(g_signal_pipe[1], &why, 1);
+    (void)ignored;
+  }
+}
+
+extern "C" void on_signal(int sig) {
+  int saved = errno;
+  if (sig == SIGHUP) {
+    g_hup = true;
+  } else {
+    g_stop = true;
+  }
+  wake_loop(static_cast<char>(sig));
+  errno = saved;
+}
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+std::string peer_text(uid_t uid, pid_t pid) {
+  return "uid=" + std::to_string(uid) + " pid=" + std::to_string(pid);
+}
+
+sockaddr_un socket_address(const std::string& path) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof addr.sun_path) {
+    throw Error(Errc::InvalidArgument, "socket path " + path + " is empty or longer than " +
+                                           std::to_string(sizeof addr.sun_path - 1) + " bytes");
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  return addr;
+}
+
+std::string parent_dir(const std::string& path) {
+  auto slash = path.find_last_of('/');
+  if (slash == std::string::npos) return ".";
+  if (slash == 0) return "/";
+  return path.substr(0, slash);
+}
+
+json key_json(const KeyRecord& k) {
+  auto optional_time = [](const std::optional<int64_t>& t) {
+    return t ? json(format_timestamp(*t)) : json(nullptr);
+  };
+  json versions = json::array();
+  for (const auto& v : k.versions) {
+    versions.push_back({{"version", v.version},
+                        {"state", wire::key_state_name(v.state)},
+                        {"created_at", format_timestamp(v.created_at)}});
+  }
+  return {{"id", format_key_id(k.id)},
+          {"name", k.name},
+          {"algorithm", k.algorithm},
+          {"created_at", format_timestamp(k.created_at)},
+          {"expires_at", optional_time(k.expires_at)},
+          {"rotation_interval_days", k.rotation_interval_days},
+          {"last_used", optional_time(k.last_used)},
+          {"usage_count", k.usage_count},
+          {"primary_version", k.primary_version},
+          {"versions", std::move(versions)}};
+}
+
+// Failure replies carry a short generic reason; details go to keyd's log.
+wire::FailureCode failure_code(Errc code) {
+  switch (code) {
+    case Errc::KeyNotFound:
+      return wire::FailureCode::NotFound;
+    case Errc::AlreadyExists:
+      return wire::FailureCode::AlreadyExists;
+    case Errc::InvalidArgument:
+      return wire::FailureCode::BadRequest;
+    case Errc::KeyUnavailable:
+      return wire::FailureCode::KeyUnavailable;
+    case Errc::PermissionDenied:
+      return wire::FailureCode::Denied;
+    default:
+      return wire::FailureCode::Internal;
+  }
+}
+
+int64_t now_seconds() { return static_cast<int64_t>(std::time(nullptr)); }
+
+}  // namespace
+
+struct Server::Connection {
+  int fd = -1;
+  uid_t uid = 0;
+  pid_t pid = 0;
+  wire::FrameReader reader;
+  std::deque<SecretBytes> out;  // whole frames; key replies are secret
+  size_t out_offset = 0;        // bytes of out.front() already written
+  bool read_closed = false;
+  bool dead = false;
+  Clock::time_point last_activity;
+
+  ~Connection() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+void install_signal_handlers() {
+  ensure_signal_pipe();
+  struct sigaction sa {};
+  sa.sa_handler = on_signal;
+  sigemptyset(&sa.sa_mask);
+  sa.sa_flags = 0;  // no SA_RESTART: poll() returns EINTR and the loop looks at the pipe
+  for (int sig : {SIGTERM, SIGINT, SIGHUP}) ::sigaction(sig, &sa, nullptr);
+  struct sigaction ignore {};
+  ignore.sa_handler = SIG_IGN;
+  sigemptyset(&ignore.sa_mask);
+  ::sigaction(SIGPIPE, &ignore, nullptr);
+}
+
+bool shutdown_requested() { return g_stop; }
+
+void request_shutdown() {
+  g_stop = true;
+  wake_loop('q');
+}
+
+void claim_socket_path(const std::string& path) {
+  sockaddr_un addr = socket_address(path);
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return;
+    int err = errno;
+    throw SocketUnavailable("cannot check socket path " + path + ": " + errno_text(err));
+  }
+  if (!S_ISSOCK(st.st_mode)) {
+    throw SocketUnavailable("socket path " + path + " exists and is not a socket");
+  }
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) {
+    int err = errno;
+    throw Error(Errc::Io, "cannot create a socket: " + errno_text(err));
+  }
+  int rc = ::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+  int err = errno;
+  ::close(fd);
+  if (rc == 0 || err == EAGAIN || err == EINPROGRESS) {
+    throw SocketUnavailable("another colcrypt-keyd is already listening on " + path);
+  }
+  if (err != ECONNREFUSED) {
+    throw SocketUnavailable("cannot check whether " + path + " is in use: " + errno_text(err));
+  }
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+    err = errno;
+    throw SocketUnavailable("cannot remove stale socket " + path + ": " + errno_text(err));
+  }
+  log_info("removed stale socket " + path);
+}
+
+Server::Server(ServerConfig config, KeyStore store)
+    : config_(std::move(config)),
+      store_(std::move(store)),
+      started_(Clock::now()),
+      last_flush_(Clock::now()) {
+  ensure_signal_pipe();
+}
+
+Server::~Server() {
+  connections_.clear();
+  if (listen_fd_ >= 0) {
+    ::close(listen_fd_);
+    remove_socket();
+  }
+}
+
+bool Server::is_admin(uid_t uid) const {
+  return std::find(config_.admin_uids.begin(), config_.admin_uids.end(), uid) !=
+         config_.admin_uids.end();
+}
+
+bool Server::allowed(uid_t uid) const {
+  return is_admin(uid) || std::find(config_.allow_uids.begin(), config_.allow_uids.end(), uid) !=
+                              config_.allow_uids.end();
+}
+
+void Server::listen() {
+  const std::string& path = config_.socket_path;
+  sockaddr_un addr = socket_address(path);
+  const std::string dir = parent_dir(path);
+  const mode_t dir_mode = config_.socket_group ? 0750 : 0700;
+  if (::mkdir(dir.c_str(), dir_mode) == 0) {
+    if (::chmod(dir.c_str(), dir_mode) != 0 ||
+        (config_.socket_group &&
+         ::chown(dir.c_str(), static_cast<uid_t>(-1), *config_.socket_group) != 0)) {
+      int err = errno;
+      throw Error(Errc::Io, "cannot set up socket directory " + dir + ": " + errno_text(err));
+    }
+    log_info("created socket directory " + dir);
+  } else if (errno != EEXIST) {
+    int err = errno;
+    throw Error(Errc::Io, "cannot create socket directory " + dir + ": " + errno_text(err));
+  } else {
+    struct stat st {};
+    if (::stat(dir.c_str(), &st) == 0 && (st.st_mode & S_IWOTH) && !(st.st_mode & S_ISVTX)) {
+      log_warning("socket directory " + dir + " is writable by others; use a private directory");
+    }
+  }
+
+  claim_socket_path(path);
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (fd < 0) {
+    int err = errno;
+    throw Error(Errc::Io, "cannot create a socket: " + errno_text(err));
+  }
+  // The socket file is created under umask 0177: never briefly wider than 0600.
+  mode_t old_umask = ::umask(0177);
+  int rc = ::bind(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr);
+  int err = errno;
+  ::umask(old_umask);
+  if (rc != 0) {
+    ::close(fd);
+    throw SocketUnavailable("cannot bind " + path + ": " + errno_text(err));
+  }
+  listen_fd_ = fd;  // from here on the destructor removes the socket file
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) {
+    socket_dev_ = st.st_dev;
+    socket_ino_ = st.st_ino;
+  }
+  if (::listen(fd, 128) != 0) {
+    err = errno;
+    throw SocketUnavailable("cannot listen on " + path + ": " + errno_text(err));
+  }
+  if (config_.socket_group) {
+    if (::chown(path.c_str(), static_cast<uid_t>(-1), *config_.socket_group) != 0 ||
+        ::chmod(path.c_str(), 0660) != 0) {
+      err = errno;
+      throw Error(Errc::Io, "cannot give socket " + path + " to its group: " + errno_text(err));
+    }
+  } else if (::chmod(path.c_str(), 0600) != 0) {
+    err = errno;
+    throw Error(Errc::Io, "cannot chmod socket " + path + ": " + errno_text(err));
+  }
+}
+
+void Server::remove_socket() {
+  // Only remove the file if it is still ours (not replaced by another keyd).
+  struct stat st {};
+  if (::lstat(config_.socket_path.c_str(), &st) == 0 && st.st_dev == socket_dev_ &&
+      st.st_ino == socket_ino_) {
+    ::unlink(config_.socket_path.c_str());
+  }
+}
+
+void Server::queue(Connection& c, SecretBytes frame) { c.out.push_back(std::move(frame)); }
+
+void Server::queue(Connection& c, const std::vector<uint8_t>& frame) {
+  c.out.emplace_back(ByteView(frame));
+}
+
+void Server::accept_all() {
+  for (;;) {
+    int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) {
+      int err = errno;
+      if (err == EINTR) continue;
+      if (err == EAGAIN || err == EWOULDBLOCK) return;
+      if (err == ECONNABORTED || err == EPROTO) continue;
+      // EMFILE and friends: log and retry on the next loop turn.
+      log_error("accept failed: " + errno_text(err));
+      return;
+    }
+    struct ucred cred {};
+    socklen_t len = sizeof cred;
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+      int err = errno;
+      log_warning("cannot read the credentials of a peer: " + errno_text(err) + "; closing");
+      ::close(fd);
+      continue;
+    }
+    auto reject = [&](wire::FailureCode code, const std::string& message) {
+      // Best effort: the reply fits an empty socket buffer, so this never blocks.
+      auto frame = wire::encode_failure(code, message);
+      ssize_t ignored = ::send(fd, frame.data(), frame.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      (void)ignored;
+      ::close(fd);
+    };
+    if (!allowed(cred.uid)) {
+      log_warning("refused peer " + peer_text(cred.uid, cred.pid));
+      reject(wire::FailureCode::Denied,
+             "colcrypt-keyd refuses uid " + std::to_string(cred.uid) + " (not on its allowlist)");
+      continue;
+    }
+    if (connections_.size() >= config_.max_connections) {
+      log_warning("too many connections; refused peer " + peer_text(cred.uid, cred.pid));
+      reject(wire::FailureCode::Internal, "colcrypt-keyd is busy (too many connections)");
+      continue;
+    }
+    auto c = std::make_unique<Connection>();
+    c->fd = fd;
+    c->uid = cred.uid;
+    c->pid = cred.pid;
+    c->last_activity = Clock::now();
+    log_debug("accepted peer " + peer_text(c->uid, c->pid));
+    connections_.push_back(std::move(c));
+  }
+}
+
+void Server::handle_readable(Connection& c) {
+  uint8_t buf[4096];
+  for (;;) {
+    ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
+    if (n > 0) {
+      c.reader.feed(buf, static_cast<size_t>(n));
+      c.last_activity = Clock::now();
+      if (static_cast<size_t>(n) < sizeof buf) break;
+      continue;
+    }
+    if (n == 0) {
+      c.read_closed = true;
+      break;
+    }
+    int err = errno;
+    if (err == EINTR) continue;
+    if (err == EAGAIN || err == EWOULDBLOCK) break;
+    log_debug("read from peer " + peer_text(c.uid, c.pid) + " failed: " + errno_text(err));
+    c.dead = true;
+    return;
+  }
+  try {
+    while (auto frame = c.reader.next()) {
+      handle_frame(c, static_cast<uint8_t>(frame->type), frame->body);
+      secure_zero(frame->body.data(), frame->body.size());
+    }
+  } catch (const Error& e) {
+    if (e.code() != Errc::ProtocolError) throw;
+    log_warning("malformed frame from peer " + peer_text(c.uid, c.pid) + " (" + e.what() +
+                "); dropping the connection");
+    c.dead = true;
+  }
+}
+
+void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& body) {
+  const std::string peer = peer_text(c.uid, c.pid);
+  auto fail = [&](wire::FailureCode code, const std::string& message) {
+    queue(c, wire::encode_failure(code, message));
+  };
+  try {
+    switch (static_cast<wire::MsgType>(type)) {
+      case wire::MsgType::FetchPrimary: {
+        std::string name = wire::decode_fetch_primary(ByteView(body));
+        const KeyRecord* key = store_.find(name);
+        if (!key) {
+          log_info("peer " + peer + " asked for unknown key '" + name + "'");
+          return fail(wire::FailureCode::NotFound, "key '" + name + "' not found");
+        }
+        const int64_t now = now_seconds();
+        if (key->expires_at && *key->expires_at <= now) {
+          log_warning("peer " + peer + " asked for expired key '" + name + "'");
+          return fail(wire::FailureCode::KeyUnavailable,
+                      "key '" + name + "' expired at " + format_timestamp(*key->expires_at));
+        }
+        wire::KeyReply reply;
+        reply.id = key->id;
+        reply.version = key->primary_version;
+        reply.state = wire::KeyState::Active;
+        reply.name = key->name;
+        reply.key = store_.unwrap(*key, key->primary_version);
+        queue(c, wire::encode_key_reply(reply));
+        store_.record_use(key->id, now);
+        log_debug("peer " + peer + " fetched key '" + name + "' version " +
+                  std::to_string(reply.version));
+        return;
+      }
+      case wire::MsgType::FetchVersion: {
+        KeyId id{};
+        uint32_t version = 0;
+        wire::decode_fetch_version(ByteView(body), id, version);
+        const KeyRecord* key = store_.find(id);
+        if (!key) {
+          log_info("peer " + peer + " asked for unknown key id " + format_key_id(id));
+          return fail(wire::FailureCode::NotFound, "key " + format_key_id(id) + " not found");
+        }
+        const KeyVersion* v = key->find_version(version);
+        if (!v) {
+          return fail(wire::FailureCode::NotFound,
+                      "key '" + key->name + "' has no version " + std::to_string(version));
+        }
+        if (v->state == wire::KeyState::Disabled || v->state == wire::KeyState::Destroyed) {
+          return fail(wire::FailureCode::KeyUnavailable, "key '" + key->name + "' version " +
+                                                             std::to_string(version) + " is " +
+                                                             wire::key_state_name(v->state));
+        }
+        wire::KeyReply reply;
+        reply.id = key->id;
+        reply.version = version;
+        reply.state = v->state;
+        reply.name = key->name;
+        reply.key = store_.unwrap(*key, version);
+        queue(c, wire::encode_key_reply(reply));
+        store_.record_use(key->id, now_seconds());
+        log_debug("peer " + peer + " fetched key '" + key->name + "' version " +
+                  std::to_string(version));
+        return;
+      }
+      case wire::MsgType::Admin:
+        if (!is_admin(c.uid)) {
+          log_warning("denied administration to peer " + peer);
+          return fail(wire::FailureCode::Denied,
+                      "uid " + std::to_string(c.uid) + " may not administer colcrypt-keyd");
+        }
+        return handle_admin(c, body);
+      default: {
+        char hex[8];
+        std::snprintf(hex, sizeof hex, "0x%02x", type);
+        log_info("peer " + peer + " sent unknown message type " + hex);
+        return fail(wire::FailureCode::BadRequest, std::string("unknown message type ") + hex);
+      }
+    }
+  } catch (const Error& e) {
+    if (e.code() == Errc::ProtocolError) {
+      // A frame that parsed but whose body did not: answer, keep the connection.
+      return fail(wire::FailureCode::BadRequest, std::string("malformed request: ") + e.what());
+    }
+    log_error("request from peer " + peer + " failed: " + e.what());
+    return fail(failure_code(e.code()), "internal error in colcrypt-keyd (see its log)");
+  } catch (const std::exception& e) {
+    // Nothing a peer sends may take the daemon down.
+    log_error("request from peer " + peer + " failed: " + e.what());
+    return fail(wire::FailureCode::Internal, "internal error in colcrypt-keyd (see its log)");
+  }
+}
+
+void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
+  const std::string peer = peer_text(c.uid, c.pid);
+  json request;
+  try {
+    request = json::parse(body.begin(), body.end());
+  } catch (const json::exception&) {
+    queue(c, wire::encode_failure(wire::FailureCode::BadRequest, "admin request is not JSON"));
+    return;
+  }
+  json result;
+  std::string op;
+  try {
+    if (!request.is_object() || !request.contains("op") || !request["op"].is_string()) {
+      throw Error(Errc::InvalidArgument, "admin request needs a string \"op\"");
+    }
+    op = request["op"].get<std::string>();
+    auto name_arg = [&]() {
+      if (!request.contains("name") || !request["name"].is_string()) {
+        throw Error(Errc::InvalidArgument, "\"" + op + "\" needs a string \"name\"");
+      }
+      return request["name"].get<std::string>();
+    };
+    if (op == "create") {
+      std::string name = name_arg();
+      NewKeyOptions options;
+      if (request.contains("rotation_interval_days") &&
+          !request["rotation_interval_days"].is_null()) {
+        const json& days = request["rotation_interval_days"];
+        if (!days.is_number_integer() || days.get<int64_t>() < 1 ||
+            days.get<int64_t>() > kMaxRotationIntervalDays) {
+          throw Error(Errc::InvalidArgument,
+                      "rotation_interval_days must be an integer from 1 to " +
+                          std::to_string(kMaxRotationIntervalDays));
+        }
+        options.rotation_interval_days = days.get<uint32_t>();
+      }
+      if (request.contains("expires_at") && !request["expires_at"].is_null()) {
+        const json& expires = request["expires_at"];
+        std::optional<int64_t> t;
+        if (expires.is_string()) t = parse_timestamp(expires.get<std::string>());
+        if (!t) {
+          throw Error(Errc::InvalidArgument,
+                      "expires_at must be an ISO 8601 timestamp such as 2027-01-31T00:00:00Z");
+        }
+        options.expires_at = t;
+      }
+      const KeyRecord& key = store_.create_key(name, options);
+      log_info("peer " + peer + " created key '" + key.name + "' (id " + format_key_id(key.id) +
+               ")");
+      result = key_json(key);
+    } else if (op == "list") {
+      std::vector<const KeyRecord*> keys;
+      for (const auto& k : store_.keys()) keys.push_back(&k);
+      std::sort(keys.begin(), keys.end(),
+                [](const KeyRecord* a, const KeyRecord* b) { return a->name < b->name; });
+      json list = json::array();
+      for (const KeyRecord* k : keys) list.push_back(key_json(*k));
+      result = {{"keys", std::move(list)}};
+    } else if (op == "show") {
+      std::string name = name_arg();
+      const KeyRecord* key = store_.find(name);
+      if (!key) throw Error(Errc::KeyNotFound, "key '" + name + "' not found");
+      result = key_json(*key);
+    } else if (op == "rotate") {
+      std::string name = name_arg();
+      const KeyRecord& key = store_.rotate_key(name);
+      log_info("peer " + peer + " rotated key '" + key.name + "' to version " +
+               std::to_string(key.primary_version));
+      result = key_json(key);
+    } else if (op == "status") {
+      auto uptime =
+          std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - started_).count();
+      result = {{"version", kKeydVersion},           {"uptime_seconds", uptime},
+                {"key_count", store_.keys().size()}, {"store", store_.dir()},
+                {"socket", config_.socket_path},     {"locked", false}};
+    } else {
+      throw Error(Errc::InvalidArgument, "unknown admin op \"" + op + "\"");
+    }
+  } catch (const Error& e) {
+    wire::FailureCode code = failure_code(e.code());
+    if (code == wire::FailureCode::Internal) {
+      log_error("admin " + op + " from peer " + peer + " failed: " + e.what());
+      queue(c, wire::encode_failure(
+                   code, "colcrypt-keyd could not complete \"" + op + "\" (see its log)"));
+    } else {
+      log_info("admin " + op + " from peer " + peer + " refused: " + e.what());
+      queue(c, wire::encode_failure(code, e.what()));
+    }
+    return;
+  }
+  queue(c, wire::encode_admin_result(result.dump(-1, ' ', false, json::error_handler_t::replace)));
+}
+
+void Server::handle_writable(Connection& c) {
+  while (!c.out.empty()) {
+    SecretBytes& front = c.out.front();
+    ssize_t n =
+        ::send(c.fd, front.data() + c.out_offset, front.size() - c.out_offset, MSG_NOSIGNAL);
+    if (n < 0) {
+      int err = errno;
+      if (err == EINTR) continue;
+      if (err == EAGAIN || err == EWOULDBLOCK) return;
+      log_debug("write to peer " + peer_text(c.uid, c.pid) + " failed: " + errno_text(err));
+      c.dead = true;
+      return;
+    }
+    c.last_activity = Clock::now();
+    c.out_offset += static_cast<size_t>(n);
+    if (c.out_offset == front.size()) {
+      c.out.pop_front();  // SecretBytes wipes the frame
+      c.out_offset = 0;
+    }
+  }
+}
+
+void Server::drain_signals() {
+  char buf[64];
+  while (::read(g_signal_pipe[0], buf, sizeof buf) > 0) {
+  }
+  if (g_hup.exchange(false)) {
+    log_info("SIGHUP received; nothing to reload yet, ignored");
+  }
+  if (g_stop && !stopping_) {
+    stopping_ = true;
+    log_info("shutting down");
+  }
+}
+
+void Server::flush_store(bool force) {
+  if (!store_.dirty()) return;
+  auto now = Clock::now();
+  if (!force && now - last_flush_ < std::chrono::seconds(config_.usage_flush_interval_s)) return;
+  last_flush_ = now;
+  try {
+    store_.flush();
+  } catch (const Error& e) {
+    log_error(std::string("cannot save key usage: ") + e.what());
+  }
+}
+
+int Server::run() {
+  const size_t kFixed = 2;  // the signal pipe and the listening socket
+  std::vector<pollfd> fds;
+  while (!stopping_) {
+    if (g_stop) {
+      drain_signals();
+      break;
+    }
+    fds.clear();
+    fds.push_back({g_signal_pipe[0], POLLIN, 0});
+    fds.push_back({listen_fd_, POLLIN, 0});
+    auto now = Clock::now();
+    auto next_deadline = now + std::chrono::hours(1);
+    for (const auto& c : connections_) {
+      short events = 0;
+      if (c->out.empty() && !c->read_closed) events |= POLLIN;
+      if (!c->out.empty()) events |= POLLOUT;
+      fds.push_back({c->fd, events, 0});
+      next_deadline = std::min(
+          next_deadline, c->last_activity + std::chrono::milliseconds(config_.idle_timeout_ms));
+    }
+    if (store_.dirty()) {
+      next_deadline = std::min(next_deadline,
+                               last_flush_ + std::chrono::seconds(config_.usage_flush_interval_s));
+    }
+    auto wait_ms =
+        std::chrono::duration_cast<std::chrono::milliseconds>(next_deadline - now).count();
+    int timeout = static_cast<int>(std::clamp<long long>(wait_ms + 1, 0, 60 * 60 * 1000));
+    int rc = ::poll(fds.data(), fds.size(), timeout);
+    if (rc < 0 && errno != EINTR) {
+      int err = errno;
+      log_error("poll failed: " + errno_text(err));
+      break;
+    }
+    if (rc > 0 && (fds[0].revents & POLLIN)) drain_signals();
+    if (stopping_) break;
+    if (rc > 0) {
+      const size_t polled = fds.size() - kFixed;
+      for (size_t i = 0; i < polled; ++i) {
+        Connection& c = *connections_[i];
+        short revents = fds[kFixed + i].revents;
+        if (revents & (POLLIN | POLLHUP | POLLERR)) {
+          if (c.out.empty() && !c.read_closed)
+            handle_readable(c);
+          else if (revents & (POLLHUP | POLLERR))
+            c.dead = true;
+        }
+        if (!c.dead && !c.out.empty()) handle_writable(c);
+        if (c.read_closed && c.out.empty()) c.dead = true;
+      }
+      if (fds[1].revents & POLLIN) accept_all();
+    }
+    now = Clock::now();
+    for (auto& c : connections_) {
+      if (!c->dead &&
+          now - c->last_activity >= std::chrono::milliseconds(config_.idle_timeout_ms)) {
+        log_debug("closing idle connection of peer " + peer_text(c->uid, c->pid));
+        c->dead = true;
+      }
+    }
+    connections_.erase(std::remove_if(connections_.begin(), connections_.end(),
+                                      [](const auto& c) { return c->dead; }),
+                       connections_.end());
+    flush_store(false);
+  }
+
+#ifdef COLCRYPT_HAVE_SYSTEMD
+  sd_notify(0, "STOPPING=1");
+#endif
+  connections_.clear();
+  flush_store(true);
+  ::close(listen_fd_);
+  listen_fd_ = -1;
+  remove_socket();
+  log_info("stopped");
+  g_stop = false;  // the process exits now; tests may start another server
+  return 0;
+}
+
+}  // namespace colcrypt::keyd

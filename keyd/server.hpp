@@ -1,0 +1,85 @@
+// colcrypt-keyd's socket server: one thread, one poll() loop, non-blocking
+// sockets, SO_PEERCRED checks, per-connection idle timeouts.
+#pragma once
+#include <sys/types.h>
+
+#include <chrono>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/error.hpp"
+#include "keyd/store.hpp"
+
+namespace colcrypt::keyd {
+
+// The socket is served by another process, or cannot be bound (exit 69).
+class SocketUnavailable : public Error {
+ public:
+  explicit SocketUnavailable(const std::string& message) : Error(Errc::Io, message) {}
+};
+
+struct ServerConfig {
+  std::string socket_path;
+  std::vector<uid_t> allow_uids;  // may fetch keys
+  std::vector<uid_t> admin_uids;  // may fetch keys and administer
+  std::optional<gid_t> socket_group;
+  int idle_timeout_ms = 10000;
+  size_t max_connections = 256;
+  int usage_flush_interval_s = 10;
+};
+
+// Installs SIGTERM/SIGINT/SIGHUP handlers that only write to a self-pipe and
+// set a flag; ignores SIGPIPE. Call once, before Server::run.
+void install_signal_handlers();
+// True once SIGTERM or SIGINT arrived (checked during startup too).
+bool shutdown_requested();
+// What SIGTERM does, for callers without signals (tests): the running
+// Server::run() stops as soon as it sees it. Safe from any thread.
+void request_shutdown();
+
+// Throws SocketUnavailable when a colcrypt-keyd answers at path or when path
+// exists and is not a socket; removes a stale socket file (logged).
+void claim_socket_path(const std::string& path);
+
+class Server {
+ public:
+  Server(ServerConfig config, KeyStore store);
+  ~Server();
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+
+  // Creates the socket's directory if needed, binds and listens. Throws
+  // SocketUnavailable (in use / bind failed) or Error(Io).
+  void listen();
+  // Serves until SIGTERM/SIGINT, then flushes the store and removes the
+  // socket. Returns the process exit code (0).
+  int run();
+
+ private:
+  struct Connection;
+  void accept_all();
+  void handle_readable(Connection& c);
+  void handle_writable(Connection& c);
+  void handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& body);
+  void handle_admin(Connection& c, const std::vector<uint8_t>& body);
+  void queue(Connection& c, SecretBytes frame);
+  void queue(Connection& c, const std::vector<uint8_t>& frame);
+  void drain_signals();
+  void flush_store(bool force);
+  void remove_socket();
+  bool allowed(uid_t uid) const;
+  bool is_admin(uid_t uid) const;
+
+  ServerConfig config_;
+  KeyStore store_;
+  int listen_fd_ = -1;
+  dev_t socket_dev_ = 0;
+  ino_t socket_ino_ = 0;
+  bool stopping_ = false;
+  std::vector<std::unique_ptr<Connection>> connections_;
+  std::chrono::steady_clock::time_point started_;
+  std::chrono::steady_clock::time_point last_flush_;
+};
+
+}  // namespace colcrypt::keyd

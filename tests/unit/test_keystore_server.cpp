@@ -1,0 +1,233 @@
+// keyd's server in-process: a real store and socket, the real client.
+#include <poll.h>
+#include <stdlib.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <cstring>
+#include <filesystem>
+#include <future>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "core/error.hpp"
+#include "keyd/client.hpp"
+#include "keyd/log.hpp"
+#include "keyd/server.hpp"
+#include "keyd/store.hpp"
+
+using namespace colcrypt;
+using namespace colcrypt::keyd;
+using nlohmann::json;
+
+namespace {
+
+MasterSecret test_password() {
+  MasterSecret s;
+  s.bytes = SecretBytes(ByteView::of("server test password"));
+  return s;
+}
+
+// A keyd serving a temp store on a temp socket from a background thread.
+class RunningKeyd {
+ public:
+  RunningKeyd(std::vector<uid_t> allow, std::vector<uid_t> admin) {
+    char pattern[] = "/tmp/colcrypt-server-test-XXXXXX";
+    if (!::mkdtemp(pattern)) throw std::runtime_error("mkdtemp failed");
+    dir_ = pattern;
+    set_log_level(LogLevel::Error);
+    start(std::move(allow), std::move(admin));
+  }
+  ~RunningKeyd() {
+    stop();
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+  void start(std::vector<uid_t> allow, std::vector<uid_t> admin) {
+    KeyStore store = KeyStore::exists(store_dir())
+                         ? KeyStore::open(store_dir(), test_password())
+                         : KeyStore::create(store_dir(), test_password(), 1000);
+    ServerConfig config;
+    config.socket_path = socket_path();
+    config.allow_uids = std::move(allow);
+    config.admin_uids = std::move(admin);
+    server_ = std::make_unique<Server>(std::move(config), std::move(store));
+    server_->listen();
+    result_ = std::async(std::launch::async, [this] { return server_->run(); });
+  }
+  int stop() {
+    if (!server_) return -1;
+    request_shutdown();
+    int rc = result_.get();
+    server_.reset();
+    return rc;
+  }
+  std::string store_dir() const { return dir_ + "/store"; }
+  std::string socket_path() const { return dir_ + "/run/keyd.sock"; }
+  Client client() const {
+    ClientOptions o;
+    o.socket_path = socket_path();
+    o.timeout_ms = 3000;
+    return Client(o);
+  }
+  json admin(const json& request) const { return json::parse(client().admin(request.dump())); }
+
+ private:
+  std::string dir_;
+  std::unique_ptr<Server> server_;
+  std::future<int> result_;
+};
+
+std::vector<uint8_t> key_bytes(const wire::KeyReply& r) {
+  return std::vector<uint8_t>(r.key.data(), r.key.data() + r.key.size());
+}
+
+Errc error_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.code();
+  }
+  FAIL("no error");
+  return Errc::Internal;
+}
+
+// Sends raw bytes and returns what keyd answers before closing (or 1 s).
+std::vector<uint8_t> raw_exchange(const std::string& path, const std::vector<uint8_t>& bytes) {
+  int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+  REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  REQUIRE(::write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
+  std::vector<uint8_t> got;
+  pollfd p{fd, POLLIN, 0};
+  while (::poll(&p, 1, 1000) > 0) {
+    uint8_t buf[512];
+    ssize_t n = ::read(fd, buf, sizeof buf);
+    if (n <= 0) {
+      got.push_back(0xEE);  // marks "closed by keyd"
+      break;
+    }
+    got.insert(got.end(), buf, buf + n);
+  }
+  ::close(fd);
+  return got;
+}
+
+}  // namespace
+
+TEST_CASE("keyd server: create, fetch, rotate, restart", "[keystore][server]") {
+  const uid_t me = ::geteuid();
+  RunningKeyd keyd({}, {me});
+
+  struct stat st {};
+  REQUIRE(::stat(keyd.socket_path().c_str(), &st) == 0);
+  CHECK(S_ISSOCK(st.st_mode));
+  CHECK((st.st_mode & 0777) == 0600);
+
+  json created = keyd.admin({{"op", "create"}, {"name", "ssn"}, {"rotation_interval_days", 30}});
+  CHECK(created["name"] == "ssn");
+  CHECK(created["rotation_interval_days"] == 30);
+  CHECK(created["primary_version"] == 1);
+  CHECK(created["expires_at"].is_null());
+  CHECK_FALSE(created.dump().find("wrapped") != std::string::npos);
+  KeyId id{};
+  REQUIRE(parse_key_id(created["id"].get<std::string>(), id));
+
+  wire::KeyReply first = keyd.client().fetch_primary("ssn");
+  CHECK(first.id == id);
+  CHECK(first.version == 1);
+  CHECK(first.state == wire::KeyState::Active);
+  const auto v1 = key_bytes(first);
+  CHECK(key_bytes(keyd.client().fetch_version(id, 1)) == v1);
+
+  json rotated = keyd.admin({{"op", "rotate"}, {"name", "ssn"}});
+  CHECK(rotated["primary_version"] == 2);
+  CHECK(rotated["versions"][0]["state"] == "decrypt-only");
+  wire::KeyReply second = keyd.client().fetch_primary("ssn");
+  CHECK(second.version == 2);
+  CHECK(key_bytes(second) != v1);
+  wire::KeyReply old = keyd.client().fetch_version(id, 1);
+  CHECK(old.state == wire::KeyState::DecryptOnly);
+  CHECK(key_bytes(old) == v1);
+
+  CHECK(error_of([&] { keyd.client().fetch_primary("nope"); }) == Errc::KeyNotFound);
+  CHECK(error_of([&] { keyd.client().fetch_version(id, 3); }) == Errc::KeyNotFound);
+  CHECK(error_of([&] { keyd.client().fetch_version(new_key_id(), 1); }) == Errc::KeyNotFound);
+  CHECK(error_of([&] { keyd.admin({{"op", "create"}, {"name", "ssn"}}); }) == Errc::AlreadyExists);
+  CHECK(error_of([&] {
+          keyd.admin({{"op", "create"}, {"name", "bad name"}});
+        }) == Errc::InvalidArgument);
+  CHECK(error_of([&] { keyd.admin({{"op", "frobnicate"}}); }) == Errc::InvalidArgument);
+
+  json list = keyd.admin({{"op", "list"}});
+  REQUIRE(list["keys"].size() == 1);
+  CHECK(list["keys"][0]["usage_count"] == 4);
+  json status = keyd.admin({{"op", "status"}});
+  CHECK(status["key_count"] == 1);
+  CHECK(status["locked"] == false);
+  CHECK(status["socket"] == keyd.socket_path());
+
+  // A clean stop removes the socket and saves the usage counters.
+  CHECK(keyd.stop() == 0);
+  CHECK(::access(keyd.socket_path().c_str(), F_OK) != 0);
+  keyd.start({}, {me});
+  json shown = keyd.admin({{"op", "show"}, {"name", "ssn"}});
+  CHECK(shown["usage_count"] == 4);
+  CHECK(shown["primary_version"] == 2);
+  CHECK(key_bytes(keyd.client().fetch_version(id, 1)) == v1);
+  CHECK(key_bytes(keyd.client().fetch_version(id, 2)) == key_bytes(second));
+}
+
+TEST_CASE("keyd server: malformed and unknown frames", "[keystore][server]") {
+  RunningKeyd keyd({}, {::geteuid()});
+  // Unknown type: a BadRequest failure, and the connection stays usable.
+  std::vector<uint8_t> unknown = {0, 0, 0, 1, 0x42};
+  auto status = wire::encode_admin("{\"op\":\"status\"}");
+  unknown.insert(unknown.end(), status.begin(), status.end());
+  auto reply = raw_exchange(keyd.socket_path(), unknown);
+  wire::FrameReader reader;
+  reader.feed(reply.data(), reply.size());
+  auto failure = reader.next();
+  REQUIRE(failure);
+  CHECK(failure->type == wire::MsgType::Failure);
+  CHECK(wire::decode_failure(ByteView(failure->body)).code == wire::FailureCode::BadRequest);
+  auto result = reader.next();
+  REQUIRE(result);
+  CHECK(result->type == wire::MsgType::AdminResult);
+
+  // Length 0 and lengths above the cap: dropped without a reply.
+  CHECK(raw_exchange(keyd.socket_path(), {0, 0, 0, 0}) == std::vector<uint8_t>{0xEE});
+  CHECK(raw_exchange(keyd.socket_path(), {0, 0x20, 0, 0, 0x01}) == std::vector<uint8_t>{0xEE});
+  // keyd still serves others.
+  CHECK(keyd.admin({{"op", "status"}})["key_count"] == 0);
+}
+
+TEST_CASE("keyd server: peers are checked by uid", "[keystore][server]") {
+  const uid_t me = ::geteuid();
+  const uid_t other = me + 4242;
+  SECTION("a uid on neither list is refused") {
+    RunningKeyd keyd({other}, {other});
+    CHECK(error_of([&] { keyd.client().fetch_primary("k"); }) == Errc::PermissionDenied);
+    CHECK(error_of([&] { keyd.admin({{"op", "list"}}); }) == Errc::PermissionDenied);
+  }
+  SECTION("a fetch-only uid may not administer") {
+    RunningKeyd keyd({me}, {other});
+    CHECK(error_of([&] {
+            keyd.admin({{"op", "create"}, {"name", "k"}});
+          }) == Errc::PermissionDenied);
+    CHECK(error_of([&] { keyd.client().fetch_primary("k"); }) == Errc::KeyNotFound);
+  }
+}
+
+TEST_CASE("keyd server: a second keyd on the same socket is refused", "[keystore][server]") {
+  RunningKeyd keyd({}, {::geteuid()});
+  CHECK_THROWS_AS(claim_socket_path(keyd.socket_path()), SocketUnavailable);
+  CHECK(keyd.admin({{"op", "status"}})["locked"] == false);
+}
