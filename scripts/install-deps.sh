@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages colcrypt needs to build, test and run.
+# A no-op (no apt-get update, no root needed) when everything is present.
+set -euo pipefail
+
+packages=(
+  postgresql-15              # server, client and contrib (Debian ships contrib in it)
+  postgresql-server-dev-15   # PGXS, server headers
+  libssl-dev                 # OpenSSL 3 (libcrypto)
+  libpqxx-dev                # integration tests (pulls in libpq-dev)
+  catch2                     # unit and integration tests (v2)
+  nlohmann-json3-dev         # keyd admin protocol, keyctl --json
+  libcli11-dev               # command lines of keyd and keyctl
+  libsystemd-dev             # sd_notify for keyd
+  libbenchmark-dev           # benchmarks
+  cmake g++ make pkg-config
+)
+
+missing=()
+for pkg in "${packages[@]}"; do
+  status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+  [ "$status" = installed ] || missing+=("$pkg")
+done
+
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#packages[@]} packages are installed"
+  exit 0
+fi
+
+echo "install-deps: missing: ${missing[*]}"
+if [ "$(id -u)" -ne 0 ]; then
+  echo "install-deps: installing packages needs root; run: sudo $0" >&2
+  echo "  (or: sudo apt-get install ${missing[*]})" >&2
+  exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+apt-get update
+apt-get install -y --no-install-recommends "${missing[@]}"
+echo "install-deps: done"

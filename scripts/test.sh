@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The README's test command (`make test`) and what .ci/run calls: installs what
+# is missing, builds everything with warnings as errors, installs the extension
+# and the daemon, then runs every test through ctest: unit, wycheproof (skipped
+# when the vectors are absent), integration and pg_regress.
+set -euo pipefail
+
+src=$(cd "$(dirname "$0")/.." && pwd)
+cd "$src"
+build=${CMAKE_BUILD_DIR:-build}
+jobs=$(nproc 2>/dev/null || echo 2)
+[ "$jobs" -le 2 ] || jobs=2
+
+step() { printf '\n==> %s\n' "$*"; }
+
+[ "$(id -u)" -eq 0 ] || { echo "test: run as root (sudo make test): the tests install the extension and start postgres as the postgres user" >&2; exit 1; }
+
+step "dependencies"
+./scripts/install-deps.sh
+
+step "extension (PGXS, warnings are errors)"
+make -j"$jobs" COLCRYPT_WERROR=1
+step "install extension, colcrypt-keyd and colcrypt-keyctl"
+make COLCRYPT_WERROR=1 CMAKE_BUILD_DIR="$build" install
+
+step "tools and tests (CMake, warnings are errors)"
+cmake -S . -B "$build" -DCOLCRYPT_WERROR=ON
+cmake --build "$build" -j"$jobs"
+
+step "ctest"
+cd "$build"
+ctest --output-on-failure

@@ -1,0 +1,365 @@
+// colcrypt-keyd seen from Postgres and from its clients: outages and restarts,
+// peer allowlists, refusals at startup (exit codes), hangs under
+// statement_timeout and cancel, and keyctl's JSON output.
+#include <signal.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <catch2/catch.hpp>
+#include <chrono>
+#include <fstream>
+#include <future>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <thread>
+
+#include "core/error.hpp"
+#include "harness.hpp"
+#include "keyd/client.hpp"
+
+using namespace colcrypt::test;
+using Clock = std::chrono::steady_clock;
+using nlohmann::json;
+
+namespace {
+
+// The log lines written since `from` (a size of the log seen earlier).
+std::string log_since(const Sandbox& sandbox, size_t from) {
+  std::string log = sandbox.keyd_log();
+  return from < log.size() ? log.substr(from) : std::string();
+}
+
+json keyctl_json(const Sandbox& sandbox, const std::vector<std::string>& args) {
+  std::vector<std::string> argv = {"--json"};
+  argv.insert(argv.end(), args.begin(), args.end());
+  CommandResult r = sandbox.keyctl(argv);
+  INFO("keyctl output: " << r.output);
+  REQUIRE(r.exit_code == 0);
+  return json::parse(r.output);
+}
+
+double seconds_since(Clock::time_point start) {
+  return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+}  // namespace
+
+TEST_CASE("keyd stopped: a clear error naming the socket, and work resumes once it is back",
+          "[keyd][outage]") {
+  Sandbox sandbox;
+  sandbox.create_extension();
+  sandbox.create_key("before_outage");
+  sandbox.create_key("during_outage");
+  PgConn conn(sandbox.conninfo());
+  conn.value("CREATE TABLE t (id int, v colcrypt.encrypted)");
+  conn.value("INSERT INTO t VALUES (1, colcrypt.encrypt_field('one', 'before_outage'))");
+
+  sandbox.must("keyd-stop");
+  // SIGTERM is a clean stop: logged, and the socket is gone.
+  CHECK_FALSE(path_exists(sandbox.keyd_socket()));
+  CHECK(sandbox.keyd_log().find("colcrypt-keyd: INFO: stopped") != std::string::npos);
+
+  // An uncached key: the backend has to ask keyd, and cannot.
+  auto outage = conn.exec("SELECT colcrypt.encrypt_field('two', 'during_outage')");
+  CHECK(outage.sqlstate == "08001");
+  CHECK(outage.message.find(sandbox.keyd_socket()) != std::string::npos);
+  // Without the cache, even the key the backend used before is unreachable.
+  conn.value("SET colcrypt.key_cache_ttl = 0");
+  auto uncached = conn.exec("SELECT colcrypt.decrypt_field(v) FROM t WHERE id = 1");
+  CHECK(uncached.sqlstate == "08001");
+
+  sandbox.must("keyd-start");
+  // The same backend recovers; nothing was poisoned by the failures.
+  conn.value("INSERT INTO t VALUES (2, colcrypt.encrypt_field('two', 'during_outage'))");
+  CHECK(conn.value("SELECT string_agg(colcrypt.decrypt_field(v), ',' ORDER BY id) FROM t") ==
+        "one,two");
+
+  SECTION("after SIGKILL (a stale socket file is left behind) keyd comes back too") {
+    sandbox.must("keyd-kill");
+    CHECK(path_exists(sandbox.keyd_socket()));
+    auto killed = conn.exec("SELECT colcrypt.encrypt_field('three', 'during_outage')");
+    CHECK(killed.sqlstate == "08001");
+    sandbox.must("keyd-start");
+    conn.value("INSERT INTO t VALUES (3, colcrypt.encrypt_field('three', 'during_outage'))");
+    CHECK(conn.value("SELECT colcrypt.decrypt_field(v) FROM t WHERE id = 3") == "three");
+  }
+}
+
+TEST_CASE("a peer whose uid is not on the allowlist is refused and logged", "[keyd][peer]") {
+  // keyd allows and administers only the postgres uid; these tests run as root.
+  const std::string pg_uid = postgres_uid();
+  Sandbox::Options options;
+  options.with_postgres = false;
+  options.env = {{"SANDBOX_KEYD_ALLOW_UID", pg_uid}, {"SANDBOX_KEYD_ADMIN_UID", pg_uid}};
+  Sandbox sandbox(options);
+  const size_t log_before = sandbox.keyd_log().size();
+
+  colcrypt::keyd::ClientOptions client_options;
+  client_options.socket_path = sandbox.keyd_socket();
+  client_options.timeout_ms = 3000;
+  colcrypt::keyd::Client client(client_options);
+  bool refused = false;
+  try {
+    client.fetch_primary("any_key");
+  } catch (const colcrypt::Error& e) {
+    INFO("client error: " << colcrypt::errc_name(e.code()) << ": " << e.what());
+    refused = e.code() == colcrypt::Errc::PermissionDenied ||
+              e.code() == colcrypt::Errc::ProtocolError || e.code() == colcrypt::Errc::Io;
+    CHECK(refused);
+  }
+  CHECK(refused);
+
+  // keyctl as root is refused as well, and says so.
+  CommandResult ctl = sandbox.keyctl({"create", "root_key"});
+  INFO("keyctl: " << ctl.output);
+  CHECK(ctl.exit_code != 0);
+
+  // The refusals are in keyd's log, with the peer's uid.
+  std::string log;
+  for (int i = 0; i < 50; ++i) {
+    log = log_since(sandbox, log_before);
+    if (log.find("WARNING: refused peer uid=0 ") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  INFO("keyd log: " << log);
+  CHECK(log.find("WARNING: refused peer uid=0 ") != std::string::npos);
+}
+
+TEST_CASE("the postgres uid may fetch keys but not administer them", "[keyd][peer]") {
+  Sandbox& sandbox = shared_sandbox();
+  CommandResult as_postgres =
+      run_command({"runuser", "-u", "postgres", "--", COLCRYPT_KEYCTL_BIN, "--socket",
+                   sandbox.keyd_socket(), "create", "made_by_postgres"});
+  INFO("keyctl as postgres: " << as_postgres.output);
+  CHECK(as_postgres.exit_code == 1);  // keyd answered with an error
+  CHECK(sandbox.keyctl({"show", "made_by_postgres"}).exit_code == 1);
+  // ...while backends, running as postgres, fetch keys (the shared sandbox works).
+  PgConn conn(sandbox.conninfo());
+  CHECK(conn.value("SELECT colcrypt.decrypt_field(colcrypt.encrypt_field('ok', 'shared_key'))") ==
+        "ok");
+}
+
+TEST_CASE("keyd and postgres restarts keep every key and version", "[keyd][restart]") {
+  Sandbox sandbox;
+  sandbox.create_extension();
+  sandbox.create_key("durable");
+  const json before = keyctl_json(sandbox, {"show", "durable"});
+  {
+    PgConn conn(sandbox.conninfo());
+    conn.value("CREATE TABLE t (id int, v colcrypt.encrypted)");
+    conn.value(
+        "INSERT INTO t SELECT g, colcrypt.encrypt_field('v1-' || g, 'durable') "
+        "FROM generate_series(1, 3) g");
+  }
+
+  sandbox.must("keyd-stop");
+  sandbox.must("keyd-start");
+  {
+    PgConn fresh_backend(sandbox.conninfo());
+    CHECK(fresh_backend.value(
+              "SELECT string_agg(colcrypt.decrypt_field(v), ',' ORDER BY id) FROM t") ==
+          "v1-1,v1-2,v1-3");
+  }
+
+  // Rotate, write with the new version, then restart both sides.
+  REQUIRE(sandbox.keyctl({"rotate", "durable"}).exit_code == 0);
+  {
+    PgConn conn(sandbox.conninfo());
+    conn.value("INSERT INTO t VALUES (4, colcrypt.encrypt_field('v2-4', 'durable'))");
+  }
+  sandbox.must("pg-restart");
+  sandbox.must("keyd-stop");
+  sandbox.must("keyd-start");
+
+  PgConn conn(sandbox.conninfo());
+  CHECK(conn.value("SELECT string_agg(colcrypt.decrypt_field(v) || '@' || "
+                   "colcrypt.key_version(v), ',' ORDER BY id) FROM t") ==
+        "v1-1@1,v1-2@1,v1-3@1,v2-4@2");
+  CHECK(conn.value("SELECT count(DISTINCT colcrypt.key_id(v)) FROM t") == "1");
+  CHECK(conn.value("SELECT colcrypt.key_id(v)::text FROM t LIMIT 1") == before.at("id"));
+  const json after = keyctl_json(sandbox, {"show", "durable"});
+  CHECK(after.at("id") == before.at("id"));
+  CHECK(after.at("primary_version") == 2);
+  CHECK(after.at("versions").size() == 2);
+}
+
+TEST_CASE("keyd refuses a wrong master password", "[keyd][startup]") {
+  Sandbox::Options options;
+  options.with_postgres = false;
+  Sandbox sandbox(options);
+  sandbox.create_key("guarded");
+  sandbox.must("keyd-stop");
+  const size_t log_before = sandbox.keyd_log().size();
+
+  CommandResult r = sandbox.run("keyd-start", {{"ENCRYPTION_MASTER_PASSWORD", "not-the-password"}});
+  INFO(r.output);
+  CHECK(r.exit_code == 77);
+  CHECK(log_since(sandbox, log_before).find("ERROR: wrong master password") != std::string::npos);
+  CHECK_FALSE(path_exists(sandbox.keyd_socket()));
+
+  // The right password still opens the store, with the key in it.
+  sandbox.must("keyd-start");
+  CHECK(sandbox.keyctl({"show", "guarded"}).exit_code == 0);
+}
+
+TEST_CASE("keyd refuses a store that others can read", "[keyd][startup]") {
+  Sandbox::Options options;
+  options.with_postgres = false;
+  Sandbox sandbox(options);
+  sandbox.create_key("private");
+  sandbox.must("keyd-stop");
+  REQUIRE(path_exists(sandbox.store_file()));
+
+  SECTION("store file 0644") {
+    REQUIRE(chmod(sandbox.store_file().c_str(), 0644) == 0);
+    CommandResult r = sandbox.run("keyd-start");
+    INFO(r.output);
+    CHECK(r.exit_code == 78);
+    CHECK(r.output.find(sandbox.store_dir()) != std::string::npos);
+    CHECK_FALSE(path_exists(sandbox.keyd_socket()));
+    REQUIRE(chmod(sandbox.store_file().c_str(), 0600) == 0);
+  }
+  SECTION("store directory 0755") {
+    REQUIRE(chmod(sandbox.store_dir().c_str(), 0755) == 0);
+    CommandResult r = sandbox.run("keyd-start");
+    INFO(r.output);
+    CHECK(r.exit_code == 78);
+    CHECK(r.output.find(sandbox.store_dir() + " has mode 0755") != std::string::npos);
+    CHECK_FALSE(path_exists(sandbox.keyd_socket()));
+    REQUIRE(chmod(sandbox.store_dir().c_str(), 0700) == 0);
+  }
+  sandbox.must("keyd-start");
+  CHECK(sandbox.keyctl({"show", "private"}).exit_code == 0);
+}
+
+TEST_CASE("keyd refuses a corrupted store", "[keyd][startup]") {
+  Sandbox::Options options;
+  options.with_postgres = false;
+  Sandbox sandbox(options);
+  sandbox.create_key("fragile_key");
+  sandbox.must("keyd-stop");
+  const std::string original = read_file(sandbox.store_file());
+  REQUIRE(original.find("fragile_key") != std::string::npos);
+
+  auto write_store = [&](const std::string& content) {
+    std::ofstream out(sandbox.store_file(), std::ios::binary | std::ios::trunc);
+    out << content;
+  };
+
+  SECTION("a renamed key (valid JSON, the MAC no longer matches)") {
+    std::string tampered = original;
+    tampered.replace(tampered.find("fragile_key"), 11, "fragile_kez");
+    write_store(tampered);
+  }
+  SECTION("a truncated file") { write_store(original.substr(0, original.size() / 2)); }
+
+  CommandResult r = sandbox.run("keyd-start");
+  INFO(r.output);
+  CHECK(r.exit_code == 65);
+  CHECK_FALSE(path_exists(sandbox.keyd_socket()));
+}
+
+TEST_CASE("statement_timeout and pg_cancel_backend work while keyd hangs", "[keyd][hang]") {
+  Sandbox sandbox;
+  sandbox.create_extension();
+  sandbox.create_key("slow_key");
+  const pid_t keyd = sandbox.keyd_pid();
+  PgConn conn(sandbox.conninfo());
+  const std::string backend_pid = conn.value("SELECT pg_backend_pid()");
+
+  REQUIRE(kill(keyd, SIGSTOP) == 0);
+  struct Resume {  // keyd must never stay stopped, whatever fails below
+    pid_t pid;
+    ~Resume() { kill(pid, SIGCONT); }
+  } resume{keyd};
+
+  conn.value("SET statement_timeout = '1s'");
+  auto start = Clock::now();
+  auto timed_out = conn.exec("SELECT colcrypt.encrypt_field('x', 'slow_key')");
+  const double elapsed = seconds_since(start);
+  CHECK(timed_out.sqlstate == "57014");
+  CHECK(elapsed >= 0.9);
+  CHECK(elapsed < 3.0);  // well before colcrypt.keyd_timeout (5 s)
+
+  conn.value("SET statement_timeout = 0");
+  PgConn canceller(sandbox.conninfo());
+  auto pending = std::async(std::launch::async, [&] {
+    return conn.exec("SELECT colcrypt.encrypt_field('x', 'slow_key')");
+  });
+  // Cancel only once the backend is inside the query (a cancel that reaches an
+  // idle backend is dropped).
+  std::string state;
+  for (int i = 0; i < 100 && state != "active"; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    state = canceller.value("SELECT state FROM pg_stat_activity WHERE pid = " + backend_pid);
+  }
+  REQUIRE(state == "active");
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  start = Clock::now();
+  CHECK(canceller.value("SELECT pg_cancel_backend(" + backend_pid + ")") == "t");
+  auto cancelled = pending.get();
+  CHECK(cancelled.sqlstate == "57014");
+  CHECK(seconds_since(start) < 2.0);
+
+  kill(keyd, SIGCONT);
+  CHECK(conn.value("SELECT colcrypt.decrypt_field(colcrypt.encrypt_field('x', 'slow_key'))") ==
+        "x");
+}
+
+TEST_CASE("a hung keyd gives the keyd timeout error", "[keyd][hang]") {
+  Sandbox sandbox;
+  sandbox.create_extension();
+  sandbox.create_key("hung_key");
+  const pid_t keyd = sandbox.keyd_pid();
+  PgConn conn(sandbox.conninfo());
+  conn.value("SET colcrypt.keyd_timeout = 500");
+  REQUIRE(kill(keyd, SIGSTOP) == 0);
+  auto start = Clock::now();
+  auto outcome = conn.exec("SELECT colcrypt.encrypt_field('x', 'hung_key')");
+  const double elapsed = seconds_since(start);
+  kill(keyd, SIGCONT);
+  CHECK(outcome.sqlstate == "08006");
+  CHECK(outcome.message.find(sandbox.keyd_socket()) != std::string::npos);
+  CHECK(elapsed < 3.0);
+}
+
+TEST_CASE("keyctl --json output parses and matches what Postgres sees", "[keyd][keyctl]") {
+  Sandbox& sandbox = shared_sandbox();
+
+  const json status = keyctl_json(sandbox, {"status"});
+  CHECK(status.at("locked") == false);
+  CHECK(status.at("socket") == sandbox.keyd_socket());
+  CHECK(status.at("key_count").get<int>() >= 1);
+  CHECK(status.at("uptime_seconds").get<double>() >= 0);
+
+  const json list = keyctl_json(sandbox, {"list"});
+  const auto& keys = list.at("keys");
+  auto shared = std::find_if(keys.begin(), keys.end(),
+                             [](const json& k) { return k.at("name") == "shared_key"; });
+  REQUIRE(shared != keys.end());
+  CHECK(shared->at("algorithm") == "AES-256-GCM");
+
+  const json show = keyctl_json(sandbox, {"show", "shared_key"});
+  CHECK(show.at("id") == shared->at("id"));
+  CHECK(show.at("primary_version").get<int>() >= 1);
+  CHECK(show.at("created_at").get<std::string>().back() == 'Z');
+  PgConn conn(sandbox.conninfo());
+  CHECK(conn.value("SELECT colcrypt.key_id(colcrypt.encrypt_field('x', 'shared_key'))::text") ==
+        show.at("id").get<std::string>());
+
+  keyctl_json(sandbox, {"create", "json_rotated", "--rotation-days", "30"});
+  keyctl_json(sandbox, {"rotate", "json_rotated"});
+  const json shown = keyctl_json(sandbox, {"show", "json_rotated"});
+  CHECK(shown.at("primary_version") == 2);
+  CHECK(shown.at("rotation_interval_days") == 30);
+  CHECK(shown.at("versions").size() == 2);
+  CHECK(conn.value("SELECT colcrypt.key_version(colcrypt.encrypt_field('x', 'json_rotated'))") ==
+        "2");
+
+  // Exit codes: keyd's error 1, usage 2, keyd unreachable 3.
+  CHECK(sandbox.keyctl({"show", "no_such_key"}).exit_code == 1);
+  CHECK(sandbox.keyctl({"create", "shared_key"}).exit_code == 1);  // exists already
+  CHECK(sandbox.keyctl({"no-such-command"}).exit_code == 2);
+  CHECK(run_command({COLCRYPT_KEYCTL_BIN, "--socket", sandbox.dir() + "/nowhere.sock", "list"})
+            .exit_code == 3);
+}
