@@ -49,9 +49,10 @@ PREFIX ?= /usr/local
 deps:
 	./scripts/install-deps.sh
 
+# Only what `make install` ships; the tests are built by scripts/test.sh.
 tools:
 	cmake -S . -B $(CMAKE_BUILD_DIR) -DCOLCRYPT_WERROR=$(if $(COLCRYPT_WERROR),ON,OFF)
-	cmake --build $(CMAKE_BUILD_DIR) -j$$(nproc)
+	cmake --build $(CMAKE_BUILD_DIR) -j$$(nproc) --target colcrypt-keyd colcrypt-keyctl
 
 install: install-tools
 install-tools: tools

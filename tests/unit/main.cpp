@@ -117,7 +117,10 @@ int main(int argc, char* argv[]) {
       std::fprintf(stderr, "colcrypt-unit-tests: Wycheproof vectors not found in %s\n",
                    colcrypt::test::wycheproof_search_description().c_str());
     }
-    if (all) {
+    // CI always has the vectors beside the clone: there a missing folder is a
+    // broken path, not a user's clone, so the tests run and fail.
+    const char* ci = std::getenv("CI");
+    if (all && !(ci != nullptr && std::string(ci) == "true")) {
       std::fprintf(stderr, "colcrypt-unit-tests: SKIPPED: every selected test needs them\n");
       return 77;
     }
