@@ -21,6 +21,36 @@
 
 CREATE TYPE colcrypt.encrypted;
 
+-- Key-bound columns: colcrypt.encrypted('key_name' [, 'binding']) has a type
+-- modifier that names an entry of this catalog. The id is 31 bits of an HMAC
+-- of (key_name, binding), so a restore or pg_upgrade computes the same number;
+-- the typmod input function makes missing entries, so the catalog needs no
+-- dump of its own (docs/columns.md). Values stored in the column are bound
+-- (AAD) to the binding: "colcrypt.column:" || binding.
+CREATE TABLE colcrypt.column_keys (
+    id integer PRIMARY KEY CHECK (id >= 0),
+    key_name text NOT NULL,
+    binding text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    UNIQUE (key_name, binding)
+);
+COMMENT ON TABLE colcrypt.column_keys IS
+    'the key and binding of each key-bound column type colcrypt.encrypted(key, binding)';
+
+-- Per key and per role: who may encrypt, decrypt or compute blind indexes.
+-- Checked by the extension on every use of a key (superusers pass). Dumped
+-- with the database (pg_extension_config_dump); roles are kept by name.
+CREATE TABLE colcrypt.key_grants (
+    key_name text NOT NULL,
+    role regrole NOT NULL,
+    privilege text NOT NULL CHECK (privilege IN ('encrypt', 'decrypt', 'blind_index')),
+    granted_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    PRIMARY KEY (key_name, role, privilege)
+);
+COMMENT ON TABLE colcrypt.key_grants IS
+    'which role may encrypt, decrypt or compute blind indexes with which colcrypt key';
+SELECT pg_catalog.pg_extension_config_dump('colcrypt.key_grants', '');
+
 CREATE FUNCTION colcrypt.encrypted_in(cstring, oid, integer) RETURNS colcrypt.encrypted
     AS 'MODULE_PATHNAME', 'colcrypt_encrypted_in'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
@@ -37,11 +67,27 @@ CREATE FUNCTION colcrypt.encrypted_send(colcrypt.encrypted) RETURNS bytea
     AS 'MODULE_PATHNAME', 'colcrypt_encrypted_send'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
+-- The type modifier: ('key_name') or ('key_name', 'binding'). Without a
+-- binding the input function draws a random one (a new column identity);
+-- the output function prints both, so dumps keep the identity. Postgres
+-- requires both to be IMMUTABLE; the input function does record a new
+-- (key, binding) in colcrypt.column_keys, which is why it is not
+-- "immutable" in the strict sense (it is deterministic for a given binding).
+CREATE FUNCTION colcrypt.encrypted_typmod_in(cstring[]) RETURNS integer
+    AS 'MODULE_PATHNAME', 'colcrypt_encrypted_typmod_in'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+CREATE FUNCTION colcrypt.encrypted_typmod_out(integer) RETURNS cstring
+    AS 'MODULE_PATHNAME', 'colcrypt_encrypted_typmod_out'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
 CREATE TYPE colcrypt.encrypted (
     INPUT = colcrypt.encrypted_in,
     OUTPUT = colcrypt.encrypted_out,
     RECEIVE = colcrypt.encrypted_recv,
     SEND = colcrypt.encrypted_send,
+    TYPMOD_IN = colcrypt.encrypted_typmod_in,
+    TYPMOD_OUT = colcrypt.encrypted_typmod_out,
     INTERNALLENGTH = VARIABLE,
     ALIGNMENT = int4,
     STORAGE = extended
@@ -127,6 +173,262 @@ COMMENT ON FUNCTION colcrypt.key_name(colcrypt.encrypted) IS
     'the name of the key a value was encrypted with (asks colcrypt-keyd)';
 
 --------------------------------------------------------------------------------
+-- Writes into key-bound columns (docs/columns.md). Text that does not start
+-- with "colcrypt:" is plaintext: the input function turns it into a pending
+-- plaintext, and the typmod coercion below seals it under the column's key.
+-- A sealed value is accepted only when it was sealed for the column (its key
+-- and binding); any other is refused, never re-encrypted silently.
+
+CREATE FUNCTION colcrypt.encrypted(colcrypt.encrypted, integer, boolean)
+    RETURNS colcrypt.encrypted
+    AS 'MODULE_PATHNAME', 'colcrypt_encrypted_coerce'
+    LANGUAGE C VOLATILE STRICT PARALLEL RESTRICTED;
+
+CREATE FUNCTION colcrypt.encrypted(text, integer, boolean) RETURNS colcrypt.encrypted
+    AS 'MODULE_PATHNAME', 'colcrypt_text_to_encrypted'
+    LANGUAGE C VOLATILE STRICT PARALLEL RESTRICTED;
+
+CREATE CAST (colcrypt.encrypted AS colcrypt.encrypted)
+    WITH FUNCTION colcrypt.encrypted(colcrypt.encrypted, integer, boolean) AS IMPLICIT;
+CREATE CAST (text AS colcrypt.encrypted)
+    WITH FUNCTION colcrypt.encrypted(text, integer, boolean) AS ASSIGNMENT;
+CREATE CAST (varchar AS colcrypt.encrypted)
+    WITH FUNCTION colcrypt.encrypted(text, integer, boolean) AS ASSIGNMENT;
+-- Reads: an explicit cast to text decrypts (privilege checked); the output
+-- function and colcrypt.ciphertext() give the ciphertext.
+CREATE CAST (colcrypt.encrypted AS text)
+    WITH FUNCTION colcrypt.decrypt_field(colcrypt.encrypted);
+
+-- Wrapped by the extension's planner hook around every value stored in a
+-- colcrypt.encrypted column without a key: refuses a pending plaintext.
+-- Reads nothing but its argument, so PUBLIC may run it.
+CREATE FUNCTION colcrypt.require_sealed(colcrypt.encrypted) RETURNS colcrypt.encrypted
+    AS 'MODULE_PATHNAME', 'colcrypt_require_sealed'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+CREATE FUNCTION colcrypt.ciphertext(value colcrypt.encrypted) RETURNS text
+    AS 'MODULE_PATHNAME', 'colcrypt_ciphertext'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION colcrypt.ciphertext(colcrypt.encrypted) IS
+    'the text form of a value ("colcrypt:" + base64), as the output function prints it';
+
+--------------------------------------------------------------------------------
+-- Blind indexes: HMAC-SHA256 of the plaintext (Unicode NFC in a UTF-8
+-- database) under a key derived from the named key for this purpose only.
+-- STABLE (keyd's keys): store it in a column of its own and index that.
+
+CREATE FUNCTION colcrypt.blind_index(value text, key_name text) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'colcrypt_blind_index'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION colcrypt.blind_index(value text, key_name text, context text) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'colcrypt_blind_index'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION colcrypt.blind_index(text, text) IS
+    'keyed HMAC of a value for equality search without decryption (equal values give equal indexes)';
+COMMENT ON FUNCTION colcrypt.blind_index(text, text, text) IS
+    'keyed HMAC of a value within a context (a column name, a tenant)';
+
+--------------------------------------------------------------------------------
+-- Deterministic encryption (AES-256-SIV): equal plaintexts under one key and
+-- context give equal bytea values, for equality joins and unique indexes on
+-- the ciphertext itself. Leaks equality by design (docs/columns.md). STABLE:
+-- no randomness, but keyd's keys.
+
+CREATE FUNCTION colcrypt.encrypt_deterministic(value text, key_name text) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'colcrypt_encrypt_deterministic'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION colcrypt.encrypt_deterministic(value text, key_name text, context text)
+    RETURNS bytea
+    AS 'MODULE_PATHNAME', 'colcrypt_encrypt_deterministic'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION colcrypt.decrypt_deterministic(value bytea) RETURNS text
+    AS 'MODULE_PATHNAME', 'colcrypt_decrypt_deterministic'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION colcrypt.decrypt_deterministic(value bytea, context text) RETURNS text
+    AS 'MODULE_PATHNAME', 'colcrypt_decrypt_deterministic'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION colcrypt.encrypt_deterministic(text, text) IS
+    'deterministic AES-256-SIV encryption: equal plaintexts give equal values';
+COMMENT ON FUNCTION colcrypt.encrypt_deterministic(text, text, text) IS
+    'deterministic AES-256-SIV encryption bound to a context';
+COMMENT ON FUNCTION colcrypt.decrypt_deterministic(bytea) IS
+    'decrypts a value of encrypt_deterministic';
+COMMENT ON FUNCTION colcrypt.decrypt_deterministic(bytea, text) IS
+    'decrypts a value of encrypt_deterministic with its context';
+
+--------------------------------------------------------------------------------
+-- Key privileges. grant_key / revoke_key are for superusers (EXECUTE is not
+-- granted to anyone); privilege is encrypt, decrypt, blind_index or all.
+
+CREATE FUNCTION colcrypt._reset_privilege_cache() RETURNS void
+    AS 'MODULE_PATHNAME', 'colcrypt_reset_privilege_cache'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE;
+
+CREATE FUNCTION colcrypt._privileges(privilege text) RETURNS text[]
+    LANGUAGE plpgsql IMMUTABLE STRICT
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    IF privilege = 'all' THEN
+        RETURN ARRAY['encrypt', 'decrypt', 'blind_index'];
+    ELSIF privilege IN ('encrypt', 'decrypt', 'blind_index') THEN
+        RETURN ARRAY[privilege];
+    END IF;
+    RAISE EXCEPTION 'unknown colcrypt key privilege "%"', privilege
+        USING ERRCODE = '22023', HINT = 'Use encrypt, decrypt, blind_index or all.';
+END
+$$;
+
+CREATE FUNCTION colcrypt.grant_key(key_name text, grantee regrole, privilege text DEFAULT 'all')
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE STRICT
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    IF grant_key.key_name !~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$' THEN
+        RAISE EXCEPTION 'invalid colcrypt key name' USING ERRCODE = '22023';
+    END IF;
+    INSERT INTO colcrypt.key_grants AS g (key_name, role, privilege)
+        SELECT grant_key.key_name, grant_key.grantee, p
+          FROM unnest(colcrypt._privileges(grant_key.privilege)) AS p
+        ON CONFLICT DO NOTHING;
+    PERFORM colcrypt._reset_privilege_cache();
+END
+$$;
+
+CREATE FUNCTION colcrypt.revoke_key(key_name text, grantee regrole, privilege text DEFAULT 'all')
+    RETURNS void
+    LANGUAGE plpgsql VOLATILE STRICT
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+BEGIN
+    DELETE FROM colcrypt.key_grants AS g
+     WHERE g.key_name = revoke_key.key_name AND g.role = revoke_key.grantee
+       AND g.privilege = ANY (colcrypt._privileges(revoke_key.privilege));
+    PERFORM colcrypt._reset_privilege_cache();
+END
+$$;
+COMMENT ON FUNCTION colcrypt.grant_key(text, regrole, text) IS
+    'lets a role (and its members) encrypt, decrypt or compute blind indexes with a key';
+COMMENT ON FUNCTION colcrypt.revoke_key(text, regrole, text) IS
+    'takes back what grant_key gave';
+
+--------------------------------------------------------------------------------
+-- JSON documents: encrypt / decrypt the values at dot-separated paths
+-- ("customer.ssn"); arrays on the way are walked element by element; a path
+-- that is missing is skipped; an already encrypted value is left alone. Each
+-- value becomes the JSON string "colcrypt:..." of its JSON text, bound (AAD)
+-- to its path: "colcrypt.json:" || path.
+
+CREATE FUNCTION colcrypt._json_walk(node jsonb, steps text[], encrypting boolean,
+                                    key_name text, context text)
+    RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    result jsonb;
+    step text;
+    s text;
+BEGIN
+    IF node IS NULL THEN
+        RETURN NULL;
+    END IF;
+    IF cardinality(steps) = 0 THEN
+        IF jsonb_typeof(node) = 'string' AND (node #>> '{}') ~* '^\s*colcrypt:' THEN
+            s := node #>> '{}';
+            IF encrypting THEN
+                -- already encrypted: left alone, but it must be a value
+                PERFORM s::colcrypt.encrypted;
+                RETURN node;
+            END IF;
+            RETURN colcrypt.decrypt_field(s::colcrypt.encrypted, context)::jsonb;
+        END IF;
+        IF NOT encrypting OR jsonb_typeof(node) = 'null' THEN
+            RETURN node;
+        END IF;
+        RETURN to_jsonb(colcrypt.ciphertext(colcrypt.encrypt_field(node::text, key_name, context)));
+    END IF;
+    IF jsonb_typeof(node) = 'array' THEN
+        SELECT coalesce(jsonb_agg(colcrypt._json_walk(e, steps, encrypting, key_name, context)
+                                  ORDER BY i), '[]'::jsonb)
+          INTO result
+          FROM jsonb_array_elements(node) WITH ORDINALITY AS t(e, i);
+        RETURN result;
+    END IF;
+    step := regexp_replace(steps[1], '\[\*\]$', '');
+    IF jsonb_typeof(node) <> 'object' OR NOT node ? step THEN
+        RETURN node;
+    END IF;
+    RETURN jsonb_set(node, ARRAY[step],
+                     colcrypt._json_walk(node -> step, steps[2:], encrypting, key_name, context));
+END
+$$;
+
+CREATE FUNCTION colcrypt._json_apply(doc jsonb, paths text[], encrypting boolean, key_name text)
+    RETURNS jsonb
+    LANGUAGE plpgsql VOLATILE PARALLEL SAFE
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    path text;
+BEGIN
+    FOREACH path IN ARRAY paths LOOP
+        CONTINUE WHEN path IS NULL OR path = '';
+        doc := colcrypt._json_walk(doc, string_to_array(path, '.'), encrypting, key_name,
+                                   'colcrypt.json:' || path);
+    END LOOP;
+    RETURN doc;
+END
+$$;
+
+CREATE FUNCTION colcrypt.encrypt_json(doc jsonb, key_name text, paths text[]) RETURNS jsonb
+    LANGUAGE sql VOLATILE STRICT PARALLEL SAFE
+    RETURN colcrypt._json_apply(doc, paths, true, key_name);
+
+CREATE FUNCTION colcrypt.decrypt_json(doc jsonb, paths text[]) RETURNS jsonb
+    LANGUAGE sql STABLE STRICT PARALLEL SAFE
+    RETURN colcrypt._json_apply(doc, paths, false, NULL);
+
+COMMENT ON FUNCTION colcrypt.encrypt_json(jsonb, text, text[]) IS
+    'encrypts the values at the listed paths of a JSON document';
+COMMENT ON FUNCTION colcrypt.decrypt_json(jsonb, text[]) IS
+    'decrypts the values at the listed paths of a JSON document';
+
+--------------------------------------------------------------------------------
+-- Online migration of a plaintext column into a key-bound one, in batches of
+-- their own transactions (no lock on the table for the whole rewrite):
+--   ALTER TABLE t ADD COLUMN ssn_enc colcrypt.encrypted('k');
+--   CALL colcrypt.encrypt_column('t', 'ssn', 'ssn_enc');   -- repeatable
+--   then, in one short transaction: a last CALL, drop or rename the old
+--   column, rename the new one (docs/columns.md).
+-- Fills target from source where target IS NULL and source IS NOT NULL.
+
+CREATE PROCEDURE colcrypt.encrypt_column(tab regclass, source_column name, target_column name,
+                                         batch_size integer DEFAULT 10000)
+    LANGUAGE plpgsql
+    AS $$
+DECLARE
+    done bigint;
+BEGIN
+    IF batch_size IS NULL OR batch_size < 1 THEN
+        RAISE EXCEPTION 'batch_size must be at least 1' USING ERRCODE = '22023';
+    END IF;
+    LOOP
+        EXECUTE pg_catalog.format(
+            'UPDATE %s SET %I = %I WHERE ctid OPERATOR(pg_catalog.=) ANY (ARRAY('
+            'SELECT ctid FROM %s WHERE %I IS NULL AND %I IS NOT NULL LIMIT %s FOR UPDATE SKIP LOCKED))',
+            tab, target_column, source_column, tab, target_column, source_column, batch_size);
+        GET DIAGNOSTICS done = ROW_COUNT;
+        COMMIT;
+        EXIT WHEN done = 0;
+    END LOOP;
+END
+$$;
+COMMENT ON PROCEDURE colcrypt.encrypt_column(regclass, name, name, integer) IS
+    'fills a key-bound column from a plaintext column in batches, committing after each';
+
+--------------------------------------------------------------------------------
 -- Access (see the top of this file).
 
 REVOKE ALL ON SCHEMA colcrypt FROM PUBLIC;
@@ -145,8 +447,29 @@ REVOKE EXECUTE ON FUNCTION
     colcrypt.decrypt_field_bytea(colcrypt.encrypted, text),
     colcrypt.key_id(colcrypt.encrypted),
     colcrypt.key_version(colcrypt.encrypted),
-    colcrypt.key_name(colcrypt.encrypted)
+    colcrypt.key_name(colcrypt.encrypted),
+    colcrypt.encrypted_typmod_in(cstring[]),
+    colcrypt.encrypted_typmod_out(integer),
+    colcrypt.encrypted(colcrypt.encrypted, integer, boolean),
+    colcrypt.encrypted(text, integer, boolean),
+    colcrypt.ciphertext(colcrypt.encrypted),
+    colcrypt.blind_index(text, text),
+    colcrypt.blind_index(text, text, text),
+    colcrypt.encrypt_deterministic(text, text),
+    colcrypt.encrypt_deterministic(text, text, text),
+    colcrypt.decrypt_deterministic(bytea),
+    colcrypt.decrypt_deterministic(bytea, text),
+    colcrypt._reset_privilege_cache(),
+    colcrypt._privileges(text),
+    colcrypt.grant_key(text, regrole, text),
+    colcrypt.revoke_key(text, regrole, text),
+    colcrypt._json_walk(jsonb, text[], boolean, text, text),
+    colcrypt._json_apply(jsonb, text[], boolean, text),
+    colcrypt.encrypt_json(jsonb, text, text[]),
+    colcrypt.decrypt_json(jsonb, text[])
     FROM PUBLIC;
+REVOKE EXECUTE ON PROCEDURE colcrypt.encrypt_column(regclass, name, name, integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION colcrypt.require_sealed(colcrypt.encrypted) TO PUBLIC;
 
 DO $$
 BEGIN
@@ -168,5 +491,156 @@ GRANT EXECUTE ON FUNCTION
     colcrypt.decrypt_field_bytea(colcrypt.encrypted, text),
     colcrypt.key_id(colcrypt.encrypted),
     colcrypt.key_version(colcrypt.encrypted),
-    colcrypt.key_name(colcrypt.encrypted)
+    colcrypt.key_name(colcrypt.encrypted),
+    colcrypt.encrypted(colcrypt.encrypted, integer, boolean),
+    colcrypt.encrypted(text, integer, boolean),
+    colcrypt.ciphertext(colcrypt.encrypted),
+    colcrypt.blind_index(text, text),
+    colcrypt.blind_index(text, text, text),
+    colcrypt.encrypt_deterministic(text, text),
+    colcrypt.encrypt_deterministic(text, text, text),
+    colcrypt.decrypt_deterministic(bytea),
+    colcrypt.decrypt_deterministic(bytea, text),
+    colcrypt._json_walk(jsonb, text[], boolean, text, text),
+    colcrypt._json_apply(jsonb, text[], boolean, text),
+    colcrypt.encrypt_json(jsonb, text, text[]),
+    colcrypt.decrypt_json(jsonb, text[])
+    TO colcrypt_user;
+GRANT EXECUTE ON PROCEDURE colcrypt.encrypt_column(regclass, name, name, integer) TO colcrypt_user;
+
+-- ===========================================================================
+-- Key lifecycle and rotation jobs (issue 3; docs/rotation.md). This section
+-- belongs to the lifecycle work: keep it last, keep other objects above it.
+-- ===========================================================================
+
+-- colcrypt.rewrap(value [, context]): the value re-sealed under the primary
+-- version of its own key, inside the backend (the plaintext never leaves it);
+-- unchanged when it already is under the primary. Without a context: the
+-- binding of the argument's key-bound column, else the empty context.
+CREATE FUNCTION colcrypt.rewrap(colcrypt.encrypted)
+    RETURNS colcrypt.encrypted
+    AS 'MODULE_PATHNAME', 'colcrypt_rewrap'
+    LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+CREATE FUNCTION colcrypt.rewrap(colcrypt.encrypted, text)
+    RETURNS colcrypt.encrypted
+    AS 'MODULE_PATHNAME', 'colcrypt_rewrap'
+    LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+
+-- colcrypt.rotate_key(name): asks colcrypt-keyd for a new primary version
+-- (keyd must run with --sql-rotate); returns it. No one but the owner may
+-- call it until granted (GRANT EXECUTE ... TO a key-admin role).
+CREATE FUNCTION colcrypt.rotate_key(text)
+    RETURNS integer
+    AS 'MODULE_PATHNAME', 'colcrypt_rotate_key'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+-- Re-encryption jobs: colcrypt-keyd (run with --database for this database)
+-- picks up pending jobs and runs them in batches of heap blocks, each batch
+-- its own transaction together with its progress row, so a job resumes where
+-- it stopped after kill -9 of keyd or a restart of Postgres.
+CREATE TABLE colcrypt.rotation_jobs (
+    job_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    key_name        text NOT NULL,
+    key_id          uuid,          -- filled by keyd when it starts the job
+    target_version  integer,       -- the primary version when the job started
+    state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'running', 'done', 'failed', 'cancelled')),
+    batch_blocks    integer NOT NULL DEFAULT 64 CHECK (batch_blocks BETWEEN 1 AND 65536),
+    throttle_ms     integer NOT NULL DEFAULT 0 CHECK (throttle_ms BETWEEN 0 AND 600000),
+    requested_by    text NOT NULL DEFAULT current_user,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    started_at      timestamptz,
+    updated_at      timestamptz,
+    finished_at     timestamptz,
+    rows_total      bigint NOT NULL DEFAULT 0,
+    rows_done       bigint NOT NULL DEFAULT 0,
+    passes          integer NOT NULL DEFAULT 0,
+    errors          integer NOT NULL DEFAULT 0,
+    last_error      text
+);
+
+CREATE TABLE colcrypt.rotation_job_columns (
+    job_id          bigint NOT NULL REFERENCES colcrypt.rotation_jobs ON DELETE CASCADE,
+    schema_name     name NOT NULL,
+    table_name      name NOT NULL,
+    column_name     name NOT NULL,
+    state           text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'running', 'done')),
+    next_block      bigint NOT NULL DEFAULT 0,   -- where the current pass resumes
+    pass            integer NOT NULL DEFAULT 1,
+    rows_total      bigint NOT NULL DEFAULT 0,
+    rows_done       bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (job_id, schema_name, table_name, column_name)
+);
+
+CREATE FUNCTION colcrypt.start_rotation_job(key_name text, batch_blocks integer DEFAULT 64,
+                                            throttle_ms integer DEFAULT 0)
+    RETURNS bigint
+    LANGUAGE sql VOLATILE STRICT
+    SET search_path = pg_catalog, pg_temp
+    BEGIN ATOMIC
+        INSERT INTO colcrypt.rotation_jobs (key_name, batch_blocks, throttle_ms)
+        VALUES (key_name, batch_blocks, throttle_ms)
+        RETURNING job_id;
+    END;
+
+CREATE FUNCTION colcrypt.cancel_rotation_job(job bigint)
+    RETURNS boolean
+    LANGUAGE sql VOLATILE STRICT
+    SET search_path = pg_catalog, pg_temp
+    BEGIN ATOMIC
+        UPDATE colcrypt.rotation_jobs SET state = 'cancelled', finished_at = now()
+         WHERE job_id = job AND state IN ('pending', 'running')
+        RETURNING true;
+    END;
+
+CREATE VIEW colcrypt.rotation_progress AS
+SELECT j.job_id, j.key_name, j.target_version, j.state,
+       j.rows_done, j.rows_total,
+       CASE WHEN j.state = 'done' THEN 100.0
+            WHEN j.rows_total > 0 THEN round(least(100.0, 100.0 * j.rows_done / j.rows_total), 1)
+            ELSE 0.0 END AS percent,
+       CASE WHEN j.started_at IS NOT NULL AND coalesce(j.finished_at, j.updated_at) > j.started_at
+            THEN round((j.rows_done / extract(epoch FROM coalesce(j.finished_at, j.updated_at)
+                                                        - j.started_at))::numeric, 1)
+       END AS rows_per_second,
+       j.passes, j.errors, j.last_error,
+       j.created_at, j.started_at, j.updated_at, j.finished_at, j.requested_by
+  FROM colcrypt.rotation_jobs j;
+
+REVOKE ALL ON colcrypt.rotation_jobs, colcrypt.rotation_job_columns, colcrypt.rotation_progress
+    FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION
+    colcrypt.rewrap(colcrypt.encrypted),
+    colcrypt.rewrap(colcrypt.encrypted, text),
+    colcrypt.rotate_key(text),
+    colcrypt.start_rotation_job(text, integer, integer),
+    colcrypt.cancel_rotation_job(bigint)
+    FROM PUBLIC;
+-- rewrap checks the decrypt and encrypt privileges on the value's key itself.
+GRANT EXECUTE ON FUNCTION
+    colcrypt.rewrap(colcrypt.encrypted),
+    colcrypt.rewrap(colcrypt.encrypted, text)
+    TO colcrypt_user;
+GRANT SELECT ON colcrypt.rotation_progress TO colcrypt_user;
+
+-- Derived keys: colcrypt.encrypt_derived(value, key_name, context) seals under
+-- a key derived with HKDF from the key's primary version for this context
+-- alone (a tenant, an application). colcrypt.decrypt_field(value, context)
+-- opens it; rotation of the named key rotates every derived key.
+CREATE FUNCTION colcrypt.encrypt_derived(text, text, text)
+    RETURNS colcrypt.encrypted
+    AS 'MODULE_PATHNAME', 'colcrypt_encrypt_derived_text'
+    LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+CREATE FUNCTION colcrypt.encrypt_derived(bytea, text, text)
+    RETURNS colcrypt.encrypted
+    AS 'MODULE_PATHNAME', 'colcrypt_encrypt_derived_bytea'
+    LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+REVOKE EXECUTE ON FUNCTION
+    colcrypt.encrypt_derived(text, text, text),
+    colcrypt.encrypt_derived(bytea, text, text)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION
+    colcrypt.encrypt_derived(text, text, text),
+    colcrypt.encrypt_derived(bytea, text, text)
     TO colcrypt_user;

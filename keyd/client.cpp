@@ -235,6 +235,20 @@ wire::KeyReply Client::fetch_primary(std::string_view name) {
   return reply;
 }
 
+wire::KeyGrantReply Client::fetch_primary_block(std::string_view name, uint32_t wanted) {
+  wire::Frame frame = exchange(wire::encode_fetch_primary_block(name, wanted));
+  WipeOnExit wipe{frame.body.data(), frame.body.size()};
+  if (frame.type == wire::MsgType::Failure) throw_failure(frame);
+  if (frame.type != wire::MsgType::KeyGrant) {
+    throw Error(Errc::ProtocolError, "colcrypt-keyd sent an unexpected reply type");
+  }
+  wire::KeyGrantReply reply = wire::decode_key_grant(ByteView(frame.body));
+  if (reply.key.name != name) {
+    throw Error(Errc::ProtocolError, "colcrypt-keyd answered with a different key");
+  }
+  return reply;
+}
+
 wire::KeyReply Client::fetch_version(const KeyId& id, uint32_t version) {
   wire::Frame frame = exchange(wire::encode_fetch_version(id, version));
   wire::KeyReply reply = expect_key(frame);
@@ -242,6 +256,14 @@ wire::KeyReply Client::fetch_version(const KeyId& id, uint32_t version) {
     throw Error(Errc::ProtocolError, "colcrypt-keyd answered with a different key");
   }
   return reply;
+}
+
+void Client::report_denial(const wire::DenialReport& report) {
+  wire::Frame frame = exchange(wire::encode_denial_report(report));
+  if (frame.type == wire::MsgType::Failure) throw_failure(frame);
+  if (frame.type != wire::MsgType::Ack || !frame.body.empty()) {
+    throw Error(Errc::ProtocolError, "colcrypt-keyd sent an unexpected reply type");
+  }
 }
 
 std::string Client::admin(std::string_view json_request) {

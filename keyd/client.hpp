@@ -33,8 +33,13 @@ class Client {
 
   wire::KeyReply fetch_primary(std::string_view name);
   wire::KeyReply fetch_version(const KeyId& id, uint32_t version);
+  // The primary version with a block of up to `wanted` encryptions charged
+  // to it by keyd (the caller must not encrypt more than reply.granted values).
+  wire::KeyGrantReply fetch_primary_block(std::string_view name, uint32_t wanted);
   // Sends a JSON admin request, returns keyd's JSON reply text.
   std::string admin(std::string_view json_request);
+  // Reports a key use the extension denied to a role (keyd logs it).
+  void report_denial(const wire::DenialReport& report);
 
  private:
   wire::Frame exchange(const std::vector<uint8_t>& request);

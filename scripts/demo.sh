@@ -60,7 +60,7 @@ show "INSERT INTO customers (name, ssn) VALUES
   ('Bob',   colcrypt.encrypt_field('987-65-4321', 'customer_data'))"
 
 banner "What is stored: an authenticated envelope, never the plaintext"
-show "SELECT id, name, left(ssn::text, 60) || '...' AS stored_ssn FROM customers ORDER BY id"
+show "SELECT id, name, left(colcrypt.ciphertext(ssn), 60) || '...' AS stored_ssn FROM customers ORDER BY id"
 
 count_in() { { grep -a -o -F -- "$2" "$1" || true; } | wc -l; }
 psql_demo -c "CHECKPOINT"

@@ -22,7 +22,8 @@ SELECT p.oid::regprocedure AS function, p.provolatile AS volatility,
 SELECT t.typname, t.typlen, t.typstorage, t.typalign,
        t.typinput::regproc, t.typoutput::regproc, t.typreceive::regproc, t.typsend::regproc
   FROM pg_type t
- WHERE t.typnamespace = 'colcrypt'::regnamespace AND t.typtype = 'b';
+ WHERE t.typnamespace = 'colcrypt'::regnamespace AND t.typtype = 'b'
+   AND t.typname IN ('encrypted', '_encrypted');
 
 -- settings and their defaults (the test setup points colcrypt.keyd_socket at its keyd)
 SELECT name, unit, context, vartype, boot_val, min_val, max_val

@@ -19,9 +19,11 @@ CREATE FUNCTION pg_temp.envelope(head text, key_version text, ciphertext text) R
 
 -- a structurally valid value goes in and comes out unchanged (canonical form)
 SELECT :good_empty AS text_form;
-SELECT (:good_empty)::colcrypt.encrypted::text = :good_empty AS canonical;
-SELECT (:good_abc)::colcrypt.encrypted::text = :good_abc AS canonical;
-SELECT length((:good_abc)::colcrypt.encrypted::text) AS text_length;
+SELECT colcrypt.ciphertext((:good_empty)::colcrypt.encrypted) = :good_empty AS canonical;
+SELECT colcrypt.ciphertext((:good_abc)::colcrypt.encrypted) = :good_abc AS canonical;
+SELECT length(colcrypt.ciphertext((:good_abc)::colcrypt.encrypted)) AS text_length;
+-- the output function prints the same (an explicit cast to text decrypts instead)
+SELECT format('%s', (:good_abc)::colcrypt.encrypted) = :good_abc AS output_is_text_form;
 
 -- header inspectors read the header alone: no key needed
 SELECT colcrypt.key_id((:good_abc)::colcrypt.encrypted) AS key_id,
@@ -39,16 +41,20 @@ CREATE TABLE type_io (id int, v colcrypt.encrypted);
 INSERT INTO type_io VALUES
     (1, (:good_empty)::colcrypt.encrypted), (2, (:good_abc)::colcrypt.encrypted), (3, NULL);
 COPY type_io TO STDOUT;
-SELECT id, v::text = :good_abc AS is_abc, v IS NULL AS is_null FROM type_io ORDER BY id;
+SELECT id, colcrypt.ciphertext(v) = :good_abc AS is_abc, v IS NULL AS is_null FROM type_io ORDER BY id;
 SELECT array_length(ARRAY[v, v], 1) FROM type_io WHERE id = 2;
-SELECT (ARRAY[:good_abc]::colcrypt.encrypted[])[1]::text = :good_abc AS array_roundtrip;
+SELECT colcrypt.ciphertext((ARRAY[:good_abc]::colcrypt.encrypted[])[1]) = :good_abc AS array_roundtrip;
 DROP TABLE type_io;
 
--- malformed text input: 22P02 with a detail that says what is wrong
+-- text without the "colcrypt:" prefix is a plaintext: it becomes a value only
+-- in a key-bound column (09_columns); anywhere else using it is 22P02
 SELECT ''::colcrypt.encrypted;
 \echo :SQLSTATE
 SELECT 'hello'::colcrypt.encrypted;
 \echo :SQLSTATE
+-- malformed text input: a "colcrypt:" prefix (in any case, after any
+-- whitespace) claims a sealed value, which must parse strictly: 22P02 with a
+-- detail that says what is wrong
 SELECT upper(:good_abc)::colcrypt.encrypted;
 \echo :SQLSTATE
 SELECT 'colcrypt:'::colcrypt.encrypted;
@@ -92,7 +98,7 @@ SELECT pg_temp.text_form(pg_temp.envelope('01010101', '00000001', ''))::colcrypt
 -- key version 0
 SELECT pg_temp.text_form(pg_temp.envelope('01010100', '00000000', ''))::colcrypt.encrypted;
 \echo :SQLSTATE
--- an INSERT literal takes the same path
+-- a plaintext INSERT literal into a column without a key is refused
 CREATE TABLE type_io_bad (v colcrypt.encrypted);
 INSERT INTO type_io_bad VALUES ('plaintext that is not a value');
 \echo :SQLSTATE

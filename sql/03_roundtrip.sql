@@ -22,7 +22,7 @@ SELECT colcrypt.decrypt_field(colcrypt.encrypt_field('', 'regress_key')) = '' AS
 SELECT colcrypt.decrypt_field_bytea(colcrypt.encrypt_field(''::bytea, 'regress_key')) = ''::bytea
        AS empty_bytea;
 SELECT octet_length(colcrypt.encrypted_send(colcrypt.encrypt_field('', 'regress_key'))) AS bytes,
-       length(colcrypt.encrypt_field('', 'regress_key')::text) AS text_length;
+       length(colcrypt.ciphertext(colcrypt.encrypt_field('', 'regress_key'))) AS text_length;
 SELECT octet_length(colcrypt.encrypted_send(colcrypt.encrypt_field('abc', 'regress_key'))) AS bytes;
 
 -- NULL in, NULL out (STRICT)
@@ -39,9 +39,9 @@ SELECT colcrypt.encrypt_field(NULL::text, 'regress_key') IS NULL AS a,
 
 -- a fresh nonce per call: equal plaintexts give different values, also
 -- within one statement (VOLATILE, never constant-folded)
-SELECT colcrypt.encrypt_field('same', 'regress_key')::text
-       <> colcrypt.encrypt_field('same', 'regress_key')::text AS differ;
-SELECT count(DISTINCT v::text) AS distinct_values
+SELECT colcrypt.ciphertext(colcrypt.encrypt_field('same', 'regress_key'))
+       <> colcrypt.ciphertext(colcrypt.encrypt_field('same', 'regress_key')) AS differ;
+SELECT count(DISTINCT colcrypt.ciphertext(v)) AS distinct_values
   FROM (SELECT colcrypt.encrypt_field('same', 'regress_key') AS v
           FROM generate_series(1, 1000)) s;
 
@@ -72,10 +72,11 @@ SELECT id, colcrypt.decrypt_field(ssn, 'ssn') AS ssn, colcrypt.key_name(ssn) AS 
 SELECT count(*) AS leaks FROM patients
  WHERE position(convert_to('111-11-1111', 'UTF8') IN colcrypt.encrypted_send(ssn)) > 0;
 CREATE TABLE patients_copy (LIKE patients);
-INSERT INTO patients_copy SELECT id, ssn::text::colcrypt.encrypted, photo::text::colcrypt.encrypted
+INSERT INTO patients_copy SELECT id, colcrypt.ciphertext(ssn)::colcrypt.encrypted,
+       colcrypt.ciphertext(photo)::colcrypt.encrypted
   FROM patients;
 SELECT count(*) AS same_text_form FROM patients p JOIN patients_copy c USING (id)
- WHERE p.ssn::text = c.ssn::text;
+ WHERE colcrypt.ciphertext(p.ssn) = colcrypt.ciphertext(c.ssn);
 SELECT string_agg(colcrypt.decrypt_field(ssn, 'ssn'), ',' ORDER BY id) FROM patients_copy;
 DROP TABLE patients_copy;
 

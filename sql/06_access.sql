@@ -24,7 +24,7 @@ SELECT colcrypt.decrypt_field(v) FROM access_data;
 SELECT colcrypt.encrypt_field('x', 'regress_key');
 \echo :SQLSTATE
 -- it may read the column, which is ciphertext (type I/O needs no grant)
-SELECT id, v::text LIKE 'colcrypt:%' AS ciphertext FROM access_data;
+SELECT id, format('%s', v) LIKE 'colcrypt:%' AS ciphertext FROM access_data;
 RESET ROLE;
 
 -- USAGE on the schema alone is not enough: EXECUTE is revoked from PUBLIC
@@ -37,7 +37,18 @@ SELECT colcrypt.key_version(v) FROM access_data;
 RESET ROLE;
 REVOKE USAGE ON SCHEMA colcrypt FROM regress_colcrypt_outsider;
 
--- a member of colcrypt_user encrypts and decrypts
+-- a member of colcrypt_user may call the functions, but every key needs a
+-- privilege of its own (08_grants tests them in depth): none yet
+SET ROLE regress_colcrypt_app;
+SELECT colcrypt.encrypt_field('x', 'regress_key');
+\echo :SQLSTATE
+SELECT colcrypt.decrypt_field(v) FROM access_data;
+\echo :SQLSTATE
+RESET ROLE;
+SELECT colcrypt.grant_key('regress_key', 'regress_colcrypt_app', 'encrypt'),
+       colcrypt.grant_key('regress_key', 'regress_colcrypt_app', 'decrypt');
+
+-- with them, it encrypts and decrypts
 SET ROLE regress_colcrypt_app;
 INSERT INTO access_data VALUES (2, colcrypt.encrypt_field('written by the app', 'regress_key', 'app'));
 SELECT id, CASE id WHEN 1 THEN colcrypt.decrypt_field(v) ELSE colcrypt.decrypt_field(v, 'app') END
@@ -52,4 +63,5 @@ SET colcrypt.key_cache_ttl = 0;
 RESET ROLE;
 
 DROP TABLE access_data;
+SELECT colcrypt.revoke_key('regress_key', 'regress_colcrypt_app');
 DROP ROLE regress_colcrypt_outsider, regress_colcrypt_app;

@@ -116,18 +116,57 @@ std::vector<uint8_t> encode_frame(MsgType type, ByteView body) {
   return frame;
 }
 
-SecretBytes encode_key_reply(const KeyReply& reply) {
+namespace {
+
+SecretBytes encode_key_body(MsgType type, const KeyReply& reply, const uint32_t* granted) {
   if (reply.key.size() != AeadKey::kKeySize) {
     throw Error(Errc::InvalidArgument, "key reply must carry a 32-byte key");
   }
-  const size_t body = kKeyIdSize + 4 + 1 + string_size(reply.name, "key name") + reply.key.size();
+  const size_t body = kKeyIdSize + 4 + 1 + string_size(reply.name, "key name") + reply.key.size() +
+                      (granted != nullptr ? 4 : 0);
   SecretBytes frame(checked_frame_size(body));
-  Writer w = start_frame(frame.data(), MsgType::Key, body);
+  Writer w = start_frame(frame.data(), type, body);
   w.bytes(reply.id.data(), reply.id.size());
   w.u32(reply.version);
   w.u8(static_cast<uint8_t>(reply.state));
   w.str(reply.name);
   w.bytes(reply.key.data(), reply.key.size());
+  if (granted != nullptr) w.u32(*granted);
+  return frame;
+}
+
+KeyReply read_key_body(Reader& r) {
+  KeyReply reply;
+  std::memcpy(reply.id.data(), r.take(kKeyIdSize), kKeyIdSize);
+  reply.version = r.u32();
+  const uint8_t state = r.u8();
+  if (state < static_cast<uint8_t>(KeyState::Active) ||
+      state > static_cast<uint8_t>(KeyState::Destroyed)) {
+    protocol_error("invalid key state");
+  }
+  reply.state = static_cast<KeyState>(state);
+  reply.name = r.str();
+  reply.key = SecretBytes(r.take(AeadKey::kKeySize), AeadKey::kKeySize);
+  return reply;
+}
+
+}  // namespace
+
+SecretBytes encode_key_reply(const KeyReply& reply) {
+  return encode_key_body(MsgType::Key, reply, nullptr);
+}
+
+SecretBytes encode_key_grant(const KeyReply& reply, uint32_t granted) {
+  if (granted == 0) throw Error(Errc::InvalidArgument, "a key grant allows at least one use");
+  return encode_key_body(MsgType::KeyGrant, reply, &granted);
+}
+
+std::vector<uint8_t> encode_fetch_primary_block(std::string_view name, uint32_t wanted) {
+  const size_t body = string_size(name, "key name") + 4;
+  std::vector<uint8_t> frame(checked_frame_size(body));
+  Writer w = start_frame(frame.data(), MsgType::FetchPrimaryBlock, body);
+  w.str(name);
+  w.u32(wanted);
   return frame;
 }
 
@@ -164,6 +203,32 @@ std::vector<uint8_t> encode_failure(FailureCode code, std::string_view message) 
   return frame;
 }
 
+std::vector<uint8_t> encode_denial_report(const DenialReport& report) {
+  const size_t body = string_size(report.key_name, "key name") +
+                      string_size(report.privilege, "privilege") +
+                      string_size(report.role, "role") + string_size(report.database, "database");
+  std::vector<uint8_t> frame(checked_frame_size(body));
+  Writer w = start_frame(frame.data(), MsgType::DenialReport, body);
+  w.str(report.key_name);
+  w.str(report.privilege);
+  w.str(report.role);
+  w.str(report.database);
+  return frame;
+}
+
+std::vector<uint8_t> encode_ack() { return encode_frame(MsgType::Ack, ByteView()); }
+
+DenialReport decode_denial_report(ByteView body) {
+  Reader r(body);
+  DenialReport report;
+  report.key_name = r.str();
+  report.privilege = r.str();
+  report.role = r.str();
+  report.database = r.str();
+  r.finish();
+  return report;
+}
+
 std::string decode_fetch_primary(ByteView body) {
   Reader r(body);
   std::string name = r.str();
@@ -180,19 +245,28 @@ void decode_fetch_version(ByteView body, KeyId& id, uint32_t& version) {
 
 KeyReply decode_key_reply(ByteView body) {
   Reader r(body);
-  KeyReply reply;
-  std::memcpy(reply.id.data(), r.take(kKeyIdSize), kKeyIdSize);
-  reply.version = r.u32();
-  const uint8_t state = r.u8();
-  if (state < static_cast<uint8_t>(KeyState::Active) ||
-      state > static_cast<uint8_t>(KeyState::Destroyed)) {
-    protocol_error("invalid key state");
-  }
-  reply.state = static_cast<KeyState>(state);
-  reply.name = r.str();
-  reply.key = SecretBytes(r.take(AeadKey::kKeySize), AeadKey::kKeySize);
+  KeyReply reply = read_key_body(r);
   r.finish();
   return reply;
+}
+
+KeyGrantReply decode_key_grant(ByteView body) {
+  Reader r(body);
+  KeyGrantReply reply;
+  reply.key = read_key_body(r);
+  reply.granted = r.u32();
+  r.finish();
+  if (reply.granted == 0) protocol_error("key grant of zero uses");
+  return reply;
+}
+
+std::string decode_fetch_primary_block(ByteView body, uint32_t& wanted) {
+  Reader r(body);
+  std::string name = r.str();
+  wanted = r.u32();
+  r.finish();
+  if (wanted == 0) protocol_error("a block of zero uses");
+  return name;
 }
 
 FailureReply decode_failure(ByteView body) {

@@ -21,10 +21,18 @@ enum class MsgType : uint8_t {
   // requests
   FetchPrimary = 0x01,  // body: str name            -> Key (the primary version)
   FetchVersion = 0x02,  // body: id[16], u32 version  -> Key
-  Admin = 0x10,         // body: JSON request         -> AdminResult
+  // body: str name, u32 uses wanted -> KeyGrant (the primary version and a
+  // block of encryptions charged to it; docs/protocol.md, issue 3)
+  FetchPrimaryBlock = 0x03,
+  Admin = 0x10,  // body: JSON request         -> AdminResult
+  // body: str key name, str privilege, str role, str database -> Ack. The
+  // extension reports a use of a key that it denied to a role, for keyd's log.
+  DenialReport = 0x30,
   // replies
   Key = 0x81,          // body: id[16], u32 version, u8 state, str name, key[32]
+  KeyGrant = 0x82,     // body: as Key, then u32 uses granted (>= 1)
   AdminResult = 0x90,  // body: JSON
+  Ack = 0xB0,          // body: empty
   Failure = 0xFF,      // body: u16 FailureCode, str message (generic, no secrets)
 };
 
@@ -48,6 +56,19 @@ struct KeyReply {
   SecretBytes key;  // 32 bytes
 };
 
+// A use of a key that the extension refused to a database role.
+struct DenialReport {
+  std::string key_name;
+  std::string privilege;  // "encrypt", "decrypt", "blind_index"
+  std::string role;
+  std::string database;
+};
+
+struct KeyGrantReply {
+  KeyReply key;
+  uint32_t granted = 0;  // encryptions this reply allows with key.version
+};
+
 struct FailureReply {
   FailureCode code = FailureCode::Internal;
   std::string message;
@@ -57,18 +78,25 @@ struct FailureReply {
 std::vector<uint8_t> encode_frame(MsgType type, ByteView body);
 // Frames carrying key bytes are built in secret memory.
 SecretBytes encode_key_reply(const KeyReply& reply);
+SecretBytes encode_key_grant(const KeyReply& reply, uint32_t granted);
 
 std::vector<uint8_t> encode_fetch_primary(std::string_view name);
+std::vector<uint8_t> encode_fetch_primary_block(std::string_view name, uint32_t wanted);
 std::vector<uint8_t> encode_fetch_version(const KeyId& id, uint32_t version);
 std::vector<uint8_t> encode_admin(std::string_view json);
 std::vector<uint8_t> encode_admin_result(std::string_view json);
 std::vector<uint8_t> encode_failure(FailureCode code, std::string_view message);
+std::vector<uint8_t> encode_denial_report(const DenialReport& report);
+std::vector<uint8_t> encode_ack();
 
 // Body decoders; each throws Errc::ProtocolError on short, long or invalid bodies.
 std::string decode_fetch_primary(ByteView body);
 void decode_fetch_version(ByteView body, KeyId& id, uint32_t& version);
+std::string decode_fetch_primary_block(ByteView body, uint32_t& wanted);  // wanted >= 1
 KeyReply decode_key_reply(ByteView body);
+KeyGrantReply decode_key_grant(ByteView body);
 FailureReply decode_failure(ByteView body);
+DenialReport decode_denial_report(ByteView body);
 
 struct Frame {
   MsgType type;

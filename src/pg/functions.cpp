@@ -1,5 +1,10 @@
 // The SQL functions of the extension: encrypt_field, decrypt_field,
-// decrypt_field_bytea and the inspectors key_id, key_version and key_name.
+// decrypt_field_bytea, the inspectors key_id, key_version and key_name,
+// ciphertext and blind_index.
+//
+// Every use of a key checks the caller's privilege on it (columns.hpp):
+// encrypt for encrypt_field, decrypt for the decrypting functions (the key's
+// name comes from the key cache), blind_index for blind_index.
 //
 // Shape of every function: Postgres work first (detoast the arguments, snapshot
 // the GUCs, palloc the result, whose size is known before any crypto runs:
@@ -14,6 +19,9 @@ extern "C" {
 
 #include "fmgr.h"
 #include "mb/pg_wchar.h"
+#include "miscadmin.h"
+#include "nodes/nodeFuncs.h"
+#include "nodes/primnodes.h"
 #include "utils/builtins.h"
 #include "utils/memutils.h"
 #include "utils/uuid.h"
@@ -26,6 +34,7 @@ extern "C" {
 
 #include "core/envelope.hpp"
 #include "core/secure_memory.hpp"
+#include "pg/columns.hpp"
 #include "pg/guard.hpp"
 #include "pg/key_cache.hpp"
 #include "pg/module.hpp"
@@ -45,6 +54,10 @@ PG_FUNCTION_INFO_V1(colcrypt_decrypt_bytea);
 PG_FUNCTION_INFO_V1(colcrypt_key_id);
 PG_FUNCTION_INFO_V1(colcrypt_key_version);
 PG_FUNCTION_INFO_V1(colcrypt_key_name);
+PG_FUNCTION_INFO_V1(colcrypt_ciphertext);
+PG_FUNCTION_INFO_V1(colcrypt_blind_index);
+PG_FUNCTION_INFO_V1(colcrypt_encrypt_deterministic);
+PG_FUNCTION_INFO_V1(colcrypt_decrypt_deterministic);
 }
 
 namespace {
@@ -64,12 +77,10 @@ Datum encrypt_field(FunctionCallInfo fcinfo, PayloadType payload) {
   const ByteView name = bytes_of(PG_GETARG_TEXT_PP(1));
   const ByteView context = context_arg(fcinfo, 2);
 
-  if (plaintext.size > MaxAllocSize - VARHDRSZ - colcrypt::kEnvelopeOverhead)
-    ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("value too large to encrypt"),
-                    errdetail("An encrypted value is %zu bytes longer than its plaintext and "
-                              "cannot exceed 1 GB; the plaintext has %zu bytes.",
-                              colcrypt::kEnvelopeOverhead, plaintext.size)));
+  colcrypt::pg::check_sealable_size(plaintext.size);
   const size_t size = plaintext.size + colcrypt::kEnvelopeOverhead;  // sealed_size()
+  colcrypt::pg::check_key_privilege(reinterpret_cast<const char*>(name.data), name.size,
+                                    colcrypt::pg::KeyPrivilege::Encrypt);
   const KeydSettings settings = colcrypt::pg::prepare_key_access();
   bytea* result = static_cast<bytea*>(palloc(VARHDRSZ + size));
   SET_VARSIZE(result, VARHDRSZ + size);
@@ -85,15 +96,65 @@ Datum encrypt_field(FunctionCallInfo fcinfo, PayloadType payload) {
 // The envelope argument and its validated header.
 ByteView envelope_arg(FunctionCallInfo fcinfo, EnvelopeHeader& header) {
   const ByteView envelope = bytes_of(PG_GETARG_BYTEA_PP(0));
+  colcrypt::pg::reject_pending(envelope);
   guarded(ValueOrigin::Stored, [&] { header = colcrypt::parse_header(envelope); });
   return envelope;
 }
 
-// Decrypts argument 0 with the context in argument 1 into a new varlena.
-struct varlena* decrypt_field(FunctionCallInfo fcinfo, const ByteView& envelope) {
-  const ByteView context = context_arg(fcinfo, 1);
+// The type modifier of the expression passed as argument argno, when the
+// planner still knows it (a column, a view's column, a subquery's output): -1
+// otherwise (a function result, a PL/pgSQL variable without one).
+int32 argument_typmod(FunctionCallInfo fcinfo, int argno) {
+  if (fcinfo->flinfo == nullptr || fcinfo->flinfo->fn_expr == nullptr) return -1;
+  Node* expr = fcinfo->flinfo->fn_expr;
+  List* args = NIL;
+  if (IsA(expr, FuncExpr))
+    args = reinterpret_cast<FuncExpr*>(expr)->args;
+  else if (IsA(expr, OpExpr))
+    args = reinterpret_cast<OpExpr*>(expr)->args;
+  if (argno >= list_length(args)) return -1;
+  return exprTypmod(static_cast<Node*>(list_nth(args, argno)));
+}
+
+// Decrypts argument 0 into a new varlena. The context (AAD) is argument 1 when
+// given; otherwise the binding of the argument's key-bound column type, or
+// none for a value of a column without a key.
+struct varlena* decrypt_field(FunctionCallInfo fcinfo, const EnvelopeHeader& header,
+                              const ByteView& envelope) {
+  ByteView context = context_arg(fcinfo, 1);
+  if (PG_NARGS() < 2) {
+    // The argument's type does not change between calls of one expression:
+    // resolve its binding once and keep a copy in fn_extra.
+    struct Binding {
+      bool bound;
+      colcrypt::pg::ColumnKey column;
+    };
+    Binding* binding =
+        fcinfo->flinfo != nullptr ? static_cast<Binding*>(fcinfo->flinfo->fn_extra) : nullptr;
+    if (binding == nullptr) {
+      MemoryContext cxt =
+          fcinfo->flinfo != nullptr ? fcinfo->flinfo->fn_mcxt : CurrentMemoryContext;
+      binding = static_cast<Binding*>(MemoryContextAllocZero(cxt, sizeof(Binding)));
+      const int32 typmod = argument_typmod(fcinfo, 0);
+      if (typmod >= 0) {
+        binding->column = colcrypt::pg::column_key(typmod);
+        binding->bound = true;
+      }
+      if (fcinfo->flinfo != nullptr) fcinfo->flinfo->fn_extra = binding;
+    }
+    if (binding->bound)
+      context = ByteView(reinterpret_cast<const uint8_t*>(binding->column.context),
+                         binding->column.context_size);
+  }
   const size_t size = envelope.size - colcrypt::kEnvelopeOverhead;  // opened_size()
   const KeydSettings settings = colcrypt::pg::prepare_key_access();
+  if (!superuser()) {  // superusers pass every check: skip the name lookup
+    char name[colcrypt::pg::kKeyNameCapacity];
+    size_t name_size = 0;
+    guarded(ValueOrigin::Stored,
+            [&] { name_size = colcrypt::pg::key_name_of(settings, header, name); });
+    colcrypt::pg::check_key_privilege(name, name_size, colcrypt::pg::KeyPrivilege::Decrypt);
+  }
   struct varlena* result = static_cast<struct varlena*>(palloc(VARHDRSZ + size));
   SET_VARSIZE(result, VARHDRSZ + size);
 
@@ -121,7 +182,7 @@ Datum colcrypt_decrypt_text(PG_FUNCTION_ARGS) {
             (errcode(ERRCODE_DATATYPE_MISMATCH), errmsg("colcrypt value holds bytea, not text"),
              errdetail("The value was encrypted from a bytea."),
              errhint("Use colcrypt.decrypt_field_bytea() to decrypt it.")));
-  struct varlena* result = decrypt_field(fcinfo, envelope);
+  struct varlena* result = decrypt_field(fcinfo, header, envelope);
 
   // The value may come from a database with another encoding (a dump restored
   // elsewhere): text must be valid here. The error never shows the bytes.
@@ -143,7 +204,7 @@ Datum colcrypt_decrypt_text(PG_FUNCTION_ARGS) {
 Datum colcrypt_decrypt_bytea(PG_FUNCTION_ARGS) {
   EnvelopeHeader header;
   const ByteView envelope = envelope_arg(fcinfo, header);
-  PG_RETURN_BYTEA_P(decrypt_field(fcinfo, envelope));
+  PG_RETURN_BYTEA_P(decrypt_field(fcinfo, header, envelope));
 }
 
 // key_id(encrypted) -> uuid, from the header alone.
@@ -175,4 +236,115 @@ Datum colcrypt_key_name(PG_FUNCTION_ARGS) {
   size_t length = 0;
   guarded(ValueOrigin::Stored, [&] { length = colcrypt::pg::key_name_of(settings, header, name); });
   PG_RETURN_TEXT_P(cstring_to_text_with_len(name, static_cast<int>(length)));
+}
+
+// ciphertext(encrypted) -> text: the text form ("colcrypt:" + base64), what
+// the output function prints; the explicit cast to text decrypts instead.
+Datum colcrypt_ciphertext(PG_FUNCTION_ARGS) {
+  EnvelopeHeader header;
+  const ByteView envelope = envelope_arg(fcinfo, header);
+  size_t length = 0;
+  guarded(ValueOrigin::Stored, [&] { length = colcrypt::text_size(envelope.size); });
+  if (length > MaxAllocSize - VARHDRSZ)
+    ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED),
+                    errmsg("colcrypt.encrypted value too large for its text form")));
+  text* result = static_cast<text*>(palloc(VARHDRSZ + length));
+  SET_VARSIZE(result, VARHDRSZ + length);
+  guarded(ValueOrigin::Stored, [&] { colcrypt::encode_text(envelope, VARDATA(result)); });
+  PG_RETURN_TEXT_P(result);
+}
+
+// blind_index(value text, key_name text [, context text]) -> bytea: 32 bytes
+// of HMAC-SHA256 over u32be(length of context) || context || the value in
+// Unicode NFC (in a UTF-8 database), under a key derived from the named key
+// for this purpose only (key_cache.hpp).
+Datum colcrypt_blind_index(PG_FUNCTION_ARGS) {
+  text* value = PG_GETARG_TEXT_PP(0);
+  if (GetDatabaseEncoding() == PG_UTF8)
+    value = DatumGetTextPP(DirectFunctionCall2(unicode_normalize_func, PointerGetDatum(value),
+                                               CStringGetTextDatum("NFC")));
+  const ByteView name = bytes_of(PG_GETARG_TEXT_PP(1));
+  const ByteView context = context_arg(fcinfo, 2);
+  const ByteView plain = bytes_of(value);
+  colcrypt::pg::check_key_privilege(reinterpret_cast<const char*>(name.data), name.size,
+                                    colcrypt::pg::KeyPrivilege::BlindIndex);
+  const size_t size = 4 + context.size + plain.size;
+  uint8_t* data = static_cast<uint8_t*>(palloc(size));
+  data[0] = static_cast<uint8_t>(context.size >> 24);
+  data[1] = static_cast<uint8_t>(context.size >> 16);
+  data[2] = static_cast<uint8_t>(context.size >> 8);
+  data[3] = static_cast<uint8_t>(context.size);
+  if (context.size > 0) std::memcpy(data + 4, context.data, context.size);
+  if (plain.size > 0) std::memcpy(data + 4 + context.size, plain.data, plain.size);
+  const KeydSettings settings = colcrypt::pg::prepare_key_access();
+  bytea* result = static_cast<bytea*>(palloc(VARHDRSZ + colcrypt::pg::kBlindIndexSize));
+  SET_VARSIZE(result, VARHDRSZ + colcrypt::pg::kBlindIndexSize);
+  uint8_t mac[colcrypt::pg::kBlindIndexSize];
+  PG_TRY();
+  {
+    guarded(ValueOrigin::Stored, [&] {
+      const std::string_view key_name(reinterpret_cast<const char*>(name.data), name.size);
+      colcrypt::pg::blind_index(settings, key_name, ByteView(data, size), mac);
+    });
+  }
+  PG_FINALLY();
+  { explicit_bzero(data, size); }
+  PG_END_TRY();
+  std::memcpy(VARDATA(result), mac, sizeof mac);
+  PG_RETURN_BYTEA_P(result);
+}
+
+// encrypt_deterministic(value text, key_name text [, context text]) -> bytea:
+// AES-256-SIV (key_cache.hpp); equal plaintexts under one key and context give
+// equal values, so they can be compared, joined and indexed.
+Datum colcrypt_encrypt_deterministic(PG_FUNCTION_ARGS) {
+  const ByteView plaintext = bytes_of(PG_GETARG_TEXT_PP(0));
+  const ByteView name = bytes_of(PG_GETARG_TEXT_PP(1));
+  const ByteView context = context_arg(fcinfo, 2);
+  if (plaintext.size > MaxAllocSize - VARHDRSZ - colcrypt::pg::kDeterministicOverhead)
+    ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("value too large to encrypt")));
+  colcrypt::pg::check_key_privilege(reinterpret_cast<const char*>(name.data), name.size,
+                                    colcrypt::pg::KeyPrivilege::Encrypt);
+  const size_t size = plaintext.size + colcrypt::pg::kDeterministicOverhead;
+  const KeydSettings settings = colcrypt::pg::prepare_key_access();
+  bytea* result = static_cast<bytea*>(palloc(VARHDRSZ + size));
+  SET_VARSIZE(result, VARHDRSZ + size);
+  guarded(ValueOrigin::Stored, [&] {
+    const std::string_view key_name(reinterpret_cast<const char*>(name.data), name.size);
+    colcrypt::pg::encrypt_deterministic(settings, key_name, PayloadType::Text, context, plaintext,
+                                        reinterpret_cast<uint8_t*>(VARDATA(result)));
+  });
+  PG_RETURN_BYTEA_P(result);
+}
+
+// decrypt_deterministic(value bytea [, context text]) -> text
+Datum colcrypt_decrypt_deterministic(PG_FUNCTION_ARGS) {
+  const ByteView value = bytes_of(PG_GETARG_BYTEA_PP(0));
+  const ByteView context = context_arg(fcinfo, 1);
+  guarded(ValueOrigin::Stored, [&] { colcrypt::pg::check_deterministic(value); });
+  if (value.data[2] != static_cast<uint8_t>(PayloadType::Text))
+    ereport(ERROR,
+            (errcode(ERRCODE_DATATYPE_MISMATCH), errmsg("colcrypt value holds bytea, not text")));
+  const KeydSettings settings = colcrypt::pg::prepare_key_access();
+  if (!superuser()) {
+    char name[64];
+    size_t name_size = 0;
+    guarded(ValueOrigin::Stored,
+            [&] { name_size = colcrypt::pg::deterministic_key_name(settings, value, name); });
+    colcrypt::pg::check_key_privilege(name, name_size, colcrypt::pg::KeyPrivilege::Decrypt);
+  }
+  const size_t size = value.size - colcrypt::pg::kDeterministicOverhead;
+  text* result = static_cast<text*>(palloc(VARHDRSZ + size));
+  SET_VARSIZE(result, VARHDRSZ + size);
+  guarded(ValueOrigin::Stored, [&] {
+    colcrypt::pg::decrypt_deterministic(settings, value, context,
+                                        reinterpret_cast<uint8_t*>(VARDATA(result)));
+  });
+  if (!pg_verify_mbstr(GetDatabaseEncoding(), VARDATA(result), static_cast<int>(size), true)) {
+    explicit_bzero(VARDATA(result), size);
+    ereport(ERROR,
+            (errcode(ERRCODE_CHARACTER_NOT_IN_REPERTOIRE),
+             errmsg("decrypted value is not valid in encoding \"%s\"", GetDatabaseEncodingName())));
+  }
+  PG_RETURN_TEXT_P(result);
 }

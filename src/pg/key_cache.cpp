@@ -4,6 +4,7 @@
 
 #include <time.h>
 
+#include <array>
 #include <cstring>
 #include <string>
 #include <unordered_map>
@@ -12,6 +13,9 @@
 #include "core/aead.hpp"
 #include "core/envelope.hpp"
 #include "core/error.hpp"
+#include "core/kdf.hpp"
+#include "core/secure_memory.hpp"
+#include "core/siv.hpp"
 #include "core/wire.hpp"
 #include "keyd/client.hpp"
 #include "pg/guard.hpp"
@@ -56,12 +60,37 @@ struct KeyEntry {
   AeadKey key;
   std::string name;
   int64_t fetched_ms;
+  SecretBytes blind_key;  // HKDF of the key bytes for blind indexes (key_cache.hpp)
+  SecretBytes siv_key;    // HKDF of the key bytes for deterministic values
+  SecretBytes version_key;  // the key bytes: derived-key values (algorithm 3) derive from them
 };
+
+// Opens with the version key, or with the per-context key of a derived-key
+// value (core/envelope.hpp derive_value_key).
+void open_with(KeyEntry& entry, const EnvelopeHeader& header, ByteView envelope,
+               ByteView context, uint8_t* out) {
+  if (header.algorithm != Algorithm::Aes256GcmDerived) return open(entry.key, envelope, context, out);
+  AeadKey derived(
+      derive_value_key(entry.version_key.view(), header.key_id, header.key_version, context)
+          .view());
+  open(derived, envelope, context, out);
+}
+
+constexpr std::string_view kDeterministicSalt = "colcrypt deterministic";
+
+constexpr std::string_view kBlindIndexSalt = "colcrypt blind index";
 
 struct PrimaryEntry {
   VersionRef ref;
   int64_t fetched_ms;
+  // Encryptions left of the block keyd charged for this fetch (issue 3): the
+  // backend fetches again when it runs out, so a version never exceeds its cap.
+  uint64_t uses_left = 0;
 };
+
+// Uses asked for per fetch. With a TTL of 0 nothing outlives the call, so a
+// larger block would be charged and thrown away.
+constexpr uint32_t kUseBlock = 1024;
 
 std::string describe(const VersionRef& ref) {
   return "colcrypt key " + format_key_id(ref.id) + " version " + std::to_string(ref.version);
@@ -147,12 +176,16 @@ class KeyCache {
     return store(std::move(reply), s.cache_ttl_s, now);
   }
 
-  // The primary version of a named key (for encryption).
-  KeyEntry& primary(const KeydSettings& s, std::string_view name, VersionRef& ref) {
+  // The primary version of a named key; consume: one encryption is taken
+  // from the block keyd granted (a new block is fetched when none is left).
+  KeyEntry& primary(const KeydSettings& s, std::string_view name, VersionRef& ref,
+                    bool consume = false) {
     const int64_t now = now_ms();
     if (last_primary_ != nullptr && last_primary_->first == name &&
-        fresh(last_primary_->second.fetched_ms, s.cache_ttl_s, now)) {
+        fresh(last_primary_->second.fetched_ms, s.cache_ttl_s, now) &&
+        (!consume || last_primary_->second.uses_left > 0)) {
       ref = last_primary_->second.ref;
+      if (consume) --last_primary_->second.uses_left;
       return by_version(s, ref);
     }
     if (!valid_key_name(name))
@@ -161,13 +194,20 @@ class KeyCache {
                      "and do not start with '.' or '-'.");
     std::string key(name);
     auto it = primaries_.find(key);
-    if (it != primaries_.end() && fresh(it->second.fetched_ms, s.cache_ttl_s, now)) {
+    if (it != primaries_.end() && fresh(it->second.fetched_ms, s.cache_ttl_s, now) &&
+        (!consume || it->second.uses_left > 0)) {
       last_primary_ = &*it;
       ref = it->second.ref;
+      if (consume) --it->second.uses_left;
       return by_version(s, ref);
     }
     const std::string what = describe(name);
-    wire::KeyReply reply = fetch(s, what, [&](keyd::Client& c) { return c.fetch_primary(name); });
+    uint64_t granted = 0;
+    wire::KeyReply reply = fetch(s, what, [&](keyd::Client& c) {
+      wire::KeyGrantReply grant = c.fetch_primary_block(name, s.cache_ttl_s > 0 ? kUseBlock : 1);
+      granted = grant.granted;
+      return std::move(grant.key);
+    });
     if (reply.name != name)
       throw SqlError(Errc::ProtocolError, "invalid reply from colcrypt-keyd for " + what,
                      "keyd answered with a key of another name");
@@ -177,7 +217,8 @@ class KeyCache {
     ref = VersionRef{reply.id, reply.version};
     KeyEntry& entry = store(std::move(reply), s.cache_ttl_s, now);
     // store() may have evicted expired names (and invalidated `it`).
-    auto [slot, inserted] = primaries_.insert_or_assign(std::move(key), PrimaryEntry{ref, now});
+    auto [slot, inserted] = primaries_.insert_or_assign(
+        std::move(key), PrimaryEntry{ref, now, consume ? granted - 1 : granted});
     (void)inserted;
     last_primary_ = &*slot;
     return entry;
@@ -239,9 +280,15 @@ class KeyCache {
     evict_expired(ttl_s, now);
     const VersionRef ref{reply.id, reply.version};
     AeadKey key(reply.key.view());  // the key schedule, computed once per fetch
+    SecretBytes blind_key =
+        hkdf_sha256(reply.key.view(), ByteView::of(kBlindIndexSalt), ByteView(reply.id), 32);
+    SecretBytes siv_key =
+        hkdf_sha256(reply.key.view(), ByteView::of(kDeterministicSalt), ByteView(reply.id), 64);
     keys_.erase(ref);
     if (last_ != nullptr && last_->first == ref) last_ = nullptr;
-    auto [it, inserted] = keys_.emplace(ref, KeyEntry{std::move(key), std::move(reply.name), now});
+    auto [it, inserted] = keys_.emplace(ref, KeyEntry{std::move(key), std::move(reply.name), now,
+                                                      std::move(blind_key), std::move(siv_key),
+                                                      SecretBytes(reply.key.view())});
     (void)inserted;
     last_ = &*it;
     return it->second;
@@ -281,11 +328,16 @@ class CallScope {
 }  // namespace
 
 void encrypt_value(const KeydSettings& settings, std::string_view key_name, PayloadType payload,
-                   ByteView context, ByteView plaintext, uint8_t* out) {
+                   ByteView context, ByteView plaintext, uint8_t* out, Algorithm algorithm) {
   CallScope scope(settings);
   VersionRef ref;
-  KeyEntry& entry = cache().primary(settings, key_name, ref);
-  seal(entry.key, ref.id, ref.version, payload, context, plaintext, out);
+  KeyEntry& entry = cache().primary(settings, key_name, ref, /*consume=*/true);
+  if (algorithm != Algorithm::Aes256GcmDerived) {
+    seal(entry.key, ref.id, ref.version, payload, context, plaintext, out);
+    return;
+  }
+  AeadKey derived(derive_value_key(entry.version_key.view(), ref.id, ref.version, context).view());
+  seal(derived, ref.id, ref.version, payload, context, plaintext, out, algorithm);
 }
 
 void decrypt_value(const KeydSettings& settings, ByteView envelope, ByteView context,
@@ -293,7 +345,136 @@ void decrypt_value(const KeydSettings& settings, ByteView envelope, ByteView con
   CallScope scope(settings);
   const EnvelopeHeader header = parse_header(envelope);
   KeyEntry& entry = cache().by_version(settings, VersionRef{header.key_id, header.key_version});
-  open(entry.key, envelope, context, out);
+  open_with(entry, header, envelope, context, out);
+}
+
+void verify_value(const KeydSettings& settings, ByteView envelope, ByteView context,
+                  std::string_view expected_key_name, uint8_t* scratch) {
+  CallScope scope(settings);
+  const EnvelopeHeader header = parse_header(envelope);
+  KeyEntry& entry = cache().by_version(settings, VersionRef{header.key_id, header.key_version});
+  const std::string hint =
+      "Assign the plaintext (or the value decrypted with colcrypt.decrypt_field()) instead: "
+      "the column encrypts it under its own key and binding.";
+  if (entry.name != expected_key_name)
+    throw SqlError(Errc::InvalidArgument, "value is encrypted under another key than the column's",
+                   "The value's key is \"" + entry.name + "\", the column's key is \"" +
+                       std::string(expected_key_name) + "\".",
+                   hint);
+  const size_t n = opened_size(envelope);
+  try {
+    open_with(entry, header, envelope, context, scratch);
+  } catch (const Error& e) {
+    if (e.code() != Errc::DecryptionFailed) throw;
+    throw SqlError(Errc::InvalidArgument, "value was not encrypted for this column",
+                   "It does not authenticate with the column's binding (it was made by "
+                   "colcrypt.encrypt_field() or copied from another column).",
+                   hint);
+  }
+  secure_zero(scratch, n);
+}
+
+namespace {
+
+constexpr size_t kDetHeader = 24;
+
+VersionRef deterministic_ref(ByteView value) {
+  VersionRef ref;
+  std::memcpy(ref.id.data(), value.data + 4, kKeyIdSize);
+  ref.version = (uint32_t{value.data[20]} << 24) | (uint32_t{value.data[21]} << 16) |
+                (uint32_t{value.data[22]} << 8) | uint32_t{value.data[23]};
+  return ref;
+}
+
+}  // namespace
+
+void check_deterministic(ByteView value) {
+  if (value.size < kDeterministicOverhead)
+    throw Error(Errc::MalformedValue, "deterministic value too short");
+  if (value.data[0] != 1) throw Error(Errc::MalformedValue, "unsupported deterministic format");
+  if (value.data[1] != 2) throw Error(Errc::MalformedValue, "unknown deterministic algorithm");
+  if (value.data[2] > 1) throw Error(Errc::MalformedValue, "unknown payload type");
+  if (value.data[3] != 0) throw Error(Errc::MalformedValue, "reserved byte not zero");
+  if (deterministic_ref(value).version == 0) throw Error(Errc::MalformedValue, "key version 0");
+}
+
+void encrypt_deterministic(const KeydSettings& settings, std::string_view key_name,
+                           PayloadType payload, ByteView context, ByteView plaintext,
+                           uint8_t* out) {
+  CallScope scope(settings);
+  VersionRef ref;
+  cache().primary(settings, key_name, ref);
+  ref.version = 1;  // the first version: equal plaintexts stay equal across rotations
+  KeyEntry& entry = cache().by_version(settings, ref);
+  out[0] = 1;
+  out[1] = 2;
+  out[2] = static_cast<uint8_t>(payload);
+  out[3] = 0;
+  std::memcpy(out + 4, ref.id.data(), kKeyIdSize);
+  out[20] = 0;
+  out[21] = 0;
+  out[22] = 0;
+  out[23] = 1;
+  SecretBytes data(plaintext.size + 1);
+  data.data()[0] = static_cast<uint8_t>(payload);
+  if (plaintext.size > 0) std::memcpy(data.data() + 1, plaintext.data, plaintext.size);
+  std::string aad(reinterpret_cast<const char*>(out), kDetHeader);
+  aad.append(reinterpret_cast<const char*>(context.data), context.size);
+  aes_siv_seal(entry.siv_key.view(), ByteView::of(aad), data.view(), out + kDetHeader,
+               out + kDetHeader + kSivSize);
+}
+
+size_t deterministic_key_name(const KeydSettings& settings, ByteView value, char (&out)[64]) {
+  CallScope scope(settings);
+  check_deterministic(value);
+  const KeyEntry& entry = cache().by_version(settings, deterministic_ref(value));
+  if (!valid_key_name(entry.name) || entry.name.size() >= sizeof out)
+    throw SqlError(Errc::ProtocolError, "invalid reply from colcrypt-keyd",
+                   "the key name is not a valid key name");
+  std::memcpy(out, entry.name.data(), entry.name.size());
+  out[entry.name.size()] = '\0';
+  return entry.name.size();
+}
+
+void decrypt_deterministic(const KeydSettings& settings, ByteView value, ByteView context,
+                           uint8_t* out) {
+  CallScope scope(settings);
+  check_deterministic(value);
+  KeyEntry& entry = cache().by_version(settings, deterministic_ref(value));
+  const size_t n = value.size - kDeterministicOverhead;
+  SecretBytes data(n + 1);
+  std::string aad(reinterpret_cast<const char*>(value.data), kDetHeader);
+  aad.append(reinterpret_cast<const char*>(context.data), context.size);
+  if (!aes_siv_open(entry.siv_key.view(), ByteView::of(aad), value.data + kDetHeader,
+                    ByteView(value.data + kDetHeader + kSivSize, n + 1), data.data()) ||
+      data.data()[0] != value.data[2])
+    throw Error(Errc::DecryptionFailed, "decryption failed");
+  if (n > 0) std::memcpy(out, data.data() + 1, n);
+}
+
+void report_denial(const KeydSettings& settings, const char* key_name, const char* privilege,
+                   const char* role, const char* database) noexcept {
+  try {
+    keyd::ClientOptions options;
+    options.socket_path = settings.socket_path;
+    // A report must not hold up the error for long.
+    options.timeout_ms = settings.timeout_ms < 1000 ? settings.timeout_ms : 1000;
+    options.interrupted = settings.interrupted;
+    wire::DenialReport report{key_name, privilege, role, database};
+    keyd::Client(std::move(options)).report_denial(report);
+  } catch (...) {
+    // keyd down or an old keyd: the denial still stands, Postgres logs it.
+  }
+}
+
+void blind_index(const KeydSettings& settings, std::string_view key_name, ByteView data,
+                 uint8_t (&out)[kBlindIndexSize]) {
+  CallScope scope(settings);
+  VersionRef ref;
+  cache().primary(settings, key_name, ref);
+  KeyEntry& first = cache().by_version(settings, VersionRef{ref.id, 1});
+  const std::array<uint8_t, 32> mac = hmac_sha256(first.blind_key.view(), data);
+  std::memcpy(out, mac.data(), kBlindIndexSize);
 }
 
 size_t key_name_of(const KeydSettings& settings, const EnvelopeHeader& header,
@@ -307,6 +488,13 @@ size_t key_name_of(const KeydSettings& settings, const EnvelopeHeader& header,
   std::memcpy(out, entry.name.data(), entry.name.size());
   out[entry.name.size()] = '\0';
   return entry.name.size();
+}
+
+uint32_t primary_version(const KeydSettings& settings, std::string_view key_name) {
+  CallScope scope(settings);
+  VersionRef ref;
+  cache().primary(settings, key_name, ref);
+  return ref.version;
 }
 
 void clear_key_cache() noexcept {

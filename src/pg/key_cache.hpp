@@ -32,17 +32,72 @@ struct KeydSettings {
 
 // Seals plaintext under the primary version of key_name; writes
 // sealed_size(plaintext.size) bytes to out.
+// Algorithm::Aes256GcmDerived seals under the per-context key derived from
+// the primary version (derived keys, docs/rotation.md); decrypt_value and
+// verify_value open both kinds.
 void encrypt_value(const KeydSettings& settings, std::string_view key_name, PayloadType payload,
-                   ByteView context, ByteView plaintext, uint8_t* out);
+                   ByteView context, ByteView plaintext, uint8_t* out,
+                   Algorithm algorithm = Algorithm::Aes256Gcm);
 
 // Opens a structurally valid envelope with the key its header names; writes
 // opened_size(envelope) bytes to out.
 void decrypt_value(const KeydSettings& settings, ByteView envelope, ByteView context, uint8_t* out);
 
+// Checks that a sealed value belongs where it is being stored: its key is
+// named expected_key_name and it authenticates with context. scratch receives
+// the plaintext (opened_size bytes) and is wiped before this returns or throws.
+// Throws SqlError(InvalidArgument) when the key or the context differs.
+void verify_value(const KeydSettings& settings, ByteView envelope, ByteView context,
+                  std::string_view expected_key_name, uint8_t* scratch);
+
+// The blind index of data under key_name: HMAC-SHA256 with a key derived by
+// HKDF-SHA256 from version 1 of the named key (never the encryption key
+// itself): ikm = the version's key bytes, salt = "colcrypt blind index",
+// info = key id. Version 1 so that rotation does not change the index.
+constexpr size_t kBlindIndexSize = 32;
+void blind_index(const KeydSettings& settings, std::string_view key_name, ByteView data,
+                 uint8_t (&out)[kBlindIndexSize]);
+
+// Deterministic values (docs/columns.md): AES-256-SIV under a 64-byte key
+// derived by HKDF-SHA256 from version 1 of the named key (salt "colcrypt
+// deterministic", info = key id), so that rotation keeps equal plaintexts
+// equal. Layout:
+//   off len
+//    0   1  format 1
+//    1   1  algorithm 2 (AES-256-SIV)
+//    2   1  payload type (0 bytes, 1 text)
+//    3   1  reserved 0
+//    4  16  key id
+//   20   4  key version (big-endian)
+//   24  16  SIV
+//   40 n+1  AES-SIV ciphertext of (payload type byte || plaintext)
+// AAD = bytes [0, 24) || context.
+constexpr size_t kDeterministicOverhead = 41;
+void encrypt_deterministic(const KeydSettings& settings, std::string_view key_name,
+                           PayloadType payload, ByteView context, ByteView plaintext, uint8_t* out);
+// Structure check without a key; throws Errc::MalformedValue.
+void check_deterministic(ByteView value);
+// The key name of a structurally valid deterministic value.
+size_t deterministic_key_name(const KeydSettings& settings, ByteView value, char (&out)[64]);
+// Opens a deterministic value into out (value.size - kDeterministicOverhead
+// bytes); throws Errc::DecryptionFailed (one message) when it does not
+// authenticate.
+void decrypt_deterministic(const KeydSettings& settings, ByteView value, ByteView context,
+                           uint8_t* out);
+
+// Tells keyd (best effort, errors ignored) that the extension refused role
+// the use of key_name, so that keyd's log records it.
+void report_denial(const KeydSettings& settings, const char* key_name, const char* privilege,
+                   const char* role, const char* database) noexcept;
+
 // The name of the key a header refers to. Key names are at most 63 bytes.
 constexpr size_t kKeyNameCapacity = 64;
 size_t key_name_of(const KeydSettings& settings, const EnvelopeHeader& header,
                    char (&out)[kKeyNameCapacity]);
+
+// The version encrypt_value would use now for key_name (the cached primary,
+// fetched when missing). For colcrypt.rewrap (src/pg/lifecycle.cpp).
+uint32_t primary_version(const KeydSettings& settings, std::string_view key_name);
 
 // Drops (and wipes) every cached key: at backend exit.
 void clear_key_cache() noexcept;

@@ -11,6 +11,7 @@ extern "C" {
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "utils/guc.h"
+#include "utils/memutils.h"
 #include "utils/wait_event.h"
 }
 // clang-format on
@@ -21,8 +22,10 @@ extern "C" {
 
 #include <cstring>
 
+#include "pg/columns.hpp"
 #include "pg/guard.hpp"
 #include "pg/key_cache.hpp"
+#include "pg/pending.hpp"
 
 extern "C" {
 PG_MODULE_MAGIC;
@@ -63,7 +66,10 @@ bool interrupt_requested() { return InterruptPending && (QueryCancelPending || P
 void keyd_wait_start() { pgstat_report_wait_start(PG_WAIT_EXTENSION); }
 void keyd_wait_end() { pgstat_report_wait_end(); }
 
-void wipe_keys_at_exit(int code, Datum arg) { colcrypt::pg::clear_key_cache(); }
+void wipe_keys_at_exit(int code, Datum arg) {
+  colcrypt::pg::clear_key_cache();
+  colcrypt::pg::clear_pending_key();
+}
 
 void evict_keys_at_transaction_end(XactEvent event, void* arg) {
   switch (event) {
@@ -72,6 +78,7 @@ void evict_keys_at_transaction_end(XactEvent event, void* arg) {
     case XACT_EVENT_PARALLEL_COMMIT:
     case XACT_EVENT_PARALLEL_ABORT:
       colcrypt::pg::evict_expired_keys(key_cache_ttl_guc);
+      colcrypt::pg::reset_key_privileges();
       break;
     default:
       break;
@@ -93,12 +100,13 @@ int sqlstate_for(colcrypt::Errc code) {
       return ERRCODE_OBJECT_NOT_IN_PREREQUISITE_STATE;
     case Errc::PermissionDenied:
       return ERRCODE_INSUFFICIENT_PRIVILEGE;
+    // keyd is outside Postgres: class 58. Class 08 would tell drivers and
+    // poolers that the client connection broke, and they would drop it.
     case Errc::KeydUnavailable:
-      return ERRCODE_SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION;
+      return ERRCODE_SYSTEM_ERROR;
     case Errc::KeydTimeout:
-      return ERRCODE_CONNECTION_FAILURE;
     case Errc::ProtocolError:
-      return ERRCODE_PROTOCOL_VIOLATION;
+      return ERRCODE_IO_ERROR;
     case Errc::Cancelled:
       return ERRCODE_QUERY_CANCELED;
     default:
@@ -124,9 +132,22 @@ void _PG_init(void) {
                           nullptr, nullptr, nullptr);
   MarkGUCPrefixReserved("colcrypt");
   RegisterXactCallback(evict_keys_at_transaction_end, nullptr);
+  colcrypt::pg::install_column_hooks();
 }
 
 namespace colcrypt::pg {
+
+void check_sealable_size(size_t plaintext_size) {
+  // Largest envelope whose text form, plus its terminating NUL, fits a palloc.
+  constexpr size_t kMaxEnvelope =
+      (MaxAllocSize - 1 - colcrypt::kTextPrefix.size()) / 4 * 3;
+  constexpr size_t kMaxPlaintext = kMaxEnvelope - colcrypt::kEnvelopeOverhead;
+  if (plaintext_size > kMaxPlaintext)
+    ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("value too large to encrypt"),
+                    errdetail("The plaintext has %zu bytes; colcrypt encrypts at most %zu, so that "
+                              "the value's text form (used by pg_dump and COPY) stays under 1 GB.",
+                              plaintext_size, kMaxPlaintext)));
+}
 
 KeydSettings prepare_key_access() {
   if (exit_callback_pid != MyProcPid) {

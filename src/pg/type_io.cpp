@@ -1,7 +1,15 @@
 // I/O functions of the type colcrypt.encrypted: a varlena holding the raw
 // envelope (src/core/envelope.hpp). Text form "colcrypt:" + base64; binary
 // form the raw envelope bytes. Input validates the envelope's structure; no
-// I/O function ever decrypts or talks to keyd.
+// I/O function ever decrypts.
+//
+// Text input that does not claim to be a sealed value is a plaintext
+// (docs/columns.md): with the column's typmod (COPY FROM into a key-bound
+// column) input seals it under the column's key, the one case where type I/O
+// talks to keyd; without a typmod it becomes a pending plaintext (pending.hpp)
+// for the typmod coercion that follows, and COPY into a column without a key
+// refuses it. Sealed input is accepted as it is, without keyd: that is what a
+// restore sends.
 
 // postgres.h must come first: keep clang-format from sorting it.
 // clang-format off
@@ -18,7 +26,9 @@ extern "C" {
 #include <string_view>
 
 #include "core/envelope.hpp"
+#include "pg/columns.hpp"
 #include "pg/guard.hpp"
+#include "pg/pending.hpp"
 
 using colcrypt::ByteView;
 using colcrypt::pg::guarded;
@@ -31,11 +41,10 @@ PG_FUNCTION_INFO_V1(colcrypt_encrypted_recv);
 PG_FUNCTION_INFO_V1(colcrypt_encrypted_send);
 }
 
-// encrypted_in(cstring, oid, integer)
-Datum colcrypt_encrypted_in(PG_FUNCTION_ARGS) {
-  const char* input = PG_GETARG_CSTRING(0);
-  const std::string_view text(input, std::strlen(input));
+namespace colcrypt::pg {
 
+struct varlena* parse_sealed_text(const char* data, size_t length) {
+  const std::string_view text(data, length);
   size_t capacity = 0;
   guarded(ValueOrigin::TextInput, [&] { capacity = colcrypt::decoded_size_bound(text.size()); });
   bytea* result = static_cast<bytea*>(palloc(VARHDRSZ + capacity));
@@ -46,6 +55,37 @@ Datum colcrypt_encrypted_in(PG_FUNCTION_ARGS) {
     colcrypt::parse_header(ByteView(out, size));
   });
   SET_VARSIZE(result, VARHDRSZ + size);
+  return result;
+}
+
+}  // namespace colcrypt::pg
+
+// encrypted_in(cstring, oid, integer)
+Datum colcrypt_encrypted_in(PG_FUNCTION_ARGS) {
+  const char* input = PG_GETARG_CSTRING(0);
+  const int32 typmod = PG_NARGS() > 2 ? PG_GETARG_INT32(2) : -1;
+  const size_t length = std::strlen(input);
+  if (colcrypt::pg::claims_sealed(input, length))
+    PG_RETURN_POINTER(colcrypt::pg::parse_sealed_text(input, length));
+
+  const ByteView plaintext(reinterpret_cast<const uint8_t*>(input), length);
+  if (typmod >= 0) PG_RETURN_POINTER(colcrypt::pg::seal_for_column(typmod, plaintext));
+  if (colcrypt::pg::in_copy_from())
+    ereport(ERROR,
+            (errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+             errmsg("invalid input syntax for type colcrypt.encrypted"),
+             errdetail("COPY into a colcrypt.encrypted column without a key takes sealed values "
+                       "(\"colcrypt:...\") only; this one is a plaintext."),
+             errhint("Declare the column as colcrypt.encrypted('key_name') to encrypt "
+                     "plaintext on input.")));
+  if (length > MaxAllocSize - VARHDRSZ - colcrypt::pg::kPendingOverhead)
+    ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("value too large to encrypt")));
+  const size_t size = colcrypt::pg::pending_size(length);
+  bytea* result = static_cast<bytea*>(palloc(VARHDRSZ + size));
+  SET_VARSIZE(result, VARHDRSZ + size);
+  guarded(ValueOrigin::TextInput, [&] {
+    colcrypt::pg::seal_pending(plaintext, reinterpret_cast<uint8_t*>(VARDATA(result)));
+  });
   PG_RETURN_BYTEA_P(result);
 }
 
@@ -54,6 +94,7 @@ Datum colcrypt_encrypted_out(PG_FUNCTION_ARGS) {
   bytea* value = PG_GETARG_BYTEA_PP(0);
   const ByteView envelope(reinterpret_cast<const uint8_t*>(VARDATA_ANY(value)),
                           VARSIZE_ANY_EXHDR(value));
+  colcrypt::pg::reject_pending(envelope);
   // Stored bytes are printed even when they do not parse: a dump must never
   // fail on them (the restore will report them).
   size_t length = 0;
@@ -86,5 +127,7 @@ Datum colcrypt_encrypted_recv(PG_FUNCTION_ARGS) {
 // encrypted_send(encrypted): the raw envelope bytes (as bytea's send does).
 Datum colcrypt_encrypted_send(PG_FUNCTION_ARGS) {
   bytea* value = PG_GETARG_BYTEA_P_COPY(0);
+  colcrypt::pg::reject_pending(
+      ByteView(reinterpret_cast<const uint8_t*>(VARDATA(value)), VARSIZE(value) - VARHDRSZ));
   PG_RETURN_BYTEA_P(value);
 }

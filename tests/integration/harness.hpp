@@ -80,9 +80,8 @@ class Sandbox {
 // by the test cases that neither stop nor reconfigure anything.
 Sandbox& shared_sandbox();
 
-// A raw libpq connection, for what libpqxx 6.4 hides: it turns every class-08
-// SQLSTATE into pqxx::broken_connection without the code, and it has no binary
-// result format.
+// A raw libpq connection, for what libpqxx 6.4 hides: the SQLSTATE of some
+// errors, and the binary result format.
 class PgConn {
  public:
   struct Outcome {

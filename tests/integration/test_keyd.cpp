@@ -61,12 +61,12 @@ TEST_CASE("keyd stopped: a clear error naming the socket, and work resumes once 
 
   // An uncached key: the backend has to ask keyd, and cannot.
   auto outage = conn.exec("SELECT colcrypt.encrypt_field('two', 'during_outage')");
-  CHECK(outage.sqlstate == "08001");
+  CHECK(outage.sqlstate == "58000");
   CHECK(outage.message.find(sandbox.keyd_socket()) != std::string::npos);
   // Without the cache, even the key the backend used before is unreachable.
   conn.value("SET colcrypt.key_cache_ttl = 0");
   auto uncached = conn.exec("SELECT colcrypt.decrypt_field(v) FROM t WHERE id = 1");
-  CHECK(uncached.sqlstate == "08001");
+  CHECK(uncached.sqlstate == "58000");
 
   sandbox.must("keyd-start");
   // The same backend recovers; nothing was poisoned by the failures.
@@ -78,7 +78,7 @@ TEST_CASE("keyd stopped: a clear error naming the socket, and work resumes once 
     sandbox.must("keyd-kill");
     CHECK(path_exists(sandbox.keyd_socket()));
     auto killed = conn.exec("SELECT colcrypt.encrypt_field('three', 'during_outage')");
-    CHECK(killed.sqlstate == "08001");
+    CHECK(killed.sqlstate == "58000");
     sandbox.must("keyd-start");
     conn.value("INSERT INTO t VALUES (3, colcrypt.encrypt_field('three', 'during_outage'))");
     CHECK(conn.value("SELECT colcrypt.decrypt_field(v) FROM t WHERE id = 3") == "three");
@@ -318,7 +318,7 @@ TEST_CASE("a hung keyd gives the keyd timeout error", "[keyd][hang]") {
   auto outcome = conn.exec("SELECT colcrypt.encrypt_field('x', 'hung_key')");
   const double elapsed = seconds_since(start);
   kill(keyd, SIGCONT);
-  CHECK(outcome.sqlstate == "08006");
+  CHECK(outcome.sqlstate == "58030");
   CHECK(outcome.message.find(sandbox.keyd_socket()) != std::string::npos);
   CHECK(elapsed < 3.0);
 }

@@ -1,0 +1,215 @@
+-- Key-bound columns: colcrypt.encrypted('key_name' [, 'binding']). Every write
+-- path either encrypts under the column's key or raises an error; no path
+-- stores plaintext. Values are bound (AAD) to the column's binding.
+
+-- the type modifier: a key name and a binding (random when not given)
+CREATE TABLE people (id int PRIMARY KEY, ssn colcrypt.encrypted('regress_key', 'people.ssn'),
+                     note colcrypt.encrypted('regress_other', 'people.note'),
+                     free colcrypt.encrypted);
+SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid = 'people'::regclass AND attnum > 0 ORDER BY attnum;
+CREATE TABLE random_binding (v colcrypt.encrypted('regress_key'));
+SELECT format_type(atttypid, atttypmod) ~ '^colcrypt\.encrypted\(''regress_key'',''[0-9a-f]{16}''\)$'
+       AS random_binding
+  FROM pg_attribute WHERE attrelid = 'random_binding'::regclass AND attname = 'v';
+-- the typmod is a function of (key, binding): the same everywhere
+SELECT 'colcrypt.encrypted(''regress_key'', ''people.ssn'')'::regtype,
+       (SELECT atttypmod FROM pg_attribute WHERE attrelid = 'people'::regclass AND attname = 'ssn')
+       = (SELECT id FROM colcrypt.column_keys WHERE binding = 'people.ssn') AS catalog_id;
+-- bad modifiers
+CREATE TABLE bad (v colcrypt.encrypted('has space'));
+\echo :SQLSTATE
+CREATE TABLE bad (v colcrypt.encrypted('k', 'b', 'c'));
+\echo :SQLSTATE
+CREATE TABLE bad (v colcrypt.encrypted('k', '-b'));
+\echo :SQLSTATE
+
+-- 1. INSERT with a string literal
+INSERT INTO people (id, ssn, note) VALUES (1, '111-11-1111', 'first');
+-- 2. a typed text parameter
+PREPARE ins_text(int, text) AS INSERT INTO people (id, ssn) VALUES ($1, $2);
+EXECUTE ins_text(2, '222-22-2222');
+-- 3. an untyped parameter (its type is inferred from the column)
+PREPARE ins_untyped AS INSERT INTO people (id, ssn) VALUES ($1, $2);
+SELECT parameter_types FROM pg_prepared_statements WHERE name = 'ins_untyped';
+EXECUTE ins_untyped(3, '333-33-3333');
+-- 4. INSERT ... SELECT from a text column and from a varchar column
+CREATE TABLE staging (id int, ssn text, note varchar(20));
+INSERT INTO staging VALUES (4, '444-44-4444', 'from staging'), (5, '555-55-5555', NULL);
+INSERT INTO people (id, ssn, note) SELECT id, ssn, note FROM staging;
+-- 5. UPDATE with a literal and with a parameter; ON CONFLICT; MERGE
+UPDATE people SET note = 'second' WHERE id = 2;
+PREPARE upd(int, text) AS UPDATE people SET note = $2 WHERE id = $1;
+EXECUTE upd(3, 'third');
+INSERT INTO people (id, ssn) VALUES (1, 'ignored') ON CONFLICT (id) DO UPDATE SET note = 'upserted';
+MERGE INTO people p USING (VALUES (5, 'merged'), (6, 'inserted by merge')) s(id, t) ON p.id = s.id
+  WHEN MATCHED THEN UPDATE SET note = s.t
+  WHEN NOT MATCHED THEN INSERT (id, ssn, note) VALUES (s.id, '666-66-6666', s.t);
+-- 6. COPY FROM, text and CSV: the input function gets the column's typmod
+COPY people (id, ssn, note) FROM STDIN;
+7	777-77-7777	copied as text
+\.
+COPY people (id, ssn, note) FROM STDIN WITH (FORMAT csv);
+8,888-88-8888,"copied, as csv"
+\.
+
+-- every value decrypts to what was written, under the column's key
+SELECT id, ssn::text AS ssn, note::text AS note, colcrypt.key_name(ssn) AS ssn_key,
+       colcrypt.key_name(note) AS note_key
+  FROM people ORDER BY id;
+-- the stored bytes are ciphertext: no plaintext in their text form
+SELECT count(*) AS rows, count(*) FILTER (WHERE format('%s', ssn) LIKE 'colcrypt:%') AS sealed
+  FROM people;
+SELECT count(*) AS plaintext_in_any_envelope
+  FROM people, staging
+ WHERE position(convert_to(staging.ssn, 'UTF8') IN colcrypt.encrypted_send(people.ssn)) > 0;
+
+-- the AAD binds a value to the column's binding: "colcrypt.column:" || binding
+SELECT colcrypt.decrypt_field(ssn, 'colcrypt.column:people.ssn') FROM people WHERE id = 1;
+SELECT colcrypt.decrypt_field(ssn, '') FROM people WHERE id = 1;
+\echo :SQLSTATE
+-- reads through a view or a subquery keep the column's type, and so its binding
+CREATE VIEW people_plain AS SELECT id, colcrypt.decrypt_field(ssn) AS ssn FROM people;
+SELECT * FROM people_plain WHERE id <= 2 ORDER BY id;
+SELECT s::text FROM (SELECT ssn AS s FROM people WHERE id = 2) q;
+-- where the type modifier is lost (a function argument), the binding must be given
+CREATE FUNCTION pg_temp.reveal(v colcrypt.encrypted) RETURNS text
+    LANGUAGE plpgsql AS $$ BEGIN RETURN colcrypt.decrypt_field(v); END $$;
+SELECT pg_temp.reveal(ssn) FROM people WHERE id = 1;
+\echo :SQLSTATE
+CREATE FUNCTION pg_temp.reveal_column(v colcrypt.encrypted) RETURNS text
+    LANGUAGE plpgsql AS $$ BEGIN RETURN colcrypt.decrypt_field(v, 'colcrypt.column:people.ssn'); END $$;
+SELECT pg_temp.reveal_column(ssn) FROM people WHERE id = 1;
+
+-- sealed values: accepted only when sealed for this column
+-- a value of the same column (same typmod: no coercion, no check)
+CREATE TABLE people_copy (LIKE people);
+INSERT INTO people_copy SELECT * FROM people;
+SELECT count(*) AS copied FROM people_copy WHERE ssn::text IS NOT NULL;
+-- a sealed literal of this column's own value (what pg_dump --inserts writes)
+SELECT colcrypt.ciphertext(ssn) AS sealed_1 FROM people WHERE id = 1 \gset
+INSERT INTO people (id, ssn) VALUES (9, :'sealed_1');
+SELECT ssn::text, colcrypt.ciphertext(ssn) = :'sealed_1' AS same_bytes FROM people WHERE id = 9;
+-- encrypt_field() output (no binding), a value of another column, a value of
+-- another key: refused (22023), never re-encrypted silently
+INSERT INTO people (id, ssn) VALUES (10, colcrypt.encrypt_field('x', 'regress_key'));
+\echo :SQLSTATE
+INSERT INTO people (id, ssn) SELECT 10, v FROM (SELECT note AS v FROM people WHERE id = 1) s;
+\echo :SQLSTATE
+CREATE TABLE other_column (ssn colcrypt.encrypted('regress_key', 'other.ssn'));
+INSERT INTO other_column SELECT ssn FROM people WHERE id = 1;
+\echo :SQLSTATE
+INSERT INTO people (id, ssn) VALUES (10, colcrypt.encrypt_field('x', 'regress_other', 'colcrypt.column:people.ssn'));
+\echo :SQLSTATE
+-- the way to move a value between columns: decrypt it, the target encrypts
+INSERT INTO other_column SELECT colcrypt.decrypt_field(ssn) FROM people WHERE id = 1;
+SELECT ssn::text FROM other_column;
+-- a value copied into another column by a raw byte copy does not decrypt there
+CREATE CAST (colcrypt.encrypted AS bytea) WITHOUT FUNCTION;
+CREATE CAST (bytea AS colcrypt.encrypted) WITHOUT FUNCTION;
+UPDATE other_column SET ssn = (SELECT ssn::bytea::colcrypt.encrypted FROM people WHERE id = 2)::bytea::colcrypt.encrypted('regress_key', 'other.ssn');
+\echo :SQLSTATE
+
+-- text that starts with "colcrypt:" claims to be a sealed value: a plaintext
+-- spelled that way is refused, not guessed at
+INSERT INTO people (id, ssn) VALUES (11, 'colcrypt:not a value');
+\echo :SQLSTATE
+INSERT INTO people (id, ssn) VALUES (11, ' COLCRYPT:AAAA');
+\echo :SQLSTATE
+INSERT INTO people (id, ssn) SELECT 11, 'colcrypt: typed text'::text;
+\echo :SQLSTATE
+
+-- 7. migrating a plaintext column in place: ALTER COLUMN ... TYPE
+CREATE TABLE legacy (id int, ssn text, card varchar(19));
+INSERT INTO legacy VALUES (1, '123-45-6789', '4111111111111111'), (2, NULL, '5500000000000004');
+ALTER TABLE legacy ALTER COLUMN ssn TYPE colcrypt.encrypted('regress_key', 'legacy.ssn');
+ALTER TABLE legacy ALTER COLUMN card TYPE colcrypt.encrypted('regress_key', 'legacy.card')
+    USING replace(card, '0', '0');
+SELECT id, ssn::text, card::text, format('%s', card) LIKE 'colcrypt:%' AS sealed
+  FROM legacy ORDER BY id;
+-- 8. the online migration for large tables: a new column, batches that commit
+CREATE TABLE big_legacy (id int PRIMARY KEY, ssn text);
+INSERT INTO big_legacy SELECT i, 'ssn-' || i FROM generate_series(1, 2500) i;
+UPDATE big_legacy SET ssn = NULL WHERE id % 1000 = 0;
+ALTER TABLE big_legacy ADD COLUMN ssn_enc colcrypt.encrypted('regress_key', 'big_legacy.ssn');
+CALL colcrypt.encrypt_column('big_legacy', 'ssn', 'ssn_enc', 1000);
+SELECT count(*) AS rows, count(ssn_enc) AS encrypted,
+       count(*) FILTER (WHERE ssn_enc::text = ssn) AS matching
+  FROM big_legacy;
+-- the swap, in one short transaction
+BEGIN;
+ALTER TABLE big_legacy DROP COLUMN ssn;
+ALTER TABLE big_legacy RENAME COLUMN ssn_enc TO ssn;
+COMMIT;
+SELECT ssn::text FROM big_legacy WHERE id = 1234;
+CALL colcrypt.encrypt_column('big_legacy', 'ssn', 'ssn', 0);
+\echo :SQLSTATE
+
+-- a column without a key takes sealed values only: every plaintext write
+-- path fails, and nothing is stored
+INSERT INTO people (id, free) VALUES (20, 'plaintext');
+\echo :SQLSTATE
+UPDATE people SET free = 'plaintext' WHERE id = 1;
+\echo :SQLSTATE
+PREPARE free_untyped AS INSERT INTO people (id, free) VALUES ($1, $2);
+EXECUTE free_untyped(20, 'plaintext');
+\echo :SQLSTATE
+INSERT INTO people (id, free) SELECT 20, 'plaintext'::text;
+\echo :SQLSTATE
+WITH w AS (INSERT INTO people (id, free) VALUES (20, 'plaintext') RETURNING id) SELECT * FROM w;
+\echo :SQLSTATE
+INSERT INTO people (id) VALUES (1) ON CONFLICT (id) DO UPDATE SET free = 'plaintext';
+\echo :SQLSTATE
+MERGE INTO people p USING (VALUES (1)) s(id) ON p.id = s.id WHEN MATCHED THEN UPDATE SET free = 'plaintext';
+\echo :SQLSTATE
+COPY people (id, free) FROM STDIN;
+20	plaintext
+\.
+COPY people (id, free) FROM STDIN WITH (FORMAT csv);
+20,plaintext
+\.
+SELECT count(*) AS rows_with_free FROM people WHERE free IS NOT NULL;
+-- sealed values go in as they are
+UPDATE people SET free = colcrypt.encrypt_field('free text', 'regress_other', 'row-1') WHERE id = 1;
+SELECT colcrypt.decrypt_field(free, 'row-1') FROM people WHERE id = 1;
+-- a plaintext never becomes a value outside a key-bound column
+SELECT 'plaintext'::colcrypt.encrypted;
+\echo :SQLSTATE
+SELECT colcrypt.decrypt_field('plaintext');
+\echo :SQLSTATE
+SELECT 'plaintext'::text::colcrypt.encrypted;
+\echo :SQLSTATE
+-- a path no check covers (CREATE TABLE AS) stores a pending plaintext: it is
+-- sealed under a key that lives only in the backend's memory, so the table
+-- never holds the plaintext, and every use of it fails
+CREATE TABLE ctas AS SELECT 'secret plaintext'::colcrypt.encrypted AS v;
+SELECT position(convert_to('secret', 'UTF8') IN v::bytea) AS plaintext_at,
+       octet_length(v::bytea) > length('secret plaintext') AS longer
+  FROM ctas;
+SELECT v FROM ctas;
+\echo :SQLSTATE
+DROP CAST (colcrypt.encrypted AS bytea);
+DROP CAST (bytea AS colcrypt.encrypted);
+
+-- COPY carries the ciphertext byte for byte, and COPY of sealed values into a
+-- key-bound column needs no keyd (what a restore does)
+\copy people TO 'results/colcrypt_people.copy'
+CREATE TABLE people_restored (LIKE people);
+SET colcrypt.key_cache_ttl = 0;
+SET colcrypt.keyd_socket = '/nonexistent/keyd.sock';
+\copy people_restored FROM 'results/colcrypt_people.copy'
+-- (an INSERT of a sealed literal does need keyd: the column checks the value)
+INSERT INTO people_restored (id, ssn) VALUES (99, :'sealed_1');
+\echo :SQLSTATE
+RESET colcrypt.keyd_socket;
+RESET colcrypt.key_cache_ttl;
+SELECT count(*) AS rows,
+       count(*) FILTER (WHERE colcrypt.ciphertext(p.ssn) = colcrypt.ciphertext(r.ssn)) AS same_ssn,
+       count(*) FILTER (WHERE p.note IS NULL OR colcrypt.ciphertext(p.note) = colcrypt.ciphertext(r.note)) AS same_note
+  FROM people p JOIN people_restored r USING (id);
+SELECT ssn::text FROM people_restored WHERE id = 1;
+
+DEALLOCATE ALL;
+DROP VIEW people_plain;
+DROP TABLE people, random_binding, staging, people_copy, other_column, legacy, big_legacy, ctas,
+    people_restored;
