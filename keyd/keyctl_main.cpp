@@ -1,6 +1,9 @@
 // colcrypt-keyctl: the admin client of colcrypt-keyd.
 // Exit codes: 0 ok, 1 keyd answered with an error, 2 usage, 3 cannot reach keyd.
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -41,10 +44,12 @@ void print_key(const json& k) {
   };
   for (const auto& [label, value] : rows)
     std::printf("%-24s%s\n", (std::string(label) + ":").c_str(), value.c_str());
+  std::printf("%-24s%s\n", "max_uses_per_version:", text_or(k, "max_uses_per_version").c_str());
   std::printf("versions:\n");
   for (const auto& v : k.value("versions", json::array())) {
-    std::printf("  %-6s%-14s%s\n", text_or(v, "version").c_str(), text_or(v, "state").c_str(),
-                text_or(v, "created_at").c_str());
+    std::printf("  %-6s%-14s%-22s%s uses\n", text_or(v, "version").c_str(),
+                text_or(v, "state").c_str(), text_or(v, "created_at").c_str(),
+                text_or(v, "usage_count", "0").c_str());
   }
 }
 
@@ -83,10 +88,65 @@ void print_list(const json& reply) {
 }
 
 void print_status(const json& s) {
-  for (const char* field :
-       {"version", "uptime_seconds", "key_count", "store", "socket", "locked"}) {
+  for (const char* field : {"version", "uptime_seconds", "key_count", "store", "socket", "locked",
+                            "auto_rotation", "audit_log", "audit_entries"}) {
     std::printf("%-16s%s\n", (std::string(field) + ":").c_str(), text_or(s, field, "-").c_str());
   }
+  const json keys = s.value("keys", json::array());
+  if (keys.empty()) return;
+  const bool counted = s.value("databases", 0) > 0;
+  std::vector<std::vector<std::string>> rows = {
+      {"KEY", "VERSION", "STATE", "USES", "CREATED", counted ? "ROWS" : ""}};
+  for (const auto& k : keys) {
+    for (const auto& v : k.value("versions", json::array())) {
+      std::string referenced;
+      if (k.contains("references_error")) {
+        referenced = "?";
+      } else if (counted) {
+        referenced = std::to_string(
+            k.value("references", json::object()).value(text_or(v, "version"), int64_t{0}));
+      }
+      rows.push_back({text_or(k, "name"), text_or(v, "version"), text_or(v, "state"),
+                      text_or(v, "usage_count", "0"), text_or(v, "created_at"), referenced});
+    }
+  }
+  std::printf("\n");
+  print_table(rows);
+}
+
+std::string progress_bar(double percent, int width) {
+  const int filled = static_cast<int>(percent / 100.0 * width + 0.5);
+  std::string bar = "[";
+  for (int i = 0; i < width; ++i) bar += i < filled ? '#' : '.';
+  return bar + "]";
+}
+
+void print_jobs(const json& jobs) {
+  if (jobs.empty()) {
+    std::printf("no rotation jobs\n");
+    return;
+  }
+  std::vector<std::vector<std::string>> rows = {
+      {"DATABASE", "JOB", "KEY", "TARGET", "STATE", "DONE", "TOTAL", "%", "ROWS/S", "LAST ERROR"}};
+  for (const auto& j : jobs) {
+    rows.push_back({text_or(j, "database"), text_or(j, "job_id"), text_or(j, "key"),
+                    text_or(j, "target_version", "-"), text_or(j, "state"), text_or(j, "rows_done"),
+                    text_or(j, "rows_total"), text_or(j, "percent"),
+                    text_or(j, "rows_per_second", "-"), text_or(j, "last_error", "")});
+  }
+  print_table(rows);
+}
+
+bool jobs_active(const json& jobs, const std::vector<int64_t>& only) {
+  for (const auto& j : jobs) {
+    if (!only.empty() &&
+        std::find(only.begin(), only.end(), j.value("job_id", int64_t{-1})) == only.end()) {
+      continue;
+    }
+    const std::string state = j.value("state", "");
+    if (state == "pending" || state == "running") return true;
+  }
+  return false;
 }
 
 int fail(int code, const std::string& message) {
@@ -102,7 +162,13 @@ int main(int argc, char** argv) {
   int timeout_ms = 5000;
   std::string name;
   std::optional<int64_t> rotation_days;
+  std::optional<int64_t> max_uses;
   std::string expires_at;
+  int64_t version = 0;
+  bool force = false;
+  int batch_blocks = 64;
+  int throttle_ms = 0;
+  bool wait = false;
 
   CLI::App app{"colcrypt-keyctl: administer colcrypt-keyd (keys: create, list, show, rotate)",
                "colcrypt-keyctl"};
@@ -117,6 +183,8 @@ int main(int argc, char** argv) {
   create->add_option("name", name, "key name")->required();
   create->add_option("--rotation-days", rotation_days, "rotation interval in days")
       ->check(CLI::Range(1, 36500));
+  create->add_option("--max-uses", max_uses, "encryptions per version before rotation")
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 31));
   create->add_option("--expires-at", expires_at,
                      "expiry, ISO 8601 (2027-01-31 or 2027-01-31T12:00:00Z)");
   app.add_subcommand("list", "list all keys");
@@ -124,7 +192,32 @@ int main(int argc, char** argv) {
   show->add_option("name", name, "key name")->required();
   auto* rotate = app.add_subcommand("rotate", "make a new random version the primary one");
   rotate->add_option("name", name, "key name")->required();
-  app.add_subcommand("status", "show keyd's status");
+  app.add_subcommand("status", "show keyd's status and every key version's state and uses");
+  auto* disable = app.add_subcommand("disable", "disable an old version (reversible)");
+  auto* enable = app.add_subcommand("enable", "re-enable a disabled version");
+  auto* destroy = app.add_subcommand(
+      "destroy", "erase an old version's key bytes (crypto-shredding; irreversible)");
+  for (auto* sub : {disable, enable, destroy}) {
+    sub->add_option("name", name, "key name")->required();
+    sub->add_option("--version", version, "version number")
+        ->required()
+        ->check(CLI::Range(int64_t{1}, int64_t{UINT32_MAX}));
+  }
+  destroy->add_flag("--force", force, "destroy even if rows may still use the version");
+  disable->add_flag("--force", force, "disable even if rows may still use the version");
+  auto* reencrypt = app.add_subcommand(
+      "reencrypt", "start a job re-encrypting every row under an old version of a key");
+  reencrypt->add_option("name", name, "key name")->required();
+  reencrypt->add_option("--batch-blocks", batch_blocks, "heap blocks per batch (default 64)")
+      ->check(CLI::Range(1, 65536));
+  reencrypt->add_option("--throttle-ms", throttle_ms, "pause between batches (default 0)")
+      ->check(CLI::Range(0, 600000));
+  reencrypt->add_flag("--wait", wait, "wait for the job, showing its progress");
+  auto* jobs = app.add_subcommand("jobs", "show the re-encryption jobs and their progress");
+  jobs->add_flag("--wait", wait, "wait until no job is pending or running");
+  auto* audit = app.add_subcommand("audit", "audit log");
+  audit->require_subcommand(1);
+  audit->add_subcommand("verify", "ask keyd to verify the audit log's MAC chain");
 
   try {
     app.parse(argc, argv);
@@ -137,10 +230,24 @@ int main(int argc, char** argv) {
     const char* env = std::getenv("COLCRYPT_KEYD_SOCKET");
     socket = env && *env ? env : kDefaultSocket;
   }
-  const std::string command = app.get_subcommands().front()->get_name();
+  std::string command = app.get_subcommands().front()->get_name();
+  if (command == "audit") command = "audit-verify";
   json request = {{"op", command}};
-  if (command == "create" || command == "show" || command == "rotate") request["name"] = name;
+  if (command == "create" || command == "show" || command == "rotate" || command == "disable" ||
+      command == "enable" || command == "destroy") {
+    request["name"] = name;
+  }
+  if (command == "disable" || command == "enable" || command == "destroy") {
+    request["version"] = version;
+  }
+  if (command == "destroy" || command == "disable") request["force"] = force;
+  if (command == "reencrypt") {
+    request["name"] = name;
+    request["batch_blocks"] = batch_blocks;
+    request["throttle_ms"] = throttle_ms;
+  }
   if (command == "create") {
+    if (max_uses) request["max_uses_per_version"] = *max_uses;
     if (rotation_days) request["rotation_interval_days"] = *rotation_days;
     if (!expires_at.empty()) request["expires_at"] = expires_at;
   }
@@ -182,6 +289,71 @@ int main(int argc, char** argv) {
     print_key(reply);
   } else if (command == "show") {
     print_key(reply);
+  } else if (command == "disable" || command == "enable" || command == "destroy") {
+    std::printf("%s version %lld of key '%s'\n",
+                command == "destroy" ? "destroyed" : (command + "d").c_str(),
+                static_cast<long long>(version), text_or(reply, "name").c_str());
+    print_key(reply);
+  } else if (command == "reencrypt" || command == "jobs") {
+    std::vector<int64_t> started;
+    if (command == "reencrypt") {
+      for (const auto& j : reply.value("jobs", json::array())) {
+        started.push_back(j.value("job_id", int64_t{-1}));
+        std::printf("started job %s in database %s\n", text_or(j, "job_id").c_str(),
+                    text_or(j, "database").c_str());
+      }
+      if (started.empty()) {
+        std::printf("no configured database has the colcrypt extension: nothing to do\n");
+        return kExitOk;
+      }
+      if (!wait) return kExitOk;
+    }
+    const bool tty = ::isatty(STDOUT_FILENO);
+    json list = command == "jobs" ? reply.value("jobs", json::array()) : json::array();
+    for (;;) {
+      if (wait || command == "reencrypt") {
+        try {
+          colcrypt::keyd::Client client(options);
+          list =
+              json::parse(client.admin(json{{"op", "jobs"}}.dump())).value("jobs", json::array());
+        } catch (const colcrypt::Error& e) {
+          return fail(kExitKeydError, e.what());
+        }
+      }
+      if (!wait) break;
+      const bool active = jobs_active(list, started);
+      if (tty) {
+        for (const auto& j : list) {
+          if (!started.empty() && std::find(started.begin(), started.end(),
+                                            j.value("job_id", int64_t{-1})) == started.end()) {
+            continue;
+          }
+          std::printf("\rjob %s %-8s %s %5.1f%% %s/%s rows ", text_or(j, "job_id").c_str(),
+                      text_or(j, "state").c_str(),
+                      progress_bar(j.value("percent", 0.0), 30).c_str(), j.value("percent", 0.0),
+                      text_or(j, "rows_done").c_str(), text_or(j, "rows_total").c_str());
+        }
+        std::fflush(stdout);
+      }
+      if (!active) break;
+      ::usleep(500 * 1000);
+    }
+    if (tty && wait) std::printf("\n");
+    print_jobs(list);
+    for (const auto& j : list) {
+      if (!started.empty() && std::find(started.begin(), started.end(),
+                                        j.value("job_id", int64_t{-1})) == started.end()) {
+        continue;
+      }
+      if (wait && j.value("state", "") == "failed") return fail(kExitKeydError, "a job failed");
+    }
+  } else if (command == "audit-verify") {
+    if (!reply.value("ok", false)) {
+      return fail(kExitKeydError, "audit log " + text_or(reply, "log") +
+                                      " FAILED verification: " + text_or(reply, "problem", "?"));
+    }
+    std::printf("audit log %s verified: %s entries, chain and head intact\n",
+                text_or(reply, "log").c_str(), text_or(reply, "entries").c_str());
   } else if (command == "list") {
     print_list(reply);
   } else {

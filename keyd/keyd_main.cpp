@@ -17,6 +17,7 @@
 
 #include "core/error.hpp"
 #include "core/kdf.hpp"
+#include "keyd/audit.hpp"
 #include "keyd/log.hpp"
 #include "keyd/master_secret.hpp"
 #include "keyd/server.hpp"
@@ -121,7 +122,22 @@ struct Options {
   std::optional<uint32_t> pbkdf2_iterations;
   bool insecure_fast_kdf = false;
   std::string log_level = "info";
+  std::string audit_log;
+  std::string auto_rotation;  // "on"/"off"; default $ENCRYPTION_AUTO_ROTATION, else on
+  int rotation_check_interval_s = 60;
+  int64_t day_seconds = 86400;
+  std::optional<uint64_t> max_uses_per_version;
+  uint32_t max_block_uses = 1024;
+  bool sql_rotate = false;
+  std::vector<std::string> databases;
+  int job_poll_interval_ms = 2000;
 };
+
+bool parse_on_off(const std::string& text, const char* what) {
+  if (text == "on" || text == "true" || text == "1" || text == "yes") return true;
+  if (text == "off" || text == "false" || text == "0" || text == "no") return false;
+  throw UsageError(std::string(what) + " must be on or off");
+}
 
 MasterSecret obtain_master_secret(const Options& o, std::optional<MasterSecret>& env_password,
                                   const std::string& store_dir, bool new_store) {
@@ -186,6 +202,30 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
     rotation_days = static_cast<uint32_t>(*v);
   }
 
+  config.audit_log_path = o.audit_log;
+  config.auto_rotation = parse_on_off(
+      o.auto_rotation.empty() ? env_or("ENCRYPTION_AUTO_ROTATION", "on") : o.auto_rotation,
+      "--auto-rotation / ENCRYPTION_AUTO_ROTATION");
+  config.rotation_check_interval_s = o.rotation_check_interval_s;
+  config.day_seconds = o.day_seconds;
+  config.max_block_uses = o.max_block_uses;
+  config.sql_rotate = o.sql_rotate;
+  config.databases = o.databases;
+  config.job_poll_interval_ms = o.job_poll_interval_ms;
+  uint64_t max_uses = kDefaultMaxUsesPerVersion;
+  if (o.max_uses_per_version) {
+    max_uses = *o.max_uses_per_version;
+  } else if (const char* env = std::getenv("ENCRYPTION_MAX_USES_PER_VERSION"); env && *env) {
+    auto v = parse_integer(env);
+    if (!v || *v < 1)
+      throw UsageError("ENCRYPTION_MAX_USES_PER_VERSION must be a positive integer");
+    max_uses = static_cast<uint64_t>(*v);
+  }
+  if (max_uses < 1 || max_uses > kMaxMaxUsesPerVersion) {
+    throw UsageError("the maximum uses per version must be from 1 to " +
+                     std::to_string(kMaxMaxUsesPerVersion));
+  }
+
   // Fail fast, before a slow key derivation, when another keyd owns the socket.
   claim_socket_path(config.socket_path);
 
@@ -193,7 +233,20 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
   MasterSecret secret = obtain_master_secret(o, env_password, store_dir, !existing);
   std::optional<KeyStore> store;
   if (existing) {
-    store.emplace(KeyStore::open(store_dir, secret));
+    try {
+      store.emplace(KeyStore::open(store_dir, secret));
+    } catch (const Error& e) {
+      if (e.code() == Errc::WrongMasterKey) {
+        // Recorded unauthenticated; the next successful start chains it.
+        const std::string audit_path =
+            o.audit_log.empty() ? store_dir + "/" + kAuditFileName : o.audit_log;
+        AuditLog::record_pending(audit_path, {{"event", "unlock-failed"},
+                                              {"uid", ::getuid()},
+                                              {"pid", ::getpid()},
+                                              {"reason", e.what()}});
+      }
+      throw;
+    }
     if (o.pbkdf2_iterations && store->kek_source() == MasterSecret::Kind::Password &&
         store->pbkdf2_iterations() != iterations) {
       log_info("--pbkdf2-iterations only applies to new stores; this one uses " +
@@ -214,6 +267,7 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
   secret = MasterSecret{};
   env_password.reset();
   store->set_default_rotation_interval_days(rotation_days);
+  store->set_default_max_uses_per_version(max_uses);
   if (shutdown_requested()) {
     log_info("stop requested during startup");
     return kExitOk;
@@ -286,6 +340,32 @@ int main(int argc, char** argv) {
   app.add_flag("--insecure-fast-kdf", o.insecure_fast_kdf,
                "allow --pbkdf2-iterations down to 1000 (tests only)");
   app.add_option("--log-level", o.log_level, "error, warning, info (default) or debug");
+  app.add_option("--audit-log", o.audit_log,
+                 "append-only, MAC-chained audit log (default: STORE/audit.log)");
+  app.add_option("--auto-rotation", o.auto_rotation,
+                 "on/off: rotate keys when their interval passes (default: "
+                 "$ENCRYPTION_AUTO_ROTATION, else on)");
+  app.add_option("--rotation-check-interval", o.rotation_check_interval_s,
+                 "seconds between rotation checks (default 60)")
+      ->check(CLI::Range(1, 86400));
+  app.add_option("--insecure-day-seconds", o.day_seconds,
+                 "length of a rotation-interval day in seconds (tests only; default 86400)")
+      ->check(CLI::Range(int64_t{1}, int64_t{86400}));
+  app.add_option("--max-uses-per-version", o.max_uses_per_version,
+                 "encryptions per key version before rotation, for new keys (default: "
+                 "$ENCRYPTION_MAX_USES_PER_VERSION, else 10000)");
+  app.add_option("--max-block-uses", o.max_block_uses,
+                 "most encryptions one backend fetch is granted (default 1024)")
+      ->check(CLI::Range(1, 1 << 24));
+  app.add_option("--database", o.databases,
+                 "libpq connection string of a database whose encrypted columns keyd "
+                 "re-encrypts and counts (repeatable)");
+  app.add_option("--job-poll-interval-ms", o.job_poll_interval_ms,
+                 "how often keyd looks for new re-encryption jobs (default 2000)")
+      ->check(CLI::Range(50, 3600000));
+  app.add_flag("--sql-rotate", o.sql_rotate,
+               "let fetch-allowed peers (the database) ask for a rotation "
+               "(colcrypt.rotate_key); nothing else");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -93,9 +93,12 @@ json key_json(const KeyRecord& k) {
   };
   json versions = json::array();
   for (const auto& v : k.versions) {
-    versions.push_back({{"version", v.version},
-                        {"state", wire::key_state_name(v.state)},
-                        {"created_at", format_timestamp(v.created_at)}});
+    json jv = {{"version", v.version},
+               {"state", wire::key_state_name(v.state)},
+               {"created_at", format_timestamp(v.created_at)},
+               {"usage_count", v.usage_count}};
+    if (v.destroyed_at) jv["destroyed_at"] = format_timestamp(*v.destroyed_at);
+    versions.push_back(std::move(jv));
   }
   return {{"id", format_key_id(k.id)},
           {"name", k.name},
@@ -106,6 +109,7 @@ json key_json(const KeyRecord& k) {
           {"last_used", optional_time(k.last_used)},
           {"usage_count", k.usage_count},
           {"primary_version", k.primary_version},
+          {"max_uses_per_version", k.max_uses_per_version},
           {"versions", std::move(versions)}};
 }
 
@@ -203,8 +207,91 @@ Server::Server(ServerConfig config, KeyStore store)
     : config_(std::move(config)),
       store_(std::move(store)),
       started_(Clock::now()),
-      last_flush_(Clock::now()) {
+      last_flush_(Clock::now()),
+      last_schedule_(Clock::now()) {
   ensure_signal_pipe();
+  if (config_.audit_log_path.empty()) {
+    config_.audit_log_path =
+        store_.dir() + (store_.dir().back() == '/' ? "" : "/") + kAuditFileName;
+  }
+  audit_ = std::make_unique<AuditLog>(config_.audit_log_path, store_.audit_mac_key());
+  audit({{"event", "unlock"}, {"store", store_.dir()}, {"keys", store_.keys().size()}});
+  jobs_ = std::make_unique<JobRunner>(config_.databases, config_.job_poll_interval_ms);
+  publish_keys();
+}
+
+void Server::publish_keys() {
+  std::map<std::string, KeySnapshot> keys;
+  for (const auto& k : store_.keys()) keys[k.name] = {format_key_id(k.id), k.primary_version};
+  jobs_->publish_keys(std::move(keys));
+}
+
+// {"versions": {"1": rows, ...}, "columns": [{"database","column","version","rows"}]}
+json Server::references_of(const KeyRecord& key) {
+  json versions = json::object();
+  json columns = json::array();
+  for (const auto& r : count_references(config_.databases, format_key_id(key.id))) {
+    const std::string v = std::to_string(r.version);
+    versions[v] = versions.value(v, int64_t{0}) + r.rows;
+    columns.push_back(
+        {{"database", r.database}, {"column", r.column}, {"version", r.version}, {"rows", r.rows}});
+  }
+  return {{"versions", std::move(versions)}, {"columns", std::move(columns)}};
+}
+
+void Server::audit(json event) {
+  if (audit_) audit_->append(std::move(event));
+}
+
+json Server::rotate_and_audit(const std::string& name, const std::string& reason, uid_t uid,
+                              pid_t pid) {
+  json entry = {{"event", "admin"}, {"op", "rotate"}, {"key", name}, {"reason", reason}};
+  if (reason == "manual" || reason == "sql") {
+    entry["uid"] = uid;
+    entry["pid"] = pid;
+  }
+  try {
+    const KeyRecord& key = store_.rotate_key(name);
+    publish_keys();
+    entry["result"] = "ok";
+    entry["version"] = key.primary_version;
+    audit(entry);
+    if (audit_) audit_->sync();
+    log_info("rotated key '" + key.name + "' to version " + std::to_string(key.primary_version) +
+             " (" + reason + ")");
+    return key_json(key);
+  } catch (const Error& e) {
+    entry["result"] = errc_name(e.code());
+    audit(entry);
+    throw;
+  }
+}
+
+void Server::run_scheduler(bool force) {
+  auto now_steady = Clock::now();
+  if (!force &&
+      now_steady - last_schedule_ < std::chrono::seconds(config_.rotation_check_interval_s)) {
+    return;
+  }
+  last_schedule_ = now_steady;
+  const int64_t now = now_seconds();
+  std::vector<std::pair<std::string, RotationReason>> due;
+  for (const auto& k : store_.keys()) {
+    if (k.expires_at && *k.expires_at <= now) continue;  // expired keys no longer encrypt
+    RotationReason reason = store_.rotation_due(k, now, config_.day_seconds);
+    // The usage cap is a safety limit and applies even with automatic rotation off.
+    if (reason == RotationReason::UsageCap ||
+        (reason == RotationReason::Interval && config_.auto_rotation)) {
+      due.emplace_back(k.name, reason);
+    }
+  }
+  for (const auto& [name, reason] : due) {
+    try {
+      rotate_and_audit(name, reason == RotationReason::UsageCap ? "usage-cap" : "interval", 0, 0);
+    } catch (const Error& e) {
+      log_error("automatic rotation of key '" + name + "' failed: " + e.what());
+    }
+  }
 }
 
 Server::~Server() {
@@ -329,6 +416,7 @@ void Server::accept_all() {
     };
     if (!allowed(cred.uid)) {
       log_warning("refused peer " + peer_text(cred.uid, cred.pid));
+      audit({{"event", "refused-peer"}, {"uid", cred.uid}, {"pid", cred.pid}});
       reject(wire::FailureCode::Denied,
              "colcrypt-keyd refuses uid " + std::to_string(cred.uid) + " (not on its allowlist)");
       continue;
@@ -389,46 +477,101 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
   };
   try {
     switch (static_cast<wire::MsgType>(type)) {
-      case wire::MsgType::FetchPrimary: {
-        std::string name = wire::decode_fetch_primary(ByteView(body));
-        const KeyRecord* key = store_.find(name);
-        if (!key) {
-          log_info("peer " + peer + " asked for unknown key '" + name + "'");
-          return fail(wire::FailureCode::NotFound, "key '" + name + "' not found");
-        }
+      case wire::MsgType::FetchPrimary:
+      case wire::MsgType::FetchPrimaryBlock: {
+        const bool block = static_cast<wire::MsgType>(type) == wire::MsgType::FetchPrimaryBlock;
+        uint32_t wanted = 1;  // a legacy FetchPrimary is charged one encryption
+        std::string name = block ? wire::decode_fetch_primary_block(ByteView(body), wanted)
+                                 : wire::decode_fetch_primary(ByteView(body));
+        wanted = std::min(wanted, config_.max_block_uses);
+        json entry = {{"event", "fetch"},
+                      {"op", block ? "primary-block" : "primary"},
+                      {"uid", c.uid},
+                      {"pid", c.pid},
+                      {"key", name}};
         const int64_t now = now_seconds();
-        if (key->expires_at && *key->expires_at <= now) {
-          log_warning("peer " + peer + " asked for expired key '" + name + "'");
-          return fail(wire::FailureCode::KeyUnavailable,
-                      "key '" + name + "' expired at " + format_timestamp(*key->expires_at));
+        UseGrant grant;
+        try {
+          const uint32_t before = store_.find(name) ? store_.find(name)->primary_version : 0;
+          grant = store_.charge_uses(name, wanted, now);
+          if (grant.rotated) {
+            publish_keys();
+            const KeyRecord* k = store_.find(name);
+            audit({{"event", "admin"},
+                   {"op", "rotate"},
+                   {"key", name},
+                   {"reason", "usage-cap"},
+                   {"result", "ok"},
+                   {"from_version", before},
+                   {"version", k->primary_version}});
+            log_info("rotated key '" + name + "' to version " + std::to_string(k->primary_version) +
+                     " (usage cap reached)");
+          }
+        } catch (const Error& e) {
+          entry["result"] = errc_name(e.code());
+          audit(entry);
+          if (e.code() == Errc::KeyNotFound) {
+            log_info("peer " + peer + " asked for unknown key '" + name + "'");
+            return fail(wire::FailureCode::NotFound, "key '" + name + "' not found");
+          }
+          if (e.code() == Errc::KeyUnavailable) {
+            log_warning("peer " + peer + " asked for unavailable key '" + name + "': " + e.what());
+            return fail(wire::FailureCode::KeyUnavailable, e.what());
+          }
+          throw;
         }
+        const KeyRecord* key = store_.find(name);
         wire::KeyReply reply;
         reply.id = key->id;
-        reply.version = key->primary_version;
+        reply.version = grant.version;
+        // A grant that used up the cap was followed by a rotation: its version
+        // is decrypt-only now, but the granted uses were charged to it and
+        // remain valid (the version never exceeds its cap).
         reply.state = wire::KeyState::Active;
         reply.name = key->name;
-        reply.key = store_.unwrap(*key, key->primary_version);
-        queue(c, wire::encode_key_reply(reply));
-        store_.record_use(key->id, now);
+        reply.key = store_.unwrap(*key, grant.version);
+        if (block) {
+          queue(c, wire::encode_key_grant(reply, static_cast<uint32_t>(grant.granted)));
+        } else {
+          queue(c, wire::encode_key_reply(reply));
+        }
+        entry["result"] = "ok";
+        entry["key_id"] = format_key_id(key->id);
+        entry["version"] = grant.version;
+        entry["granted"] = grant.granted;
+        audit(entry);
         log_debug("peer " + peer + " fetched key '" + name + "' version " +
-                  std::to_string(reply.version));
+                  std::to_string(reply.version) + " (" + std::to_string(grant.granted) + " uses)");
         return;
       }
       case wire::MsgType::FetchVersion: {
         KeyId id{};
         uint32_t version = 0;
         wire::decode_fetch_version(ByteView(body), id, version);
+        json entry = {{"event", "fetch"},
+                      {"op", "version"},
+                      {"uid", c.uid},
+                      {"pid", c.pid},
+                      {"key_id", format_key_id(id)},
+                      {"version", version}};
         const KeyRecord* key = store_.find(id);
         if (!key) {
+          entry["result"] = "KeyNotFound";
+          audit(entry);
           log_info("peer " + peer + " asked for unknown key id " + format_key_id(id));
           return fail(wire::FailureCode::NotFound, "key " + format_key_id(id) + " not found");
         }
+        entry["key"] = key->name;
         const KeyVersion* v = key->find_version(version);
         if (!v) {
+          entry["result"] = "KeyNotFound";
+          audit(entry);
           return fail(wire::FailureCode::NotFound,
                       "key '" + key->name + "' has no version " + std::to_string(version));
         }
         if (v->state == wire::KeyState::Disabled || v->state == wire::KeyState::Destroyed) {
+          entry["result"] = std::string("KeyUnavailable: ") + wire::key_state_name(v->state);
+          audit(entry);
           return fail(wire::FailureCode::KeyUnavailable, "key '" + key->name + "' version " +
                                                              std::to_string(version) + " is " +
                                                              wire::key_state_name(v->state));
@@ -441,12 +584,45 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
         reply.key = store_.unwrap(*key, version);
         queue(c, wire::encode_key_reply(reply));
         store_.record_use(key->id, now_seconds());
+        entry["result"] = "ok";
+        audit(entry);
         log_debug("peer " + peer + " fetched key '" + key->name + "' version " +
                   std::to_string(version));
         return;
       }
+      case wire::MsgType::DenialReport: {
+        // Issue 4: the extension denied a database role the use of a key
+        // (colcrypt.grant_key privileges): keep a record of the attempt.
+        // Names come from the peer: no control characters into the log.
+        auto printable = [](std::string s) {
+          for (char& ch : s)
+            if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ch = '?';
+          return s;
+        };
+        const wire::DenialReport r = wire::decode_denial_report(ByteView(body));
+        audit({{"event", "sql-denied"},
+               {"key", printable(r.key_name)},
+               {"privilege", printable(r.privilege)},
+               {"role", printable(r.role)},
+               {"database", printable(r.database)},
+               {"uid", c.uid},
+               {"pid", c.pid}});
+        log_warning("denied: database role '" + printable(r.role) + "' may not " +
+                    printable(r.privilege) + " with key '" + printable(r.key_name) +
+                    "' (database '" + printable(r.database) + "', reported by peer " + peer + ")");
+        queue(c, wire::encode_ack());
+        return;
+      }
       case wire::MsgType::Admin:
         if (!is_admin(c.uid)) {
+          if (config_.sql_rotate && allowed(c.uid)) {
+            // The one admin op a database peer may send (colcrypt.rotate_key).
+            json request = json::parse(body.begin(), body.end(), nullptr, false);
+            if (request.is_object() && request.value("op", "") == "rotate") {
+              return handle_admin(c, body);
+            }
+          }
+          audit({{"event", "admin-denied"}, {"uid", c.uid}, {"pid", c.pid}});
           log_warning("denied administration to peer " + peer);
           return fail(wire::FailureCode::Denied,
                       "uid " + std::to_string(c.uid) + " may not administer colcrypt-keyd");
@@ -484,6 +660,20 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
   }
   json result;
   std::string op;
+  bool logged = false;  // rotate_and_audit writes its own entry
+  auto audit_admin = [&](const std::string& outcome) {
+    if (logged || op == "list" || op == "show" || op == "status" || op == "jobs" ||
+        op == "references") {
+      return;
+    }
+    json entry = {
+        {"event", "admin"}, {"op", op}, {"uid", c.uid}, {"pid", c.pid}, {"result", outcome}};
+    for (const char* field : {"name", "version", "force"}) {
+      if (request.is_object() && request.contains(field)) entry[field] = request[field];
+    }
+    audit(std::move(entry));
+    if (audit_) audit_->sync();
+  };
   try {
     if (!request.is_object() || !request.contains("op") || !request["op"].is_string()) {
       throw Error(Errc::InvalidArgument, "admin request needs a string \"op\"");
@@ -508,6 +698,15 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
                           std::to_string(kMaxRotationIntervalDays));
         }
         options.rotation_interval_days = days.get<uint32_t>();
+      }
+      if (request.contains("max_uses_per_version") && !request["max_uses_per_version"].is_null()) {
+        const json& uses = request["max_uses_per_version"];
+        if (!uses.is_number_unsigned() || uses.get<uint64_t>() < 1 ||
+            uses.get<uint64_t>() > kMaxMaxUsesPerVersion) {
+          throw Error(Errc::InvalidArgument, "max_uses_per_version must be an integer from 1 to " +
+                                                 std::to_string(kMaxMaxUsesPerVersion));
+        }
+        options.max_uses_per_version = uses.get<uint64_t>();
       }
       if (request.contains("expires_at") && !request["expires_at"].is_null()) {
         const json& expires = request["expires_at"];
@@ -538,20 +737,116 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
       result = key_json(*key);
     } else if (op == "rotate") {
       std::string name = name_arg();
-      const KeyRecord& key = store_.rotate_key(name);
-      log_info("peer " + peer + " rotated key '" + key.name + "' to version " +
-               std::to_string(key.primary_version));
+      result = rotate_and_audit(name, is_admin(c.uid) ? "manual" : "sql", c.uid, c.pid);
+      logged = true;
+    } else if (op == "disable" || op == "enable" || op == "destroy") {
+      std::string name = name_arg();
+      if (!request.contains("version") || !request["version"].is_number_unsigned() ||
+          request["version"].get<uint64_t>() == 0 ||
+          request["version"].get<uint64_t>() > UINT32_MAX) {
+        throw Error(Errc::InvalidArgument, "\"" + op + "\" needs a positive integer \"version\"");
+      }
+      const uint32_t version = request["version"].get<uint32_t>();
+      const bool force = request.value("force", false);
+      if (op != "enable" && !force) {
+        // Refuse to make rows unreadable: count them first (docs/rotation.md).
+        const KeyRecord* current = store_.find(name);
+        if (!current) throw Error(Errc::KeyNotFound, "key '" + name + "' not found");
+        if (config_.databases.empty()) {
+          throw Error(Errc::InvalidArgument,
+                      "colcrypt-keyd has no --database to check whether rows still use version " +
+                          std::to_string(version) + " of key '" + name + "'; pass --force to " +
+                          op + " it anyway");
+        }
+        int64_t rows = 0;
+        std::string where;
+        for (const auto& r : count_references(config_.databases, format_key_id(current->id))) {
+          if (r.version != version) continue;
+          rows += r.rows;
+          where += std::string(where.empty() ? "" : ", ") + r.database + ":" + r.column + " (" +
+                   std::to_string(r.rows) + ")";
+        }
+        if (rows > 0) {
+          throw Error(Errc::InvalidArgument,
+                      "version " + std::to_string(version) + " of key '" + name +
+                          "' is still used by " + std::to_string(rows) + " rows: " + where +
+                          "; re-encrypt them first (colcrypt-keyctl reencrypt " + name +
+                          ") or pass --force");
+        }
+      }
+      const KeyRecord& key = op == "disable"  ? store_.disable_version(name, version)
+                             : op == "enable" ? store_.enable_version(name, version)
+                                              : store_.destroy_version(name, version);
+      log_info("peer " + peer + " " + (op == "destroy" ? "destroyed" : op + "d") + " version " +
+               std::to_string(version) + " of key '" + key.name + "'");
       result = key_json(key);
+    } else if (op == "reencrypt") {
+      std::string name = name_arg();
+      if (!store_.find(name)) throw Error(Errc::KeyNotFound, "key '" + name + "' not found");
+      if (config_.databases.empty()) {
+        throw Error(Errc::InvalidArgument,
+                    "colcrypt-keyd has no --database: it cannot run re-encryption jobs");
+      }
+      const int batch_blocks = request.value("batch_blocks", 64);
+      const int throttle_ms = request.value("throttle_ms", 0);
+      if (batch_blocks < 1 || batch_blocks > 65536 || throttle_ms < 0 || throttle_ms > 600000) {
+        throw Error(Errc::InvalidArgument,
+                    "batch_blocks must be 1 to 65536 and throttle_ms 0 to 600000");
+      }
+      result = {{"jobs", create_jobs(config_.databases, name, batch_blocks, throttle_ms)}};
+      jobs_->wake();
+    } else if (op == "jobs") {
+      result = {{"jobs", list_jobs(config_.databases)}};
+    } else if (op == "references") {
+      std::string name = name_arg();
+      const KeyRecord* key = store_.find(name);
+      if (!key) throw Error(Errc::KeyNotFound, "key '" + name + "' not found");
+      result = references_of(*key);
+      result["name"] = name;
+    } else if (op == "audit-verify") {
+      if (audit_) audit_->sync();
+      AuditVerdict verdict =
+          AuditLog::verify(config_.audit_log_path, store_.audit_mac_key().view());
+      result = {{"ok", verdict.ok},
+                {"entries", verdict.entries},
+                {"log", config_.audit_log_path},
+                {"problem", verdict.ok ? json(nullptr) : json(verdict.problem)}};
     } else if (op == "status") {
       auto uptime =
           std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - started_).count();
-      result = {{"version", kKeydVersion},           {"uptime_seconds", uptime},
-                {"key_count", store_.keys().size()}, {"store", store_.dir()},
-                {"socket", config_.socket_path},     {"locked", false}};
+      result = {{"version", kKeydVersion},
+                {"uptime_seconds", uptime},
+                {"key_count", store_.keys().size()},
+                {"store", store_.dir()},
+                {"socket", config_.socket_path},
+                {"locked", false},
+                {"auto_rotation", config_.auto_rotation},
+                {"rotation_check_interval_s", config_.rotation_check_interval_s},
+                {"audit_log", config_.audit_log_path},
+                {"audit_entries", audit_ ? audit_->last_seq() : 0}};
+      std::vector<const KeyRecord*> keys;
+      for (const auto& k : store_.keys()) keys.push_back(&k);
+      std::sort(keys.begin(), keys.end(),
+                [](const KeyRecord* a, const KeyRecord* b) { return a->name < b->name; });
+      json list = json::array();
+      for (const KeyRecord* k : keys) {
+        json kj = key_json(*k);
+        if (!config_.databases.empty() && request.value("references", true)) {
+          try {
+            kj["references"] = references_of(*k)["versions"];
+          } catch (const Error& e) {
+            kj["references_error"] = e.what();
+          }
+        }
+        list.push_back(std::move(kj));
+      }
+      result["keys"] = std::move(list);
+      result["databases"] = config_.databases.size();
     } else {
       throw Error(Errc::InvalidArgument, "unknown admin op \"" + op + "\"");
     }
   } catch (const Error& e) {
+    audit_admin(errc_name(e.code()));
     wire::FailureCode code = failure_code(e.code());
     if (code == wire::FailureCode::Internal) {
       log_error("admin " + op + " from peer " + peer + " failed: " + e.what());
@@ -563,6 +858,7 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
     }
     return;
   }
+  audit_admin("ok");
   queue(c, wire::encode_admin_result(result.dump(-1, ' ', false, json::error_handler_t::replace)));
 }
 
@@ -602,20 +898,24 @@ void Server::drain_signals() {
 }
 
 void Server::flush_store(bool force) {
-  if (!store_.dirty()) return;
+  if (!store_.dirty() && !stopping_) return;
   auto now = Clock::now();
   if (!force && now - last_flush_ < std::chrono::seconds(config_.usage_flush_interval_s)) return;
   last_flush_ = now;
   try {
-    store_.flush();
+    store_.flush(stopping_);
   } catch (const Error& e) {
     log_error(std::string("cannot save key usage: ") + e.what());
   }
+  if (audit_) audit_->sync();
 }
 
 int Server::run() {
   const size_t kFixed = 2;  // the signal pipe and the listening socket
   std::vector<pollfd> fds;
+  // Rotations that fell due while keyd was down happen now.
+  run_scheduler(true);
+  jobs_->start();
   while (!stopping_) {
     if (g_stop) {
       drain_signals();
@@ -634,6 +934,8 @@ int Server::run() {
       next_deadline = std::min(
           next_deadline, c->last_activity + std::chrono::milliseconds(config_.idle_timeout_ms));
     }
+    next_deadline = std::min(
+        next_deadline, last_schedule_ + std::chrono::seconds(config_.rotation_check_interval_s));
     if (store_.dirty()) {
       next_deadline = std::min(next_deadline,
                                last_flush_ + std::chrono::seconds(config_.usage_flush_interval_s));
@@ -677,13 +979,17 @@ int Server::run() {
                                       [](const auto& c) { return c->dead; }),
                        connections_.end());
     flush_store(false);
+    run_scheduler(false);
   }
 
 #ifdef COLCRYPT_HAVE_SYSTEMD
   sd_notify(0, "STOPPING=1");
 #endif
   connections_.clear();
+  stopping_ = true;
+  jobs_.reset();  // stops the worker; an unfinished batch rolls back
   flush_store(true);
+  audit({{"event", "stop"}});
   ::close(listen_fd_);
   listen_fd_ = -1;
   remove_socket();

@@ -4,11 +4,15 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <memory>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "core/error.hpp"
+#include "keyd/audit.hpp"
+#include "keyd/jobs.hpp"
 #include "keyd/store.hpp"
 
 namespace colcrypt::keyd {
@@ -27,6 +31,20 @@ struct ServerConfig {
   int idle_timeout_ms = 10000;
   size_t max_connections = 256;
   int usage_flush_interval_s = 10;
+
+  // Lifecycle (docs/rotation.md).
+  std::string audit_log_path;          // empty: <store>/audit.log
+  bool auto_rotation = true;           // ENCRYPTION_AUTO_ROTATION
+  int rotation_check_interval_s = 60;  // how often the scheduler looks
+  int64_t day_seconds = 86400;         // length of a rotation "day" (tests shorten it)
+  uint32_t max_block_uses = 1024;      // largest block one FetchPrimaryBlock gets
+  // Peers on the fetch allowlist may also ask for "rotate" (the SQL function
+  // colcrypt.rotate_key); nothing else of the admin protocol.
+  bool sql_rotate = false;
+  // libpq connection strings of the databases whose encrypted columns keyd
+  // re-encrypts (rotation jobs) and counts (destroy/disable checks).
+  std::vector<std::string> databases;
+  int job_poll_interval_ms = 2000;
 };
 
 // Installs SIGTERM/SIGINT/SIGHUP handlers that only write to a self-pipe and
@@ -70,6 +88,10 @@ class Server {
   void remove_socket();
   bool allowed(uid_t uid) const;
   bool is_admin(uid_t uid) const;
+  void audit(nlohmann::json event);
+  void run_scheduler(bool force);
+  nlohmann::json rotate_and_audit(const std::string& name, const std::string& reason, uid_t uid,
+                                  pid_t pid);
 
   ServerConfig config_;
   KeyStore store_;
@@ -80,6 +102,11 @@ class Server {
   std::vector<std::unique_ptr<Connection>> connections_;
   std::chrono::steady_clock::time_point started_;
   std::chrono::steady_clock::time_point last_flush_;
+  std::chrono::steady_clock::time_point last_schedule_;
+  std::unique_ptr<AuditLog> audit_;
+  std::unique_ptr<JobRunner> jobs_;
+  void publish_keys();
+  nlohmann::json references_of(const KeyRecord& key);
 };
 
 }  // namespace colcrypt::keyd

@@ -232,6 +232,11 @@ KeyRecord parse_key(const std::string& path, const json& j) {
   k.last_used = parse_time_field(path, j.at("last_used"), true);
   k.usage_count = j.at("usage_count").get<uint64_t>();
   k.primary_version = j.at("primary_version").get<uint32_t>();
+  // Fields added by the lifecycle work (issue 3) are optional: older stores open.
+  k.max_uses_per_version = j.value("max_uses_per_version", kDefaultMaxUsesPerVersion);
+  if (k.max_uses_per_version < 1 || k.max_uses_per_version > kMaxMaxUsesPerVersion) {
+    corrupt(path, "invalid max_uses_per_version of key '" + k.name + "'");
+  }
   for (const auto& jv : j.at("versions")) {
     KeyVersion v;
     v.version = jv.at("version").get<uint32_t>();
@@ -239,11 +244,22 @@ KeyRecord parse_key(const std::string& path, const json& j) {
     if (!state) corrupt(path, "invalid state of key '" + k.name + "'");
     v.state = *state;
     v.created_at = *parse_time_field(path, jv.at("created_at"), false);
-    auto wrapped = from_hex(jv.at("wrapped").get<std::string>());
-    if (!wrapped || wrapped->size() != kWrappedKeySize) {
-      corrupt(path, "invalid wrapped key of key '" + k.name + "'");
+    v.usage_count = jv.value("usage_count", uint64_t{0});
+    v.usage_persisted = v.usage_count;
+    if (jv.contains("destroyed_at")) {
+      v.destroyed_at = parse_time_field(path, jv.at("destroyed_at"), true);
     }
-    v.wrapped = std::move(*wrapped);
+    if (v.state == wire::KeyState::Destroyed) {
+      if (!jv.at("wrapped").is_null()) {
+        corrupt(path, "destroyed version of key '" + k.name + "' still has key bytes");
+      }
+    } else {
+      auto wrapped = from_hex(jv.at("wrapped").get<std::string>());
+      if (!wrapped || wrapped->size() != kWrappedKeySize) {
+        corrupt(path, "invalid wrapped key of key '" + k.name + "'");
+      }
+      v.wrapped = std::move(*wrapped);
+    }
     if (v.version == 0 || (!k.versions.empty() && v.version <= k.versions.back().version)) {
       corrupt(path, "versions of key '" + k.name + "' are not ascending");
     }
@@ -256,13 +272,24 @@ KeyRecord parse_key(const std::string& path, const json& j) {
   return k;
 }
 
-json key_to_json(const KeyRecord& k) {
+// exact_usage: write the usage counts themselves (a clean stop), else the
+// reservations already charged (never less than the counts).
+json key_to_json(const KeyRecord& k, bool exact_usage) {
   json versions = json::array();
+  uint64_t reserved_extra = 0;
   for (const auto& v : k.versions) {
-    versions.push_back({{"version", v.version},
-                        {"state", state_name(v.state)},
-                        {"created_at", format_timestamp(v.created_at)},
-                        {"wrapped", to_hex(ByteView(v.wrapped))}});
+    const uint64_t charged =
+        exact_usage ? v.usage_count : std::max(v.usage_count, v.usage_persisted);
+    reserved_extra += charged - v.usage_count;
+    json jv = {
+        {"version", v.version},
+        {"state", state_name(v.state)},
+        {"created_at", format_timestamp(v.created_at)},
+        {"usage_count", charged},
+        {"wrapped",
+         v.state == wire::KeyState::Destroyed ? json(nullptr) : json(to_hex(ByteView(v.wrapped)))}};
+    if (v.destroyed_at) jv["destroyed_at"] = format_timestamp(*v.destroyed_at);
+    versions.push_back(std::move(jv));
   }
   return {{"id", format_key_id(k.id)},
           {"name", k.name},
@@ -271,8 +298,9 @@ json key_to_json(const KeyRecord& k) {
           {"expires_at", optional_time(k.expires_at)},
           {"rotation_interval_days", k.rotation_interval_days},
           {"last_used", optional_time(k.last_used)},
-          {"usage_count", k.usage_count},
+          {"usage_count", k.usage_count + reserved_extra},
           {"primary_version", k.primary_version},
+          {"max_uses_per_version", k.max_uses_per_version},
           {"versions", std::move(versions)}};
 }
 
@@ -555,6 +583,7 @@ KeyStore KeyStore::open(const std::string& dir, const MasterSecret& secret) {
       KeyRecord k = parse_key(path, jk);
       if (store.find(k.name) || store.find(k.id)) corrupt(path, "duplicate key '" + k.name + "'");
       for (const auto& v : k.versions) {
+        if (v.state == wire::KeyState::Destroyed) continue;
         if (unwrap_key(store.kek_.view(), k.id, v.version, ByteView(v.wrapped)).empty()) {
           corrupt(path, "wrapped key of '" + k.name + "' version " + std::to_string(v.version) +
                             " does not authenticate");
@@ -579,6 +608,7 @@ KeyStore::KeyStore(KeyStore&& other) noexcept
       mac_key_(std::move(other.mac_key_)),
       keys_(std::move(other.keys_)),
       default_rotation_days_(other.default_rotation_days_),
+      default_max_uses_(other.default_max_uses_),
       dirty_(other.dirty_) {
   other.lock_fd_ = -1;
   other.dirty_ = false;
@@ -597,6 +627,7 @@ KeyStore& KeyStore::operator=(KeyStore&& other) noexcept {
     mac_key_ = std::move(other.mac_key_);
     keys_ = std::move(other.keys_);
     default_rotation_days_ = other.default_rotation_days_;
+    default_max_uses_ = other.default_max_uses_;
     dirty_ = other.dirty_;
     other.lock_fd_ = -1;
     other.dirty_ = false;
@@ -638,6 +669,11 @@ const KeyRecord& KeyStore::create_key(std::string_view name, const NewKeyOptions
     throw Error(Errc::InvalidArgument, "rotation interval must be between 1 and " +
                                            std::to_string(kMaxRotationIntervalDays) + " days");
   }
+  const uint64_t max_uses = options.max_uses_per_version.value_or(default_max_uses_);
+  if (max_uses < 1 || max_uses > kMaxMaxUsesPerVersion) {
+    throw Error(Errc::InvalidArgument, "max uses per version must be between 1 and " +
+                                           std::to_string(kMaxMaxUsesPerVersion));
+  }
   const int64_t now = now_seconds();
   if (options.expires_at && *options.expires_at <= now) {
     throw Error(Errc::InvalidArgument, "expires_at is not in the future");
@@ -650,10 +686,15 @@ const KeyRecord& KeyStore::create_key(std::string_view name, const NewKeyOptions
   k.created_at = now;
   k.expires_at = options.expires_at;
   k.rotation_interval_days = days;
+  k.max_uses_per_version = max_uses;
   k.primary_version = 1;
   SecretBytes key = SecretBytes::random(AeadKey::kKeySize);
-  k.versions.push_back(
-      {1, wire::KeyState::Active, now, wrap_key(kek_.view(), k.id, 1, key.view())});
+  KeyVersion first;
+  first.version = 1;
+  first.state = wire::KeyState::Active;
+  first.created_at = now;
+  first.wrapped = wrap_key(kek_.view(), k.id, 1, key.view());
+  k.versions.push_back(std::move(first));
 
   std::vector<KeyRecord> next = keys_;
   next.push_back(std::move(k));
@@ -663,25 +704,176 @@ const KeyRecord& KeyStore::create_key(std::string_view name, const NewKeyOptions
   return keys_.back();
 }
 
-const KeyRecord& KeyStore::rotate_key(std::string_view name) {
-  const KeyRecord* current = find(name);
-  if (!current) throw Error(Errc::KeyNotFound, "key '" + std::string(name) + "' not found");
-  std::vector<KeyRecord> next = keys_;
-  size_t index = static_cast<size_t>(current - keys_.data());
+KeyRecord& KeyStore::mutable_key(std::string_view name, std::vector<KeyRecord>& keys) {
+  for (auto& k : keys) {
+    if (k.name == name) return k;
+  }
+  throw Error(Errc::KeyNotFound, "key '" + std::string(name) + "' not found");
+}
+
+void KeyStore::rotate_in_place(std::vector<KeyRecord>& next, size_t index, int64_t now) {
   KeyRecord& k = next[index];
   const uint32_t version = k.versions.back().version + 1;
-  const int64_t now = now_seconds();
+  KeyVersion added;
+  added.version = version;
+  added.state = wire::KeyState::DecryptOnly;
+  added.created_at = now;
+  SecretBytes key = SecretBytes::random(AeadKey::kKeySize);
+  added.wrapped = wrap_key(kek_.view(), k.id, version, key.view());
+  k.versions.push_back(std::move(added));
+  // Phase 1: published, decryptable, not yet used to encrypt.
+  save(next);
+  keys_ = next;
+  // Phase 2: the new version becomes primary.
   for (auto& v : k.versions) {
     if (v.state == wire::KeyState::Active) v.state = wire::KeyState::DecryptOnly;
   }
-  SecretBytes key = SecretBytes::random(AeadKey::kKeySize);
-  k.versions.push_back(
-      {version, wire::KeyState::Active, now, wrap_key(kek_.view(), k.id, version, key.view())});
+  k.versions.back().state = wire::KeyState::Active;
   k.primary_version = version;
   save(next);
   keys_ = std::move(next);
   dirty_ = false;
+}
+
+const KeyRecord& KeyStore::rotate_key(std::string_view name) {
+  std::vector<KeyRecord> next = keys_;
+  KeyRecord& k = mutable_key(name, next);
+  const size_t index = static_cast<size_t>(&k - next.data());
+  rotate_in_place(next, index, now_seconds());
   return keys_[index];
+}
+
+namespace {
+
+KeyVersion& version_for_change(KeyRecord& k, uint32_t version, const char* action) {
+  for (auto& v : k.versions) {
+    if (v.version != version) continue;
+    if (v.version == k.primary_version) {
+      throw Error(Errc::InvalidArgument, "version " + std::to_string(version) + " of key '" +
+                                             k.name + "' is the primary version; cannot " + action +
+                                             " it (rotate the key first)");
+    }
+    return v;
+  }
+  throw Error(Errc::KeyNotFound, "key '" + k.name + "' has no version " + std::to_string(version));
+}
+
+}  // namespace
+
+const KeyRecord& KeyStore::disable_version(std::string_view name, uint32_t version) {
+  std::vector<KeyRecord> next = keys_;
+  KeyRecord& k = mutable_key(name, next);
+  KeyVersion& v = version_for_change(k, version, "disable");
+  if (v.state == wire::KeyState::Destroyed) {
+    throw Error(Errc::InvalidArgument,
+                "version " + std::to_string(version) + " of key '" + k.name + "' is destroyed");
+  }
+  v.state = wire::KeyState::Disabled;
+  const size_t index = static_cast<size_t>(&k - next.data());
+  save(next);
+  keys_ = std::move(next);
+  dirty_ = false;
+  return keys_[index];
+}
+
+const KeyRecord& KeyStore::enable_version(std::string_view name, uint32_t version) {
+  std::vector<KeyRecord> next = keys_;
+  KeyRecord& k = mutable_key(name, next);
+  KeyVersion& v = version_for_change(k, version, "enable");
+  if (v.state == wire::KeyState::Destroyed) {
+    throw Error(Errc::InvalidArgument, "version " + std::to_string(version) + " of key '" + k.name +
+                                           "' is destroyed; that cannot be undone");
+  }
+  v.state = wire::KeyState::DecryptOnly;
+  const size_t index = static_cast<size_t>(&k - next.data());
+  save(next);
+  keys_ = std::move(next);
+  dirty_ = false;
+  return keys_[index];
+}
+
+const KeyRecord& KeyStore::destroy_version(std::string_view name, uint32_t version) {
+  std::vector<KeyRecord> next = keys_;
+  KeyRecord& k = mutable_key(name, next);
+  KeyVersion& v = version_for_change(k, version, "destroy");
+  if (v.state == wire::KeyState::Destroyed) {
+    throw Error(Errc::InvalidArgument, "version " + std::to_string(version) + " of key '" + k.name +
+                                           "' is already destroyed");
+  }
+  v.state = wire::KeyState::Destroyed;
+  v.destroyed_at = now_seconds();
+  secure_zero(v.wrapped.data(), v.wrapped.size());
+  v.wrapped.clear();
+  const size_t index = static_cast<size_t>(&k - next.data());
+  save(next);
+  // The old copy in keys_ holds the wrapped bytes too: wipe before dropping it.
+  for (auto& old : keys_) {
+    for (auto& ov : old.versions) secure_zero(ov.wrapped.data(), ov.wrapped.size());
+  }
+  keys_ = std::move(next);
+  dirty_ = false;
+  return keys_[index];
+}
+
+UseGrant KeyStore::charge_uses(std::string_view name, uint64_t wanted, int64_t now) {
+  const KeyRecord* current = find(name);
+  if (!current) throw Error(Errc::KeyNotFound, "key '" + std::string(name) + "' not found");
+  if (current->expires_at && *current->expires_at <= now) {
+    throw Error(Errc::KeyUnavailable,
+                "key '" + current->name + "' expired at " + format_timestamp(*current->expires_at));
+  }
+  const size_t index = static_cast<size_t>(current - keys_.data());
+  UseGrant grant;
+  if (current->primary().usage_count >= current->max_uses_per_version) {
+    std::vector<KeyRecord> next = keys_;
+    rotate_in_place(next, index, now);
+    grant.rotated = true;
+  }
+  KeyRecord& k = keys_[index];
+  KeyVersion& v = *std::find_if(k.versions.begin(), k.versions.end(), [&](const KeyVersion& x) {
+    return x.version == k.primary_version;
+  });
+  const uint64_t left = k.max_uses_per_version - v.usage_count;
+  grant.version = v.version;
+  grant.granted = std::max<uint64_t>(1, std::min(wanted, left));
+  v.usage_count += grant.granted;
+  k.usage_count += grant.granted;
+  k.last_used = now;
+  dirty_ = true;
+  if (v.usage_count > v.usage_persisted) {
+    // Reserve ahead so that only every ~1/16 of the cap costs a synchronous write.
+    const uint64_t slack = std::max<uint64_t>(1, k.max_uses_per_version / 16);
+    v.usage_persisted = std::min(k.max_uses_per_version, v.usage_count + slack);
+    try {
+      save(keys_);
+    } catch (...) {
+      // Not on disk: take the grant back, the caller answers with an error.
+      v.usage_count -= grant.granted;
+      k.usage_count -= grant.granted;
+      v.usage_persisted = v.usage_count;
+      throw;
+    }
+  }
+  if (v.usage_count >= k.max_uses_per_version) {
+    std::vector<KeyRecord> next = keys_;
+    rotate_in_place(next, index, now);
+    grant.rotated = true;
+  }
+  return grant;
+}
+
+RotationReason KeyStore::rotation_due(const KeyRecord& key, int64_t now,
+                                      int64_t day_seconds) const {
+  const KeyVersion& primary = key.primary();
+  if (primary.usage_count >= key.max_uses_per_version) return RotationReason::UsageCap;
+  if (now - primary.created_at >= static_cast<int64_t>(key.rotation_interval_days) * day_seconds) {
+    return RotationReason::Interval;
+  }
+  return RotationReason::None;
+}
+
+SecretBytes KeyStore::audit_mac_key() const {
+  return hkdf_sha256(kek_.view(), {}, ByteView::of(std::string_view("colcrypt-audit-mac-v1")), 32);
 }
 
 SecretBytes KeyStore::unwrap(const KeyRecord& key, uint32_t version) const {
@@ -689,6 +881,10 @@ SecretBytes KeyStore::unwrap(const KeyRecord& key, uint32_t version) const {
   if (!v) {
     throw Error(Errc::KeyNotFound,
                 "key '" + key.name + "' has no version " + std::to_string(version));
+  }
+  if (v->state == wire::KeyState::Destroyed) {
+    throw Error(Errc::KeyUnavailable,
+                "version " + std::to_string(version) + " of key '" + key.name + "' is destroyed");
   }
   SecretBytes bytes = unwrap_key(kek_.view(), key.id, version, ByteView(v->wrapped));
   if (bytes.empty()) {
@@ -701,7 +897,6 @@ SecretBytes KeyStore::unwrap(const KeyRecord& key, uint32_t version) const {
 void KeyStore::record_use(const KeyId& id, int64_t now) {
   for (auto& k : keys_) {
     if (k.id == id) {
-      ++k.usage_count;
       k.last_used = now;
       dirty_ = true;
       return;
@@ -709,7 +904,27 @@ void KeyStore::record_use(const KeyId& id, int64_t now) {
   }
 }
 
-void KeyStore::flush() {
+void KeyStore::flush(bool release_reservations) {
+  if (release_reservations) {
+    bool reserved = false;
+    for (const auto& k : keys_) {
+      for (const auto& v : k.versions) reserved = reserved || v.usage_persisted != v.usage_count;
+    }
+    if (!dirty_ && !reserved) return;
+    releasing_ = true;
+    try {
+      save(keys_);
+    } catch (...) {
+      releasing_ = false;
+      throw;
+    }
+    releasing_ = false;
+    for (auto& k : keys_) {
+      for (auto& v : k.versions) v.usage_persisted = v.usage_count;
+    }
+    dirty_ = false;
+    return;
+  }
   if (!dirty_) return;
   save(keys_);
   dirty_ = false;
@@ -726,7 +941,7 @@ void KeyStore::save(const std::vector<KeyRecord>& keys) {
     kek = {{"source", "keyfile"}};
   }
   json jkeys = json::array();
-  for (const auto& k : keys) jkeys.push_back(key_to_json(k));
+  for (const auto& k : keys) jkeys.push_back(key_to_json(k, releasing_));
   json doc = {{"format", kFormatName},
               {"format_version", kStoreFormatVersion},
               {"kek", std::move(kek)},

@@ -23,6 +23,12 @@ constexpr uint32_t kDefaultRotationIntervalDays = 90;
 constexpr uint32_t kMaxRotationIntervalDays = 36500;
 constexpr uint32_t kMinPbkdf2Iterations = 100000;
 constexpr uint32_t kMinInsecurePbkdf2Iterations = 1000;
+// Encryptions allowed per key version before keyd rotates the key. The default
+// is the seed's demo value; docs/rotation.md recommends 2^28 for production,
+// and the ceiling keeps every version far below the 2^32 random-nonce limit
+// of NIST SP 800-38D.
+constexpr uint64_t kDefaultMaxUsesPerVersion = 10000;
+constexpr uint64_t kMaxMaxUsesPerVersion = uint64_t{1} << 31;
 // nonce || ciphertext || tag of a 32-byte key.
 constexpr size_t kWrappedKeySize = AeadKey::kNonceSize + AeadKey::kKeySize + kGcmTagSize;
 
@@ -43,7 +49,13 @@ struct KeyVersion {
   uint32_t version = 0;
   wire::KeyState state = wire::KeyState::Active;
   int64_t created_at = 0;        // Unix seconds, UTC
-  std::vector<uint8_t> wrapped;  // kWrappedKeySize bytes; not secret without the KEK
+  std::vector<uint8_t> wrapped;  // kWrappedKeySize bytes; empty once destroyed
+  // Encryptions charged to this version (granted to backends, used or not).
+  uint64_t usage_count = 0;
+  // What the file on disk already charges (usage_count plus a reservation):
+  // a crash of keyd can over-count, never under-count (see charge_uses).
+  uint64_t usage_persisted = 0;
+  std::optional<int64_t> destroyed_at;
 };
 
 struct KeyRecord {
@@ -54,17 +66,30 @@ struct KeyRecord {
   std::optional<int64_t> expires_at;
   uint32_t rotation_interval_days = kDefaultRotationIntervalDays;
   std::optional<int64_t> last_used;
-  uint64_t usage_count = 0;
+  uint64_t usage_count = 0;  // encryptions charged over all versions
   uint32_t primary_version = 0;
+  uint64_t max_uses_per_version = kDefaultMaxUsesPerVersion;
   std::vector<KeyVersion> versions;  // ascending by version
 
   const KeyVersion* find_version(uint32_t version) const;
+  const KeyVersion& primary() const { return *find_version(primary_version); }
 };
 
 struct NewKeyOptions {
   std::optional<uint32_t> rotation_interval_days;  // default: the store's default
   std::optional<int64_t> expires_at;
+  std::optional<uint64_t> max_uses_per_version;  // default: the store's default
 };
+
+// The result of charge_uses: encrypt at most `granted` values with `version`.
+struct UseGrant {
+  uint32_t version = 0;
+  uint64_t granted = 0;
+  bool rotated = false;  // the key was rotated to serve (or after) this grant
+};
+
+// Why a key is due for automatic rotation (KeyStore::rotation_due).
+enum class RotationReason { None, Interval, UsageCap };
 
 class KeyStore {
  public:
@@ -95,21 +120,56 @@ class KeyStore {
   // Default rotation interval for new keys (ENCRYPTION_ROTATION_INTERVAL_DAYS
   // as read by the daemon, else kDefaultRotationIntervalDays).
   void set_default_rotation_interval_days(uint32_t days) { default_rotation_days_ = days; }
+  void set_default_max_uses_per_version(uint64_t uses) { default_max_uses_ = uses; }
 
   // Mutations are written to disk before they become visible: when the write
   // fails, the exception propagates and the store in memory is unchanged.
   // create_key throws AlreadyExists or InvalidArgument; rotate_key KeyNotFound.
   const KeyRecord& create_key(std::string_view name, const NewKeyOptions& options);
+  // A rotation publishes the new version decrypt-only (written to disk), then
+  // makes it primary (written again): a reader never sees a primary that
+  // was not first published as decryptable.
   const KeyRecord& rotate_key(std::string_view name);
+
+  // Version state machine (docs/rotation.md):
+  //   active (primary) -> decrypt-only        by rotate_key
+  //   decrypt-only     -> disabled            by disable_version (reversible)
+  //   disabled         -> decrypt-only        by enable_version
+  //   decrypt-only | disabled -> destroyed    by destroy_version (irreversible:
+  //                                           the wrapped key bytes are erased)
+  // The primary version can be neither disabled nor destroyed. Invalid
+  // transitions throw InvalidArgument; unknown keys or versions KeyNotFound.
+  const KeyRecord& disable_version(std::string_view name, uint32_t version);
+  const KeyRecord& enable_version(std::string_view name, uint32_t version);
+  const KeyRecord& destroy_version(std::string_view name, uint32_t version);
+
+  // Charges up to `wanted` encryptions to the primary version of `name` and
+  // returns what was granted (at least 1). A version never gets more than
+  // its key's max_uses_per_version: when the primary's cap is reached the key
+  // is rotated (before the grant if nothing is left, after it if the grant
+  // used the rest). The charge is on disk before this returns whenever it
+  // exceeds the previous reservation (so a crash never under-counts).
+  // Throws KeyNotFound, or KeyUnavailable when the key expired.
+  UseGrant charge_uses(std::string_view name, uint64_t wanted, int64_t now);
+
+  // Whether the key's primary version is due for rotation at `now`: its age
+  // reached rotation_interval_days * day_seconds, or its usage reached the cap.
+  RotationReason rotation_due(const KeyRecord& key, int64_t now, int64_t day_seconds) const;
 
   // The key bytes of one version, unwrapped (throws StoreCorrupt if the
   // wrapped key does not authenticate).
   SecretBytes unwrap(const KeyRecord& key, uint32_t version) const;
 
-  // Usage bookkeeping: updated in memory, written by flush() (called lazily).
+  // last_used bookkeeping on every fetch: updated in memory, written by
+  // flush() (called lazily).
   void record_use(const KeyId& id, int64_t now);
   bool dirty() const { return dirty_; }
-  void flush();  // writes the store if there are unsaved usage updates
+  // Writes the store if there are unsaved updates. release_reservations
+  // (a clean stop) writes the exact usage counts instead of the reservations.
+  void flush(bool release_reservations = false);
+
+  // Key for the audit log's MAC chain (HKDF of the KEK, its own label).
+  SecretBytes audit_mac_key() const;
 
  private:
   KeyStore() = default;
@@ -125,7 +185,12 @@ class KeyStore {
   SecretBytes mac_key_;
   std::vector<KeyRecord> keys_;
   uint32_t default_rotation_days_ = kDefaultRotationIntervalDays;
+  uint64_t default_max_uses_ = kDefaultMaxUsesPerVersion;
   bool dirty_ = false;
+  bool releasing_ = false;  // save() writes exact usage instead of reservations
+
+  KeyRecord& mutable_key(std::string_view name, std::vector<KeyRecord>& keys);
+  void rotate_in_place(std::vector<KeyRecord>& next, size_t index, int64_t now);
 };
 
 // Wrapping of one data key under the KEK; the AAD binds the key id and the

@@ -31,6 +31,9 @@
 #   COLCRYPT_KEYD, COLCRYPT_KEYCTL  binaries (default: colcrypt-keyd / colcrypt-keyctl on PATH)
 #   SANDBOX_KEYD_ALLOW_UID, SANDBOX_KEYD_ADMIN_UID  override keyd's allowlists
 #   SANDBOX_TIMEOUT             seconds to wait for readiness (default 60)
+#   SANDBOX_KEYD_ARGS           extra keyd flags, split on whitespace; the word
+#                               @DATABASE@ becomes the sandbox database's libpq URI
+#                               (for --database: rotation jobs, reference counts)
 #
 # When keyd exits during keyd-start (or up), this script exits with keyd's own
 # exit status (64, 65, 69, 71, 77, 78, ...) after printing the tail of keyd.log.
@@ -128,6 +131,11 @@ keyd_start() {
   if [ "${COLCRYPT_FAST_KDF:-0}" = 1 ]; then
     kdfargs=(--insecure-fast-kdf --pbkdf2-iterations 1000)
   fi
+  local extra=() word
+  for word in ${SANDBOX_KEYD_ARGS:-}; do
+    [ "$word" = @DATABASE@ ] && word="postgresql:///postgres?host=$DIR/pgsock&port=$(port_of)&user=postgres"
+    extra+=("$word")
+  done
 
   touch "$DIR/keyd.log"
   log_start=$(($(stat -c %s "$DIR/keyd.log") + 1))
@@ -135,7 +143,7 @@ keyd_start() {
   # ENCRYPTION_MASTER_PASSWORD, when set, reaches keyd through the environment.
   setsid "$keyd_path" --store "$DIR/store" --socket "$SOCKET" \
     --allow-uid "$allow" --admin-uid "$admin" --socket-group postgres \
-    "${pwargs[@]}" "${kdfargs[@]}" </dev/null >>"$DIR/keyd.log" 2>&1 &
+    "${pwargs[@]}" "${kdfargs[@]}" "${extra[@]}" </dev/null >>"$DIR/keyd.log" 2>&1 &
   pid=$!
   echo "$pid" >"$DIR/keyd.pid"
 

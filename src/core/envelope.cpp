@@ -3,6 +3,8 @@
 #include <cstring>
 
 #include "core/error.hpp"
+#include "core/kdf.hpp"
+#include "core/nonce.hpp"
 #include "core/secure_memory.hpp"
 
 namespace colcrypt {
@@ -56,7 +58,8 @@ EnvelopeHeader parse_header(ByteView envelope) {
   if (envelope.size - kEnvelopeOverhead > kMaxPlaintextSize) malformed("value too long");
   const uint8_t* p = envelope.data;
   if (p[0] != kFormatVersion) malformed("unsupported format version " + std::to_string(p[0]));
-  if (p[1] != static_cast<uint8_t>(Algorithm::Aes256Gcm)) {
+  if (p[1] != static_cast<uint8_t>(Algorithm::Aes256Gcm) &&
+      p[1] != static_cast<uint8_t>(Algorithm::Aes256GcmDerived)) {
     malformed("unknown algorithm " + std::to_string(p[1]));
   }
   if (p[2] != static_cast<uint8_t>(PayloadType::Bytes) &&
@@ -79,7 +82,7 @@ namespace detail {
 
 void seal_with_nonce(AeadKey& key, const KeyId& key_id, uint32_t key_version, PayloadType payload,
                      ByteView context, ByteView plaintext, const uint8_t nonce[AeadKey::kNonceSize],
-                     uint8_t* out) {
+                     uint8_t* out, Algorithm algorithm) {
   if (plaintext.size > kMaxPlaintextSize) {
     throw Error(Errc::InvalidArgument, "plaintext too large for one value");
   }
@@ -88,7 +91,10 @@ void seal_with_nonce(AeadKey& key, const KeyId& key_id, uint32_t key_version, Pa
     throw Error(Errc::InvalidArgument, "unknown payload type");
   }
   out[0] = kFormatVersion;
-  out[1] = static_cast<uint8_t>(Algorithm::Aes256Gcm);
+  if (algorithm != Algorithm::Aes256Gcm && algorithm != Algorithm::Aes256GcmDerived) {
+    throw Error(Errc::InvalidArgument, "unknown algorithm");
+  }
+  out[1] = static_cast<uint8_t>(algorithm);
   out[2] = static_cast<uint8_t>(payload);
   out[3] = 0;
   std::memcpy(out + kKeyIdOffset, key_id.data(), kKeyIdSize);
@@ -101,10 +107,28 @@ void seal_with_nonce(AeadKey& key, const KeyId& key_id, uint32_t key_version, Pa
 }  // namespace detail
 
 void seal(AeadKey& key, const KeyId& key_id, uint32_t key_version, PayloadType payload,
-          ByteView context, ByteView plaintext, uint8_t* out) {
+          ByteView context, ByteView plaintext, uint8_t* out, Algorithm algorithm) {
+  static_assert(AeadKey::kNonceSize == kNonceBytes, "GCM nonces are 96 bits");
   uint8_t nonce[AeadKey::kNonceSize];
-  random_bytes(nonce, sizeof nonce);
-  detail::seal_with_nonce(key, key_id, key_version, payload, context, plaintext, nonce, out);
+  fresh_nonce(nonce);
+  detail::seal_with_nonce(key, key_id, key_version, payload, context, plaintext, nonce, out,
+                          algorithm);
+}
+
+SecretBytes derive_value_key(ByteView version_key, const KeyId& key_id, uint32_t key_version,
+                             ByteView context) {
+  static constexpr std::string_view kSalt = "colcrypt derived key v1";
+  if (version_key.size != AeadKey::kKeySize) {
+    throw Error(Errc::InvalidArgument, "version keys are 32 bytes");
+  }
+  std::string info(kKeyIdSize + 4 + context.size, '\0');
+  std::memcpy(info.data(), key_id.data(), kKeyIdSize);
+  put_u32be(reinterpret_cast<uint8_t*>(info.data()) + kKeyIdSize, key_version);
+  if (context.size > 0) std::memcpy(info.data() + kKeyIdSize + 4, context.data, context.size);
+  SecretBytes key =
+      hkdf_sha256(version_key, ByteView::of(kSalt), ByteView::of(info), AeadKey::kKeySize);
+  secure_zero(info.data(), info.size());  // the context may be sensitive
+  return key;
 }
 
 void open(AeadKey& key, ByteView envelope, ByteView context, uint8_t* out) {

@@ -3,12 +3,16 @@
 //
 //   off len field
 //    0   1  format version (1)
-//    1   1  algorithm (1 = AES-256-GCM)
+//    1   1  algorithm (1 = AES-256-GCM under the version key,
+//                      3 = AES-256-GCM under a per-context key derived with
+//                          HKDF from the version key: derive_value_key;
+//                      2 is taken by the deterministic AES-SIV values of
+//                      docs/columns.md, which are not envelopes)
 //    2   1  payload type (0 = bytes, 1 = text)
 //    3   1  reserved, must be 0
 //    4  16  key id
 //   20   4  key version, big-endian, >= 1
-//   24  12  nonce (random, from OpenSSL's CSPRNG)
+//   24  12  nonce (random, from OpenSSL's CSPRNG, in batches: core/nonce.hpp)
 //   36   n  ciphertext (n = plaintext length)
 //  36+n 16  GCM tag
 //
@@ -22,6 +26,7 @@
 
 #include "core/aead.hpp"
 #include "core/bytes.hpp"
+#include "core/secure_memory.hpp"
 
 namespace colcrypt {
 
@@ -32,7 +37,7 @@ constexpr size_t kEnvelopeOverhead = kHeaderSize + kGcmTagSize;
 // Largest plaintext a value may carry (Postgres' 1 GB varlena limit bounds it anyway).
 constexpr size_t kMaxPlaintextSize = (size_t{1} << 30) - 1;
 
-enum class Algorithm : uint8_t { Aes256Gcm = 1 };
+enum class Algorithm : uint8_t { Aes256Gcm = 1, Aes256GcmDerived = 3 };
 enum class PayloadType : uint8_t { Bytes = 0, Text = 1 };
 
 using KeyId = std::array<uint8_t, kKeyIdSize>;
@@ -58,8 +63,19 @@ inline size_t opened_size(ByteView envelope) { return envelope.size - kEnvelopeO
 
 // Encrypts plaintext under key, drawing a fresh random nonce, and writes exactly
 // sealed_size(plaintext.size) bytes to out.
+// algorithm only names what `key` is (Aes256GcmDerived: the caller passes
+// derive_value_key(...) for this context); it is written to byte 1.
 void seal(AeadKey& key, const KeyId& key_id, uint32_t key_version, PayloadType payload,
-          ByteView context, ByteView plaintext, uint8_t* out);
+          ByteView context, ByteView plaintext, uint8_t* out,
+          Algorithm algorithm = Algorithm::Aes256Gcm);
+
+// The key of a derived-key value (algorithm 3; docs/format.md): HKDF-SHA256
+// with ikm = the version's key bytes, salt = "colcrypt derived key v1",
+// info = key id || version (u32 BE) || context. One context's key reveals
+// nothing about another's or about the version key; a new version (a
+// rotation) gives every context a new key.
+SecretBytes derive_value_key(ByteView version_key, const KeyId& key_id, uint32_t key_version,
+                             ByteView context);
 
 namespace detail {
 // seal() with a caller-chosen nonce. Only for seal() itself and for
@@ -67,7 +83,7 @@ namespace detail {
 // never be used twice with one key.
 void seal_with_nonce(AeadKey& key, const KeyId& key_id, uint32_t key_version, PayloadType payload,
                      ByteView context, ByteView plaintext, const uint8_t nonce[AeadKey::kNonceSize],
-                     uint8_t* out);
+                     uint8_t* out, Algorithm algorithm = Algorithm::Aes256Gcm);
 }  // namespace detail
 
 // Authenticates and decrypts into out (opened_size bytes). Throws

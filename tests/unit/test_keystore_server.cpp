@@ -168,7 +168,8 @@ TEST_CASE("keyd server: create, fetch, rotate, restart", "[keystore][server]") {
 
   json list = keyd.admin({{"op", "list"}});
   REQUIRE(list["keys"].size() == 1);
-  CHECK(list["keys"][0]["usage_count"] == 4);
+  // Two primary fetches, each charged one encryption; version fetches are free.
+  CHECK(list["keys"][0]["usage_count"] == 2);
   json status = keyd.admin({{"op", "status"}});
   CHECK(status["key_count"] == 1);
   CHECK(status["locked"] == false);
@@ -179,7 +180,7 @@ TEST_CASE("keyd server: create, fetch, rotate, restart", "[keystore][server]") {
   CHECK(::access(keyd.socket_path().c_str(), F_OK) != 0);
   keyd.start({}, {me});
   json shown = keyd.admin({{"op", "show"}, {"name", "ssn"}});
-  CHECK(shown["usage_count"] == 4);
+  CHECK(shown["usage_count"] == 2);
   CHECK(shown["primary_version"] == 2);
   CHECK(key_bytes(keyd.client().fetch_version(id, 1)) == v1);
   CHECK(key_bytes(keyd.client().fetch_version(id, 2)) == key_bytes(second));
@@ -230,4 +231,95 @@ TEST_CASE("keyd server: a second keyd on the same socket is refused", "[keystore
   RunningKeyd keyd({}, {::geteuid()});
   CHECK_THROWS_AS(claim_socket_path(keyd.socket_path()), SocketUnavailable);
   CHECK(keyd.admin({{"op", "status"}})["locked"] == false);
+}
+
+TEST_CASE("keyd server: block grants, version states and audit over the socket",
+          "[keystore][server][lifecycle]") {
+  const uid_t me = ::geteuid();
+  RunningKeyd keyd({}, {me});
+  keyd.admin({{"op", "create"}, {"name", "blk"}, {"max_uses_per_version", 1500}});
+
+  // Blocks are cut at the cap; the grant that uses it up is followed by a rotation.
+  wire::KeyGrantReply a = keyd.client().fetch_primary_block("blk", 1024);
+  CHECK(a.key.version == 1);
+  CHECK(a.granted == 1024);
+  CHECK(a.key.state == wire::KeyState::Active);
+  wire::KeyGrantReply b = keyd.client().fetch_primary_block("blk", 1024);
+  CHECK(b.key.version == 1);
+  CHECK(b.granted == 476);
+  CHECK(key_bytes(b.key) == key_bytes(a.key));
+  wire::KeyGrantReply c = keyd.client().fetch_primary_block("blk", 10);
+  CHECK(c.key.version == 2);
+  CHECK(c.granted == 10);
+  // A legacy FetchPrimary is charged one use.
+  CHECK(keyd.client().fetch_primary("blk").version == 2);
+  json shown = keyd.admin({{"op", "show"}, {"name", "blk"}});
+  CHECK(shown["versions"][0]["usage_count"] == 1500);
+  CHECK(shown["versions"][1]["usage_count"] == 11);
+  CHECK(shown["usage_count"] == 1511);
+  CHECK(error_of([&] { keyd.client().fetch_primary_block("nope", 1); }) == Errc::KeyNotFound);
+
+  // Without --database keyd cannot count rows: disable/destroy need force.
+  CHECK(error_of([&] {
+          keyd.admin({{"op", "destroy"}, {"name", "blk"}, {"version", 1}});
+        }) == Errc::InvalidArgument);
+  keyd.admin({{"op", "disable"}, {"name", "blk"}, {"version", 1}, {"force", true}});
+  const KeyId id = a.key.id;
+  CHECK(error_of([&] { keyd.client().fetch_version(id, 1); }) == Errc::KeyUnavailable);
+  keyd.admin({{"op", "enable"}, {"name", "blk"}, {"version", 1}});
+  CHECK(key_bytes(keyd.client().fetch_version(id, 1)) == key_bytes(a.key));
+  keyd.admin({{"op", "destroy"}, {"name", "blk"}, {"version", 1}, {"force", true}});
+  CHECK(error_of([&] { keyd.client().fetch_version(id, 1); }) == Errc::KeyUnavailable);
+  CHECK(error_of([&] {
+          keyd.admin({{"op", "destroy"}, {"name", "blk"}, {"version", 2}, {"force", true}});
+        }) == Errc::InvalidArgument);  // the primary
+  CHECK(error_of([&] {
+          keyd.admin({{"op", "disable"}, {"name", "blk"}});
+        }) == Errc::InvalidArgument);  // no version
+  CHECK(error_of([&] {
+          keyd.admin({{"op", "reencrypt"}, {"name", "blk"}});
+        }) == Errc::InvalidArgument);  // no --database
+
+  json verdict = keyd.admin({{"op", "audit-verify"}});
+  CHECK(verdict["ok"] == true);
+  CHECK(verdict["entries"].get<int>() > 8);
+  json status = keyd.admin({{"op", "status"}});
+  CHECK(status["auto_rotation"] == true);
+  CHECK(status["keys"][0]["versions"][0]["state"] == "destroyed");
+
+  // Destroyed survives a restart; the audit chain continues across it.
+  CHECK(keyd.stop() == 0);
+  keyd.start({}, {me});
+  CHECK(error_of([&] { keyd.client().fetch_version(id, 1); }) == Errc::KeyUnavailable);
+  CHECK(keyd.admin({{"op", "audit-verify"}})["ok"] == true);
+}
+
+TEST_CASE("wire: FetchPrimaryBlock and KeyGrant", "[wire][lifecycle]") {
+  auto frame = wire::encode_fetch_primary_block("k1", 1024);
+  REQUIRE(frame.size() == 4 + 1 + 2 + 2 + 4);
+  CHECK(frame[4] == 0x03);
+  uint32_t wanted = 0;
+  CHECK(wire::decode_fetch_primary_block(ByteView(frame.data() + 5, frame.size() - 5), wanted) ==
+        "k1");
+  CHECK(wanted == 1024);
+  auto zero = wire::encode_fetch_primary_block("k1", 0);
+  CHECK_THROWS_AS(
+      wire::decode_fetch_primary_block(ByteView(zero.data() + 5, zero.size() - 5), wanted), Error);
+  wire::KeyReply reply;
+  reply.id = new_key_id();
+  reply.version = 3;
+  reply.name = "k1";
+  reply.key = SecretBytes::random(32);
+  SecretBytes grant = wire::encode_key_grant(reply, 77);
+  CHECK(grant.data()[4] == 0x82);
+  wire::KeyGrantReply back = wire::decode_key_grant(ByteView(grant.data() + 5, grant.size() - 5));
+  CHECK(back.granted == 77);
+  CHECK(back.key.version == 3);
+  CHECK(back.key.id == reply.id);
+  CHECK(key_bytes(back.key) == key_bytes(reply));
+  // A Key body is not a KeyGrant body (and vice versa).
+  SecretBytes key = wire::encode_key_reply(reply);
+  CHECK_THROWS_AS(wire::decode_key_grant(ByteView(key.data() + 5, key.size() - 5)), Error);
+  CHECK_THROWS_AS(wire::decode_key_reply(ByteView(grant.data() + 5, grant.size() - 5)), Error);
+  CHECK_THROWS_AS(wire::encode_key_grant(reply, 0), Error);
 }

@@ -1,0 +1,306 @@
+#include "keyd/audit.hpp"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <sstream>
+
+#include "core/error.hpp"
+#include "core/kdf.hpp"
+#include "keyd/log.hpp"
+#include "keyd/store.hpp"
+
+namespace colcrypt::keyd {
+namespace {
+
+using nlohmann::json;
+
+std::string hex(const std::array<uint8_t, 32>& bytes) {
+  static const char digits[] = "0123456789abcdef";
+  std::string out;
+  for (uint8_t b : bytes) {
+    out.push_back(digits[b >> 4]);
+    out.push_back(digits[b & 0xf]);
+  }
+  return out;
+}
+
+std::string head_mac(ByteView key, uint64_t seq, const std::string& mac) {
+  const std::string data = "colcrypt-audit-head\n" + std::to_string(seq) + "\n" + mac;
+  return hex(hmac_sha256(key, ByteView::of(data)));
+}
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+bool write_all(int fd, const std::string& data) {
+  size_t done = 0;
+  while (done < data.size()) {
+    ssize_t n = ::write(fd, data.data() + done, data.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return false;
+    done += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+std::string read_whole(const std::string& path, bool& exists) {
+  std::ifstream in(path, std::ios::binary);
+  exists = static_cast<bool>(in);
+  if (!exists) return {};
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// The last complete line of the file (entries are small; 64 KiB is plenty).
+std::string last_line(int fd) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || st.st_size == 0) return {};
+  const off_t chunk = std::min<off_t>(st.st_size, 65536);
+  std::string buf(static_cast<size_t>(chunk), '\0');
+  if (::pread(fd, buf.data(), buf.size(), st.st_size - chunk) != chunk) return {};
+  while (!buf.empty() && buf.back() == '\n') buf.pop_back();
+  auto nl = buf.find_last_of('\n');
+  return nl == std::string::npos ? buf : buf.substr(nl + 1);
+}
+
+int64_t now_seconds() { return static_cast<int64_t>(std::time(nullptr)); }
+
+}  // namespace
+
+std::string audit_entry_mac(ByteView key, const std::string& previous_mac,
+                            const json& entry_without_mac) {
+  const std::string data = previous_mac + "\n" + entry_without_mac.dump();
+  return hex(hmac_sha256(key, ByteView::of(data)));
+}
+
+AuditLog::AuditLog(std::string path, SecretBytes mac_key)
+    : path_(std::move(path)), key_(std::move(mac_key)) {
+  fd_ = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd_ < 0) {
+    int err = errno;
+    throw Error(Errc::Io, "cannot open audit log " + path_ + ": " + errno_text(err));
+  }
+  int rfd = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+  std::string tail = rfd >= 0 ? last_line(rfd) : std::string();
+  if (rfd >= 0) ::close(rfd);
+
+  uint64_t log_seq = 0;
+  std::string log_mac;
+  std::string problem;
+  if (!tail.empty()) {
+    try {
+      json last = json::parse(tail);
+      log_seq = last.at("seq").get<uint64_t>();
+      log_mac = last.at("mac").get<std::string>();
+    } catch (const json::exception&) {
+      problem = "its last line is not a complete entry";
+    }
+  }
+  bool head_exists = false;
+  const std::string head_text = read_whole(path_ + ".head", head_exists);
+  if (head_exists) {
+    try {
+      json head = json::parse(head_text);
+      const uint64_t seq = head.at("seq").get<uint64_t>();
+      const std::string mac = head.at("mac").get<std::string>();
+      if (head.at("head_mac").get<std::string>() != head_mac(key_.view(), seq, mac)) {
+        problem = "its head file does not authenticate";
+      } else if (problem.empty() && (seq != log_seq || mac != log_mac)) {
+        problem = "the head names entry " + std::to_string(seq) + " but the log ends at entry " +
+                  std::to_string(log_seq);
+      }
+    } catch (const json::exception&) {
+      problem = "its head file is not valid";
+    }
+  } else if (!tail.empty()) {
+    problem = "its head file is missing";
+  }
+  seq_ = log_seq;
+  last_mac_ = log_mac;
+  if (!problem.empty()) {
+    log_error("audit log " + path_ + " is inconsistent: " + problem +
+              "; recording a chain break (audit verify will fail)");
+    if (!tail.empty() && !tail.empty() && tail.back() != '}') {
+      // Start the next entry on a line of its own.
+      write_all(fd_, "\n");
+    }
+    append({{"event", "audit-chain-break"}, {"problem", problem}});
+  } else if (!head_exists) {
+    write_head();
+  }
+  import_pending();
+}
+
+AuditLog::~AuditLog() {
+  if (fd_ >= 0) {
+    ::fdatasync(fd_);
+    ::close(fd_);
+  }
+}
+
+void AuditLog::append(json event) {
+  event["seq"] = seq_ + 1;
+  if (!event.contains("time")) event["time"] = format_timestamp(now_seconds());
+  event.erase("mac");
+  const std::string mac = audit_entry_mac(key_.view(), last_mac_, event);
+  event["mac"] = mac;
+  const std::string line = event.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
+  if (!write_all(fd_, line)) {
+    int err = errno;
+    ++write_failures_;
+    log_error("cannot append to audit log " + path_ + ": " + errno_text(err));
+    return;
+  }
+  ++seq_;
+  last_mac_ = mac;
+  write_head();
+}
+
+void AuditLog::sync() {
+  if (fd_ >= 0) ::fdatasync(fd_);
+}
+
+void AuditLog::write_head() {
+  json head = {
+      {"seq", seq_}, {"mac", last_mac_}, {"head_mac", head_mac(key_.view(), seq_, last_mac_)}};
+  const std::string tmp = path_ + ".head.tmp";
+  const std::string dst = path_ + ".head";
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0 || !write_all(fd, head.dump() + "\n") || ::close(fd) != 0 ||
+      ::rename(tmp.c_str(), dst.c_str()) != 0) {
+    int err = errno;
+    ++write_failures_;
+    log_error("cannot write audit head " + dst + ": " + errno_text(err));
+  }
+}
+
+void AuditLog::import_pending() {
+  const std::string pending = path_ + ".pending";
+  bool exists = false;
+  const std::string text = read_whole(pending, exists);
+  if (!exists) return;
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.empty()) continue;
+    json event;
+    try {
+      event = json::parse(line);
+      if (!event.is_object()) throw std::runtime_error("not an object");
+    } catch (const std::exception&) {
+      event = {{"event", "pending-unreadable"}};
+    }
+    event["recorded_unauthenticated"] = true;
+    if (event.contains("time")) event["original_time"] = event["time"];
+    event.erase("time");
+    event.erase("seq");
+    append(std::move(event));
+  }
+  sync();
+  ::unlink(pending.c_str());
+}
+
+void AuditLog::record_pending(const std::string& path, json event) {
+  event["time"] = format_timestamp(now_seconds());
+  const std::string pending = path + ".pending";
+  int fd = ::open(pending.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+  if (fd < 0) return;  // best effort: keyd is exiting with its own error anyway
+  write_all(fd, event.dump(-1, ' ', false, json::error_handler_t::replace) + "\n");
+  ::fdatasync(fd);
+  ::close(fd);
+}
+
+AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
+  AuditVerdict verdict;
+  bool exists = false;
+  const std::string text = read_whole(path, exists);
+  if (!exists) {
+    verdict.problem = "audit log " + path + " does not exist";
+    return verdict;
+  }
+  std::string previous;
+  uint64_t expected = 1;
+  size_t pos = 0;
+  std::string break_problem;
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) {
+      verdict.problem = "entry " + std::to_string(expected) + " is incomplete (no newline)";
+      return verdict;
+    }
+    const std::string line = text.substr(pos, nl - pos);
+    pos = nl + 1;
+    if (line.empty()) continue;
+    json entry;
+    try {
+      entry = json::parse(line);
+    } catch (const json::exception&) {
+      verdict.problem = "entry " + std::to_string(expected) + " is not valid JSON";
+      return verdict;
+    }
+    if (!entry.is_object() || !entry.contains("mac") || !entry["mac"].is_string() ||
+        !entry.contains("seq") || !entry["seq"].is_number_unsigned()) {
+      verdict.problem = "entry " + std::to_string(expected) + " has no seq or mac";
+      return verdict;
+    }
+    const uint64_t seq = entry["seq"].get<uint64_t>();
+    const std::string mac = entry["mac"].get<std::string>();
+    entry.erase("mac");
+    if (seq != expected) {
+      verdict.problem = "expected entry " + std::to_string(expected) + " but found entry " +
+                        std::to_string(seq) + " (entries removed or reordered)";
+      return verdict;
+    }
+    if (audit_entry_mac(mac_key, previous, entry) != mac) {
+      verdict.problem = "entry " + std::to_string(seq) +
+                        " does not authenticate (modified, or an entry before it was removed)";
+      return verdict;
+    }
+    if (entry.value("event", "") == "audit-chain-break" && break_problem.empty()) {
+      break_problem =
+          "entry " + std::to_string(seq) +
+          " records that keyd found the log inconsistent at start: " + entry.value("problem", "");
+    }
+    previous = mac;
+    verdict.entries = seq;
+    ++expected;
+  }
+  bool head_exists = false;
+  const std::string head_text = read_whole(path + ".head", head_exists);
+  if (!head_exists) {
+    verdict.problem = "head file " + path + ".head is missing";
+    return verdict;
+  }
+  try {
+    json head = json::parse(head_text);
+    const uint64_t seq = head.at("seq").get<uint64_t>();
+    const std::string mac = head.at("mac").get<std::string>();
+    if (head.at("head_mac").get<std::string>() != head_mac(mac_key, seq, mac)) {
+      verdict.problem = "head file does not authenticate";
+      return verdict;
+    }
+    if (seq != verdict.entries || mac != previous) {
+      verdict.problem = "the head names entry " + std::to_string(seq) +
+                        " but the log ends at entry " + std::to_string(verdict.entries) +
+                        " (truncated or extended tail)";
+      return verdict;
+    }
+  } catch (const json::exception&) {
+    verdict.problem = "head file is not valid";
+    return verdict;
+  }
+  if (!break_problem.empty()) {
+    verdict.problem = break_problem;
+    return verdict;
+  }
+  verdict.ok = true;
+  return verdict;
+}
+
+}  // namespace colcrypt::keyd

@@ -1,0 +1,79 @@
+// colcrypt-keyd's database side (docs/rotation.md): re-encryption jobs and
+// reference counts, over libpqxx connections to the databases named with
+// --database. keyd never links Postgres server code; the rewrap itself runs
+// inside the database (colcrypt.rewrap), so plaintext never reaches keyd.
+//
+// Threads: JobRunner owns one worker thread with its own connections; it
+// never touches the KeyStore (the poll loop publishes a snapshot of key ids
+// and primary versions). count_references runs on the caller's thread with
+// connections of its own.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace colcrypt::keyd {
+
+struct KeySnapshot {
+  std::string id;  // canonical UUID text
+  uint32_t primary_version = 0;
+};
+
+// Rows per (database, column, version) of one key.
+struct ReferenceCount {
+  std::string database;  // the connection string's dbname
+  std::string column;    // schema.table.column
+  uint32_t version = 0;
+  int64_t rows = 0;
+};
+
+// Counts, in every database, the values of key_id per version in every
+// column of type colcrypt.encrypted. Throws Error(Io) naming the database
+// when one cannot be reached or queried.
+std::vector<ReferenceCount> count_references(const std::vector<std::string>& databases,
+                                             const std::string& key_id);
+
+// Inserts a pending job for key_name into every database that has the
+// extension; returns [{"database", "job_id"}].
+nlohmann::json create_jobs(const std::vector<std::string>& databases, const std::string& key_name,
+                           int batch_blocks, int throttle_ms);
+
+// The rotation_progress view of every database.
+nlohmann::json list_jobs(const std::vector<std::string>& databases);
+
+class JobRunner {
+ public:
+  JobRunner(std::vector<std::string> databases, int poll_interval_ms);
+  ~JobRunner();  // stops the worker (the current batch's transaction rolls back)
+  JobRunner(const JobRunner&) = delete;
+  JobRunner& operator=(const JobRunner&) = delete;
+
+  void start();
+  void publish_keys(std::map<std::string, KeySnapshot> keys);  // by name
+  void wake();
+
+ private:
+  void run();
+  bool run_database(const std::string& conninfo);  // true when it did work
+
+  std::vector<std::string> databases_;
+  int poll_interval_ms_;
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  std::map<std::string, KeySnapshot> keys_;
+  bool woken_ = false;
+  std::atomic<bool> stop_{false};
+  std::thread thread_;
+  std::string last_warning_;  // worker thread only
+  std::chrono::steady_clock::time_point last_warning_at_;
+};
+
+}  // namespace colcrypt::keyd

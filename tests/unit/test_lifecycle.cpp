@@ -1,0 +1,377 @@
+// Key lifecycle (issue 3): the version state machine, usage caps with block
+// grants, rotation due dates, and the audit log's MAC chain.
+#include <stdlib.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "core/error.hpp"
+#include "keyd/audit.hpp"
+#include "keyd/log.hpp"
+#include "keyd/store.hpp"
+
+using namespace colcrypt;
+using namespace colcrypt::keyd;
+using nlohmann::json;
+
+namespace {
+
+class LifecycleDir {
+ public:
+  LifecycleDir() {
+    char pattern[] = "/tmp/colcrypt-lifecycle-test-XXXXXX";
+    if (!::mkdtemp(pattern)) throw std::runtime_error("mkdtemp failed");
+    path_ = pattern;
+    set_log_level(LogLevel::Error);
+  }
+  ~LifecycleDir() {
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
+  }
+  std::string store() const { return path_ + "/store"; }
+  std::string audit() const { return path_ + "/audit.log"; }
+
+ private:
+  std::string path_;
+};
+
+MasterSecret pw(const std::string& text) {
+  MasterSecret s;
+  s.bytes = SecretBytes(ByteView::of(text));
+  return s;
+}
+
+Errc code_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.code();
+  }
+  return Errc::Internal;
+}
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+void spit(const std::string& path, const std::string& data) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << data;
+}
+
+std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> lines;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    size_t nl = text.find('\n', pos);
+    lines.push_back(text.substr(pos, nl - pos));
+    pos = nl + 1;
+  }
+  return lines;
+}
+
+std::string join(const std::vector<std::string>& lines) {
+  std::string out;
+  for (const auto& l : lines) out += l + "\n";
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("lifecycle: version state machine", "[keystore][lifecycle]") {
+  LifecycleDir dir;
+  {
+    KeyStore store = KeyStore::create(dir.store(), pw("pw"), 1000);
+    store.create_key("k", {});
+    store.rotate_key("k");
+    store.rotate_key("k");  // versions 1, 2 decrypt-only; 3 primary
+    // The primary can be neither disabled nor destroyed.
+    CHECK(code_of([&] { store.disable_version("k", 3); }) == Errc::InvalidArgument);
+    CHECK(code_of([&] { store.destroy_version("k", 3); }) == Errc::InvalidArgument);
+    CHECK(code_of([&] { store.disable_version("k", 9); }) == Errc::KeyNotFound);
+    CHECK(code_of([&] { store.disable_version("nope", 1); }) == Errc::KeyNotFound);
+
+    const KeyRecord& d = store.disable_version("k", 1);
+    CHECK(d.versions[0].state == wire::KeyState::Disabled);
+    const KeyRecord& e = store.enable_version("k", 1);
+    CHECK(e.versions[0].state == wire::KeyState::DecryptOnly);
+    store.disable_version("k", 1);
+    const KeyRecord& x = store.destroy_version("k", 1);  // disabled -> destroyed
+    CHECK(x.versions[0].state == wire::KeyState::Destroyed);
+    CHECK(x.versions[0].wrapped.empty());
+    CHECK(x.versions[0].destroyed_at);
+    store.destroy_version("k", 2);  // decrypt-only -> destroyed
+    // Irreversible.
+    CHECK(code_of([&] { store.enable_version("k", 1); }) == Errc::InvalidArgument);
+    CHECK(code_of([&] { store.disable_version("k", 1); }) == Errc::InvalidArgument);
+    CHECK(code_of([&] { store.destroy_version("k", 1); }) == Errc::InvalidArgument);
+    CHECK(code_of([&] { store.unwrap(*store.find("k"), 1); }) == Errc::KeyUnavailable);
+    CHECK(store.unwrap(*store.find("k"), 3).size() == 32);
+  }
+  // The key bytes are gone from the file, and the store still opens.
+  const std::string file = slurp(dir.store() + "/keystore.json");
+  json doc = json::parse(file);
+  CHECK(doc["keys"][0]["versions"][0]["wrapped"].is_null());
+  CHECK(doc["keys"][0]["versions"][1]["wrapped"].is_null());
+  CHECK(doc["keys"][0]["versions"][2]["wrapped"].is_string());
+  KeyStore store = KeyStore::open(dir.store(), pw("pw"));
+  const KeyRecord* k = store.find("k");
+  REQUIRE(k);
+  CHECK(k->versions[0].state == wire::KeyState::Destroyed);
+  CHECK(k->versions[1].state == wire::KeyState::Destroyed);
+  CHECK(k->primary_version == 3);
+  CHECK(code_of([&] { store.unwrap(*k, 2); }) == Errc::KeyUnavailable);
+}
+
+TEST_CASE("lifecycle: rotation publishes the new version before making it primary",
+          "[keystore][lifecycle]") {
+  LifecycleDir dir;
+  KeyStore store = KeyStore::create(dir.store(), pw("pw"), 1000);
+  store.create_key("k", {});
+  const KeyRecord& r = store.rotate_key("k");
+  CHECK(r.primary_version == 2);
+  CHECK(r.versions[0].state == wire::KeyState::DecryptOnly);
+  CHECK(r.versions[1].state == wire::KeyState::Active);
+}
+
+TEST_CASE("lifecycle: usage grants never exceed the cap", "[keystore][lifecycle]") {
+  LifecycleDir dir;
+  {
+    KeyStore store = KeyStore::create(dir.store(), pw("pw"), 1000);
+    NewKeyOptions o;
+    o.max_uses_per_version = 100;
+    store.create_key("k", o);
+    uint64_t total = 0;
+    UseGrant g = store.charge_uses("k", 30, 1000);
+    CHECK(g.version == 1);
+    CHECK(g.granted == 30);
+    CHECK_FALSE(g.rotated);
+    total += g.granted;
+    g = store.charge_uses("k", 30, 1001);
+    total += g.granted;
+    g = store.charge_uses("k", 30, 1002);
+    total += g.granted;
+    CHECK(total == 90);
+    // Only 10 are left: the grant is cut to them, and the key rotates after it.
+    g = store.charge_uses("k", 30, 1003);
+    CHECK(g.version == 1);
+    CHECK(g.granted == 10);
+    CHECK(g.rotated);
+    const KeyRecord* k = store.find("k");
+    CHECK(k->primary_version == 2);
+    CHECK(k->versions[0].usage_count == 100);
+    g = store.charge_uses("k", 1000, 1004);
+    CHECK(g.version == 2);
+    CHECK(g.granted == 100);  // min(wanted, cap)
+    CHECK(g.rotated);
+    k = store.find("k");
+    CHECK(k->primary_version == 3);
+    CHECK(k->usage_count == 200);
+    CHECK(k->last_used == 1004);
+    for (const auto& v : k->versions) CHECK(v.usage_count <= 100);
+    store.charge_uses("k", 5, 1005);
+    store.flush(true);  // a clean stop writes exact counts
+  }
+  KeyStore store = KeyStore::open(dir.store(), pw("pw"));
+  const KeyRecord* k = store.find("k");
+  CHECK(k->usage_count == 205);
+  CHECK(k->versions[2].usage_count == 5);
+  CHECK(code_of([&] { store.charge_uses("nope", 1, 1); }) == Errc::KeyNotFound);
+}
+
+TEST_CASE("lifecycle: a crash never under-counts usage", "[keystore][lifecycle]") {
+  LifecycleDir dir;
+  {
+    KeyStore store = KeyStore::create(dir.store(), pw("pw"), 1000);
+    NewKeyOptions o;
+    o.max_uses_per_version = 1600;
+    store.create_key("k", o);
+    store.charge_uses("k", 7, 1000);
+    store.charge_uses("k", 5, 1000);
+    // No flush: the process "dies" here. The file already charges a reservation.
+  }
+  KeyStore store = KeyStore::open(dir.store(), pw("pw"));
+  const KeyRecord* k = store.find("k");
+  CHECK(k->versions[0].usage_count >= 12);
+  CHECK(k->usage_count >= 12);
+  CHECK(k->versions[0].usage_count <= 12 + 1600 / 16 + 7);
+}
+
+TEST_CASE("lifecycle: expired keys grant nothing", "[keystore][lifecycle]") {
+  LifecycleDir dir;
+  KeyStore store = KeyStore::create(dir.store(), pw("pw"), 1000);
+  NewKeyOptions o;
+  o.expires_at = ::time(nullptr) + 100;
+  store.create_key("k", o);
+  CHECK(store.charge_uses("k", 1, ::time(nullptr)).granted == 1);
+  CHECK(code_of([&] { store.charge_uses("k", 1, ::time(nullptr) + 200); }) == Errc::KeyUnavailable);
+}
+
+TEST_CASE("lifecycle: rotation due by interval and by usage", "[keystore][lifecycle]") {
+  LifecycleDir dir;
+  KeyStore store = KeyStore::create(dir.store(), pw("pw"), 1000);
+  NewKeyOptions o;
+  o.rotation_interval_days = 2;
+  o.max_uses_per_version = 10;
+  const int64_t created = store.create_key("k", o).created_at;
+  const KeyRecord* k = store.find("k");
+  CHECK(store.rotation_due(*k, created + 1, 86400) == RotationReason::None);
+  CHECK(store.rotation_due(*k, created + 2 * 86400, 86400) == RotationReason::Interval);
+  CHECK(store.rotation_due(*k, created + 2, 1) == RotationReason::Interval);  // 1 s "days"
+  store.charge_uses("k", 9, created);
+  k = store.find("k");
+  CHECK(store.rotation_due(*k, created, 86400) == RotationReason::None);
+}
+
+TEST_CASE("lifecycle: stores without the new fields still open", "[keystore][lifecycle]") {
+  LifecycleDir dir;
+  { KeyStore::create(dir.store(), pw("pw"), 1000).create_key("k", {}); }
+  KeyStore store = KeyStore::open(dir.store(), pw("pw"));
+  CHECK(store.find("k")->max_uses_per_version == kDefaultMaxUsesPerVersion);
+}
+
+TEST_CASE("audit log: a real chain verifies", "[lifecycle][audit]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  {
+    AuditLog log(dir.audit(), SecretBytes(key.view()));
+    for (int i = 0; i < 5; ++i) log.append({{"event", "fetch"}, {"uid", 26}, {"pid", 100 + i}});
+    CHECK(log.last_seq() == 5);
+  }
+  {
+    // Reopening continues the chain.
+    AuditLog log(dir.audit(), SecretBytes(key.view()));
+    log.append({{"event", "admin"}, {"op", "rotate"}});
+    CHECK(log.last_seq() == 6);
+  }
+  AuditVerdict v = AuditLog::verify(dir.audit(), key.view());
+  CHECK(v.ok);
+  CHECK(v.entries == 6);
+  // No key bytes: the entries carry what they were given plus seq, time and mac.
+  for (const auto& line : lines_of(slurp(dir.audit()))) {
+    json e = json::parse(line);
+    CHECK(e.contains("seq"));
+    CHECK(e.contains("mac"));
+    CHECK(e.contains("time"));
+  }
+  // Another key does not verify it.
+  SecretBytes other = SecretBytes::random(32);
+  CHECK_FALSE(AuditLog::verify(dir.audit(), other.view()).ok);
+}
+
+TEST_CASE("audit log: every kind of tampering is detected", "[lifecycle][audit]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  {
+    AuditLog log(dir.audit(), SecretBytes(key.view()));
+    for (int i = 0; i < 6; ++i) log.append({{"event", "fetch"}, {"uid", 26}, {"pid", 100 + i}});
+  }
+  const std::string good = slurp(dir.audit());
+  const std::string good_head = slurp(dir.audit() + ".head");
+  REQUIRE(AuditLog::verify(dir.audit(), key.view()).ok);
+  auto lines = lines_of(good);
+  REQUIRE(lines.size() == 6);
+  auto verdict_after = [&](const std::string& log_text) {
+    spit(dir.audit(), log_text);
+    AuditVerdict v = AuditLog::verify(dir.audit(), key.view());
+    spit(dir.audit(), good);
+    spit(dir.audit() + ".head", good_head);
+    return v;
+  };
+
+  SECTION("modified entry") {
+    auto l = lines;
+    json e = json::parse(l[2]);
+    e["uid"] = 0;
+    l[2] = e.dump();
+    AuditVerdict v = verdict_after(join(l));
+    CHECK_FALSE(v.ok);
+    CHECK(v.problem.find("entry 3") != std::string::npos);
+  }
+  SECTION("removed entry") {
+    auto l = lines;
+    l.erase(l.begin() + 3);
+    CHECK_FALSE(verdict_after(join(l)).ok);
+  }
+  SECTION("removed first entry") {
+    auto l = lines;
+    l.erase(l.begin());
+    CHECK_FALSE(verdict_after(join(l)).ok);
+  }
+  SECTION("reordered entries") {
+    auto l = lines;
+    std::swap(l[1], l[2]);
+    CHECK_FALSE(verdict_after(join(l)).ok);
+  }
+  SECTION("truncated tail") {
+    auto l = lines;
+    l.pop_back();
+    AuditVerdict v = verdict_after(join(l));
+    CHECK_FALSE(v.ok);
+    CHECK(v.problem.find("truncated") != std::string::npos);
+  }
+  SECTION("truncated tail with the head rewritten from the log") {
+    auto l = lines;
+    l.pop_back();
+    json last = json::parse(l.back());
+    json head = json::parse(good_head);
+    head["seq"] = last["seq"];
+    head["mac"] = last["mac"];
+    spit(dir.audit() + ".head", head.dump() + "\n");
+    CHECK_FALSE(verdict_after(join(l)).ok);
+  }
+  SECTION("partial last line") { CHECK_FALSE(verdict_after(good.substr(0, good.size() - 10)).ok); }
+  SECTION("seq renumbered") {
+    auto l = lines;
+    json e = json::parse(l[5]);
+    e["seq"] = 9;
+    l[5] = e.dump();
+    CHECK_FALSE(verdict_after(join(l)).ok);
+  }
+  SECTION("missing head") {
+    ::unlink((dir.audit() + ".head").c_str());
+    CHECK_FALSE(AuditLog::verify(dir.audit(), key.view()).ok);
+  }
+}
+
+TEST_CASE("audit log: keyd records a break it finds at start", "[lifecycle][audit]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  {
+    AuditLog log(dir.audit(), SecretBytes(key.view()));
+    for (int i = 0; i < 3; ++i) log.append({{"event", "fetch"}});
+  }
+  auto lines = lines_of(slurp(dir.audit()));
+  lines.pop_back();
+  spit(dir.audit(), join(lines));
+  {
+    AuditLog log(dir.audit(), SecretBytes(key.view()));  // chains on, recording the break
+    log.append({{"event", "fetch"}});
+  }
+  AuditVerdict v = AuditLog::verify(dir.audit(), key.view());
+  CHECK_FALSE(v.ok);
+  CHECK(v.problem.find("inconsistent") != std::string::npos);
+}
+
+TEST_CASE("audit log: pending failed unlocks are chained at the next start", "[lifecycle][audit]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  { AuditLog log(dir.audit(), SecretBytes(key.view())); }
+  AuditLog::record_pending(dir.audit(), {{"event", "unlock-failed"}, {"uid", 0}});
+  {
+    AuditLog log(dir.audit(), SecretBytes(key.view()));
+    CHECK(log.last_seq() == 1);
+  }
+  CHECK(::access((dir.audit() + ".pending").c_str(), F_OK) != 0);
+  const std::string text = slurp(dir.audit());
+  CHECK(text.find("unlock-failed") != std::string::npos);
+  CHECK(text.find("recorded_unauthenticated") != std::string::npos);
+  CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
+}
