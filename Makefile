@@ -68,3 +68,7 @@ demo-stop:
 
 test:
 	./scripts/test.sh
+
+# The benchmark suite (bench/run.sh): its own cluster and keyd, report in bench/RESULTS.md.
+bench:
+	./bench/run.sh

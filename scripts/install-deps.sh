@@ -12,7 +12,8 @@ packages=(
   nlohmann-json3-dev         # keyd admin protocol, keyctl --json
   libcli11-dev               # command lines of keyd and keyctl
   libsystemd-dev             # sd_notify for keyd
-  libbenchmark-dev           # benchmarks
+  libbenchmark-dev           # benchmarks (colcrypt-bench-core)
+  gnuplot-nox                # the benchmark chart (bench/report.sh)
   cmake g++ make pkg-config
 )
 

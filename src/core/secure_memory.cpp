@@ -3,9 +3,11 @@
 #include <openssl/crypto.h>
 #include <openssl/err.h>
 #include <openssl/rand.h>
+#include <pthread.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <climits>
 #include <cstdlib>
 #include <cstring>
@@ -31,6 +33,83 @@ size_t rounded_to_pages(size_t n) {
   const size_t page = page_size();
   if (n > SIZE_MAX - page) throw Error(Errc::InvalidArgument, "secret too large");
   return (n + page - 1) / page * page;
+}
+
+// Returns whole pages to the system: undo what acquire_pages() set up.
+void release_pages(void* p, size_t capacity, bool locked) noexcept {
+#ifdef MADV_DODUMP
+  (void)madvise(p, capacity, MADV_DODUMP);
+#endif
+  if (locked) (void)munlock(p, capacity);
+  std::free(p);
+}
+
+// A few single-page secrets per thread are kept for reuse, already locked and
+// excluded from core dumps, and wiped: per-value scratch secrets (re-encryption
+// holds each plaintext in one) would otherwise pay mlock, munlock and two
+// madvise system calls per value. A cached page is all zeros: it was zeroed
+// when acquired and every byte a SecretBytes exposed was wiped on release.
+constexpr size_t kCachedPages = 4;
+
+struct PageCache {  // trivially destructible: valid until the thread is gone
+  void* pages[kCachedPages];
+  bool locked[kCachedPages];
+  size_t count;
+  uint64_t generation;
+  bool closed;  // the thread is exiting: no more caching
+};
+thread_local PageCache page_cache;
+
+// A forked child does not inherit memory locks: it drops the pages its
+// parent cached (they hold no secret) rather than hand them out as locked.
+std::atomic<uint64_t> fork_generation{0};
+void on_fork_child() { fork_generation.fetch_add(1, std::memory_order_relaxed); }
+
+void drain(PageCache& cache) noexcept {
+  const bool same_process = cache.generation == fork_generation.load(std::memory_order_relaxed);
+  for (size_t i = 0; i < cache.count; ++i) {
+    if (same_process) {
+      release_pages(cache.pages[i], page_size(), cache.locked[i]);
+    } else {
+      std::free(cache.pages[i]);  // not locked in this process
+    }
+  }
+  cache.count = 0;
+  cache.generation = fork_generation.load(std::memory_order_relaxed);
+}
+
+// Drains the thread's cache when the thread exits.
+struct PageCacheCloser {
+  ~PageCacheCloser() {
+    drain(page_cache);
+    page_cache.closed = true;
+  }
+};
+
+bool take_cached_page(void*& p, bool& locked) noexcept {
+  PageCache& cache = page_cache;
+  if (cache.generation != fork_generation.load(std::memory_order_relaxed)) drain(cache);
+  if (cache.count == 0) return false;
+  --cache.count;
+  p = cache.pages[cache.count];
+  locked = cache.locked[cache.count];
+  return true;
+}
+
+// Takes a wiped single page, or returns false (the caller releases it).
+bool cache_page(void* p, bool locked) noexcept {
+  static const bool registered = pthread_atfork(nullptr, nullptr, on_fork_child) == 0;
+  if (!registered) return false;
+  PageCache& cache = page_cache;
+  if (cache.closed) return false;
+  thread_local PageCacheCloser closer;  // registers the exit drain on first use
+  (void)closer;
+  if (cache.generation != fork_generation.load(std::memory_order_relaxed)) drain(cache);
+  if (cache.count == kCachedPages) return false;
+  cache.pages[cache.count] = p;
+  cache.locked[cache.count] = locked;
+  ++cache.count;
+  return true;
 }
 
 }  // namespace
@@ -60,6 +139,16 @@ void random_bytes(uint8_t* out, size_t n) {
 SecretBytes::SecretBytes(size_t size) {
   if (size == 0) return;
   const size_t capacity = rounded_to_pages(size);
+  if (capacity == page_size()) {
+    void* cached = nullptr;
+    bool locked = false;
+    if (take_cached_page(cached, locked)) {
+      data_ = static_cast<uint8_t*>(cached);  // all zeros, locked as recorded
+      size_ = size;
+      locked_ = locked;
+      return;
+    }
+  }
   void* p = std::aligned_alloc(page_size(), capacity);
   if (p == nullptr) throw std::bad_alloc();
   std::memset(p, 0, capacity);
@@ -111,12 +200,10 @@ SecretBytes SecretBytes::random(size_t size) {
 void SecretBytes::release() noexcept {
   if (data_ != nullptr) {
     const size_t capacity = (size_ + page_size() - 1) / page_size() * page_size();
-    OPENSSL_cleanse(data_, capacity);
-#ifdef MADV_DODUMP
-    (void)madvise(data_, capacity, MADV_DODUMP);
-#endif
-    if (locked_) (void)munlock(data_, capacity);
-    std::free(data_);
+    OPENSSL_cleanse(data_, capacity);  // a cached page must be all zeros
+    if (capacity != page_size() || !cache_page(data_, locked_)) {
+      release_pages(data_, capacity, locked_);
+    }
   }
   data_ = nullptr;
   size_ = 0;

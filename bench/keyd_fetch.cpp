@@ -1,0 +1,128 @@
+// colcrypt-bench-keyd: cold key fetch latency against a running colcrypt-keyd.
+// "Cold" is what a backend with an empty key cache pays: a fresh connection
+// and one fetch per request (keyd::Client connects per exchange). CLIENTS
+// threads start together and each makes REQUESTS fetches back to back; the
+// latency of every fetch (connect, send, receive) is recorded.
+// OP is "primary" (what encryption fetches: keyd charges the use to the key)
+// or "version" (what decryption fetches: a given key id and version).
+//
+//   colcrypt-bench-keyd SOCKET KEY_NAME CLIENTS REQUESTS [primary|version]
+// prints one line:  requests=N errors=E p50_us=X p99_us=Y max_us=Z
+// and exits 1 when any fetch failed (the first error goes to stderr).
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "keyd/client.hpp"
+
+namespace {
+
+double percentile(const std::vector<double>& sorted, double p) {
+  if (sorted.empty()) return 0;
+  const size_t rank = static_cast<size_t>(p * static_cast<double>(sorted.size() - 1) + 0.5);
+  return sorted[std::min(rank, sorted.size() - 1)];
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 5 && argc != 6) {
+    std::fprintf(stderr, "usage: %s SOCKET KEY_NAME CLIENTS REQUESTS [primary|version]\n", argv[0]);
+    return 2;
+  }
+  const std::string socket_path = argv[1];
+  const std::string key_name = argv[2];
+  const int clients = std::atoi(argv[3]);
+  const int requests = std::atoi(argv[4]);
+  const std::string op = argc == 6 ? argv[5] : "primary";
+  if (clients <= 0 || requests <= 0 || (op != "primary" && op != "version")) {
+    std::fprintf(stderr, "CLIENTS and REQUESTS must be positive, OP primary or version\n");
+    return 2;
+  }
+  colcrypt::KeyId key_id{};
+  uint32_t key_version = 0;
+  if (op == "version") {
+    try {
+      colcrypt::keyd::ClientOptions options;
+      options.socket_path = socket_path;
+      colcrypt::keyd::Client client(std::move(options));
+      const colcrypt::wire::KeyReply reply = client.fetch_primary(key_name);
+      key_id = reply.id;
+      key_version = reply.version;
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "colcrypt-bench-keyd: cannot fetch key '%s': %s\n", key_name.c_str(),
+                   e.what());
+      return 1;
+    }
+  }
+
+  std::vector<std::vector<double>> latencies(static_cast<size_t>(clients));
+  std::atomic<int> errors{0};
+  std::mutex mu;
+  std::condition_variable cv;
+  std::string first_error;
+  int ready = 0;
+  bool go = false;
+
+  std::vector<std::thread> threads;
+  for (int t = 0; t < clients; ++t) {
+    threads.emplace_back([&, t] {
+      auto& mine = latencies[static_cast<size_t>(t)];
+      mine.reserve(static_cast<size_t>(requests));
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        ++ready;
+        cv.notify_all();
+        cv.wait(lock, [&] { return go; });
+      }
+      for (int i = 0; i < requests; ++i) {
+        const auto start = std::chrono::steady_clock::now();
+        try {
+          colcrypt::keyd::ClientOptions options;
+          options.socket_path = socket_path;
+          options.timeout_ms = 10000;
+          colcrypt::keyd::Client client(std::move(options));
+          colcrypt::wire::KeyReply reply = op == "primary"
+                                               ? client.fetch_primary(key_name)
+                                               : client.fetch_version(key_id, key_version);
+          if (reply.key.size() != 32) throw std::runtime_error("key of the wrong size");
+        } catch (const std::exception& e) {
+          if (errors.fetch_add(1) == 0) {
+            std::lock_guard<std::mutex> lock(mu);
+            first_error = e.what();
+          }
+          continue;
+        }
+        const auto end = std::chrono::steady_clock::now();
+        mine.push_back(std::chrono::duration<double, std::micro>(end - start).count());
+      }
+    });
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return ready == clients; });
+    go = true;
+  }
+  cv.notify_all();
+  for (auto& th : threads) th.join();
+
+  std::vector<double> all;
+  for (const auto& v : latencies) all.insert(all.end(), v.begin(), v.end());
+  std::sort(all.begin(), all.end());
+  std::printf("requests=%zu errors=%d p50_us=%.1f p99_us=%.1f max_us=%.1f\n", all.size(),
+              errors.load(), percentile(all, 0.50), percentile(all, 0.99),
+              all.empty() ? 0.0 : all.back());
+  if (errors.load() > 0) {
+    std::fprintf(stderr, "colcrypt-bench-keyd: %d fetches failed; first: %s\n", errors.load(),
+                 first_error.c_str());
+    return 1;
+  }
+  return 0;
+}
