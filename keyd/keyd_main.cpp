@@ -247,6 +247,15 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
       }
       throw;
     }
+    // A store made for tests must not quietly guard production keys.
+    if (store->kek_source() == MasterSecret::Kind::Password &&
+        store->pbkdf2_iterations() < kMinPbkdf2Iterations && !o.insecure_fast_kdf) {
+      throw UsageError("key store " + store_dir + " uses only " +
+                       std::to_string(store->pbkdf2_iterations()) +
+                       " PBKDF2 iterations (a test setting); open it with --insecure-fast-kdf, "
+                       "or move its keys to a store with at least " +
+                       std::to_string(kMinPbkdf2Iterations));
+    }
     if (o.pbkdf2_iterations && store->kek_source() == MasterSecret::Kind::Password &&
         store->pbkdf2_iterations() != iterations) {
       log_info("--pbkdf2-iterations only applies to new stores; this one uses " +
