@@ -329,9 +329,28 @@ void Server::listen() {
     int err = errno;
     throw Error(Errc::Io, "cannot create socket directory " + dir + ": " + errno_text(err));
   } else {
+    // Whoever can write the directory can put their own socket at this path
+    // while keyd is down, and backends would fetch keys from it (encrypting
+    // under an attacker's key). So the directory must be keyd's (or root's)
+    // and writable by nobody else, like ssh-agent's.
     struct stat st {};
-    if (::stat(dir.c_str(), &st) == 0 && (st.st_mode & S_IWOTH) && !(st.st_mode & S_ISVTX)) {
-      log_warning("socket directory " + dir + " is writable by others; use a private directory");
+    if (::lstat(dir.c_str(), &st) != 0) {
+      int err = errno;
+      throw Error(Errc::Io, "cannot inspect socket directory " + dir + ": " + errno_text(err));
+    }
+    if (!S_ISDIR(st.st_mode)) {
+      throw Error(Errc::InsecurePermissions, "socket directory " + dir + " is not a directory");
+    }
+    if (st.st_uid != ::geteuid() && st.st_uid != 0) {
+      throw Error(Errc::InsecurePermissions,
+                  "socket directory " + dir + " belongs to uid " + std::to_string(st.st_uid) +
+                      "; it must belong to colcrypt-keyd's user or root");
+    }
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+      throw Error(Errc::InsecurePermissions,
+                  "socket directory " + dir +
+                      " is writable by group or others; put the socket in a private directory "
+                      "(e.g. /run/colcrypt)");
     }
   }
 
