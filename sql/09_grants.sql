@@ -58,6 +58,10 @@ SET ROLE regress_cc_reader;
 SELECT id, secret::text FROM vault ORDER BY id;
 UPDATE vault SET secret = 'changed' WHERE id = 1;
 \echo :SQLSTATE
+-- arguments swapped by mistake: the "key name" is a plaintext, and neither the
+-- error nor the denial reported to keyd may repeat it
+SELECT colcrypt.encrypt_field('regress_key', '123-45-6789 secret');
+\echo :SQLSTATE
 -- a sealed value of the column written back is checked with the encrypt privilege as well
 UPDATE vault SET secret = (SELECT colcrypt.ciphertext(secret) FROM vault WHERE id = 1) WHERE id = 1;
 \echo :SQLSTATE

@@ -374,6 +374,16 @@ const ColumnKey& column_key(int32_t typmod) {
 }
 
 void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivilege privilege) {
+  // First, and without echoing it: a "name" that is not one may be a
+  // plaintext passed in the wrong argument, and the denial below would put
+  // it into the error, the server log and keyd's audit log.
+  bool valid = false;
+  guarded(ValueOrigin::Stored,
+          [&] { valid = valid_key_name(std::string_view(key_name, key_name_size)); });
+  if (!valid)
+    ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("invalid colcrypt key name"),
+                    errdetail("Key names are 1 to 63 characters from A-Z, a-z, 0-9, '_', '.' "
+                              "and '-', and do not start with '.' or '-'.")));
   if (superuser()) return;
   char key[64];
   if (key_name_size >= sizeof key) key_name_size = sizeof key - 1;
