@@ -60,16 +60,20 @@ std::string where_old(pqxx::transaction_base& t, const Column& c) {
 int64_t count_old(pqxx::transaction_base& t, const Column& c, const std::string& key_id,
                   int target) {
   return t
-      .exec_params("SELECT count(*) FROM " + c.qualified(t) + " WHERE " + where_old(t, c), key_id,
+      .exec_params("SELECT count(*) FROM ONLY " + c.qualified(t) + " WHERE " + where_old(t, c),
+                   key_id,
                    target)[0][0]
       .as<int64_t>();
 }
 
 void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
 
+// The first line only: libpq's DETAIL lines can quote row contents ("Failing
+// row contains ..."), which must not reach keyd's log or rotation_progress.
 std::string short_error(const std::exception& e) {
   std::string text = e.what();
-  while (!text.empty() && (text.back() == '\n' || text.back() == ' ')) text.pop_back();
+  text = text.substr(0, text.find('\n'));
+  while (!text.empty() && text.back() == ' ') text.pop_back();
   if (text.size() > 500) text.resize(500);
   return text;
 }
@@ -227,8 +231,8 @@ class Job {
     // version of this key, only rows nobody else holds: no table lock, no
     // waiting, and rewrap inside the backend.
     pqxx::result updated = t.exec_params(
-        "UPDATE " + table + " SET " + col + " = colcrypt.rewrap(" + col + ")" +
-            " WHERE ctid = ANY(ARRAY(SELECT ctid FROM " + table +
+        "UPDATE ONLY " + table + " SET " + col + " = colcrypt.rewrap(" + col + ")" +
+            " WHERE ctid = ANY(ARRAY(SELECT ctid FROM ONLY " + table +
             " WHERE ctid >= $3::tid AND ctid < $4::tid AND " + where_old(t, c) +
             " FOR UPDATE SKIP LOCKED))",
         key_id_, target_, "(" + std::to_string(block) + ",0)", "(" + std::to_string(end) + ",0)");
