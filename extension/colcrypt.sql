@@ -90,7 +90,9 @@ CREATE TYPE colcrypt.encrypted (
     TYPMOD_OUT = colcrypt.encrypted_typmod_out,
     INTERNALLENGTH = VARIABLE,
     ALIGNMENT = int4,
-    STORAGE = extended
+    -- Ciphertext does not compress: store large values out of line without
+    -- spending time on a compression attempt.
+    STORAGE = external
 );
 
 COMMENT ON TYPE colcrypt.encrypted IS
