@@ -18,8 +18,11 @@
 #   BENCH_KEYD_CLIENTS [64]      concurrent keyd clients
 #   BENCH_KEYD_REQUESTS [50]     cold fetches per keyd client and repetition
 #   BENCH_CORE_MIN_TIME [0.2]    seconds per Google Benchmark measurement
-#   BENCH_KEYD_MAX_USES [keyd's default]  encryptions per key version before keyd
-#                                rotates (ENCRYPTION_MAX_USES_PER_VERSION for the sandbox keyd)
+#   BENCH_KEYD_MAX_USES [268435456]  encryptions per key version before keyd
+#                                rotates (ENCRYPTION_MAX_USES_PER_VERSION for the sandbox
+#                                keyd). The default is docs/rotation.md's production value,
+#                                2^28, not keyd's demo default of 10,000, which would rotate
+#                                the key ~100 times in a 1,000,000-row load
 #   BENCH_DIR [/tmp/colcrypt-bench]   scratch directory (the sandbox lives in it)
 #   BENCH_PORT [54391]
 #   BENCH_OUT [bench/RESULTS.md]  BENCH_CHART [bench/results.png]
@@ -39,6 +42,7 @@ PGB_SECONDS=${BENCH_PGBENCH_SECONDS:-8}
 PGB_CLIENTS=${BENCH_PGBENCH_CLIENTS:-8}
 KEYD_CLIENTS=${BENCH_KEYD_CLIENTS:-64}
 KEYD_REQUESTS=${BENCH_KEYD_REQUESTS:-50}
+KEYD_MAX_USES=${BENCH_KEYD_MAX_USES:-268435456}
 CORE_MIN_TIME=${BENCH_CORE_MIN_TIME:-0.2}
 WORK=${BENCH_DIR:-/tmp/colcrypt-bench}
 PORT=${BENCH_PORT:-54391}
@@ -58,7 +62,7 @@ say() { printf '\n==> %s\n' "$*"; }
 die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (sudo make bench): the sandbox starts postgres as the postgres user"
 for n in "$SHORT_ROWS" "$LONG_ROWS" "$PGP_ROWS" "$REPS" "$PGB_SECONDS" "$PGB_CLIENTS" \
-  "$KEYD_CLIENTS" "$KEYD_REQUESTS"; do
+  "$KEYD_CLIENTS" "$KEYD_REQUESTS" "$KEYD_MAX_USES"; do
   [[ $n =~ ^[1-9][0-9]*$ ]] || die "sizes must be positive integers (got '$n')"
 done
 started_at=$(date -u +%s)
@@ -93,11 +97,7 @@ mkdir -p "$WORK"
 chmod 0755 "$WORK"
 rm -f "$raw" "$meta"
 export COLCRYPT_FAST_KDF=1 PG_BIN
-if [ -n "${BENCH_KEYD_MAX_USES:-}" ]; then
-  export ENCRYPTION_MAX_USES_PER_VERSION=$BENCH_KEYD_MAX_USES
-else
-  unset ENCRYPTION_MAX_USES_PER_VERSION
-fi
+export ENCRYPTION_MAX_USES_PER_VERSION=$KEYD_MAX_USES
 cleanup() {
   local rc=$?
   if [ $rc -ne 0 ]; then
@@ -153,10 +153,10 @@ note compiler "$(${CXX:-c++} --version 2>/dev/null | head -n 1)"
 note commit "$(git -C "$src" rev-parse --short HEAD 2>/dev/null || echo none)$(git -C "$src" diff --quiet HEAD 2>/dev/null || echo ' + uncommitted changes')"
 note load_start "$(cut -d' ' -f1-3 /proc/loadavg)"
 note started "$(date -u '+%Y-%m-%d %H:%M UTC')"
-note command "$(printf '%s ' PG_CONFIG="$PG_CONFIG" BENCH_SHORT_ROWS="$SHORT_ROWS" BENCH_LONG_ROWS="$LONG_ROWS" BENCH_PGP_ROWS="$PGP_ROWS" BENCH_REPS="$REPS" BENCH_PGBENCH_SECONDS="$PGB_SECONDS" BENCH_PGBENCH_CLIENTS="$PGB_CLIENTS" BENCH_KEYD_CLIENTS="$KEYD_CLIENTS" BENCH_KEYD_REQUESTS="$KEYD_REQUESTS")make bench"
+note command "$(printf '%s ' PG_CONFIG="$PG_CONFIG" BENCH_SHORT_ROWS="$SHORT_ROWS" BENCH_LONG_ROWS="$LONG_ROWS" BENCH_PGP_ROWS="$PGP_ROWS" BENCH_REPS="$REPS" BENCH_PGBENCH_SECONDS="$PGB_SECONDS" BENCH_PGBENCH_CLIENTS="$PGB_CLIENTS" BENCH_KEYD_CLIENTS="$KEYD_CLIENTS" BENCH_KEYD_REQUESTS="$KEYD_REQUESTS" BENCH_KEYD_MAX_USES="$KEYD_MAX_USES")make bench"
 note pgp_rows "$PGP_ROWS"
 note keyd_clients "$KEYD_CLIENTS"
-note keyd_max_uses "${BENCH_KEYD_MAX_USES:-keyd default}"
+note keyd_max_uses "$KEYD_MAX_USES$([ "$KEYD_MAX_USES" = 268435456 ] && echo ' (2^28, the production value of docs/rotation.md; BENCH_KEYD_MAX_USES)')"
 note sizes "short=$SHORT_ROWS long=$LONG_ROWS pgp=$PGP_ROWS reps=$REPS pgbench=${PGB_SECONDS}s/${PGB_CLIENTS}c keyd=${KEYD_CLIENTS}x${KEYD_REQUESTS}"
 
 # ------------------------------------------------------------------ data

@@ -121,8 +121,8 @@ AuditLog::AuditLog(std::string path, SecretBytes mac_key)
   } else if (!tail.empty()) {
     problem = "its head file is missing";
   }
-  seq_ = log_seq;
-  last_mac_ = log_mac;
+  seq_ = committed_seq_ = log_seq;
+  last_mac_ = committed_mac_ = log_mac;
   if (!problem.empty()) {
     log_error("audit log " + path_ + " is inconsistent: " + problem +
               "; recording a chain break (audit verify will fail)");
@@ -131,15 +131,14 @@ AuditLog::AuditLog(std::string path, SecretBytes mac_key)
       write_all(fd_, "\n");
     }
     append({{"event", "audit-chain-break"}, {"problem", problem}});
-  } else if (!head_exists) {
-    write_head();
   }
   import_pending();
+  sync();  // also writes the head when there was none (a new, empty log)
 }
 
 AuditLog::~AuditLog() {
   if (fd_ >= 0) {
-    ::fdatasync(fd_);
+    sync();
     ::close(fd_);
   }
 }
@@ -150,34 +149,105 @@ void AuditLog::append(json event) {
   event.erase("mac");
   const std::string mac = audit_entry_mac(key_.view(), last_mac_, event);
   event["mac"] = mac;
-  const std::string line = event.dump(-1, ' ', false, json::error_handler_t::replace) + "\n";
-  if (!write_all(fd_, line)) {
-    int err = errno;
-    ++write_failures_;
-    log_error("cannot append to audit log " + path_ + ": " + errno_text(err));
-    return;
-  }
+  batch_ += event.dump(-1, ' ', false, json::error_handler_t::replace);
+  batch_ += '\n';
+  ++pending_entries_;
   ++seq_;
   last_mac_ = mac;
-  write_head();
+}
+
+bool AuditLog::write_batch() {
+  if (batch_.empty()) return true;
+  struct stat st {};
+  const bool sized = ::fstat(fd_, &st) == 0;
+  if (!write_all(fd_, batch_)) {
+    int err = errno;
+    write_failures_ += pending_entries_;
+    log_error("cannot append to audit log " + path_ + ": " + errno_text(err) + "; entries " +
+              std::to_string(committed_seq_ + 1) + " to " + std::to_string(seq_) +
+              " are lost and the chain goes on from entry " + std::to_string(committed_seq_));
+    // No partial line: later entries must still parse and chain.
+    if (sized && ::ftruncate(fd_, st.st_size) != 0) {
+      log_error("cannot cut audit log " + path_ + " back to its last whole entry");
+    }
+    seq_ = committed_seq_;
+    last_mac_ = committed_mac_;
+    batch_.clear();
+    pending_entries_ = 0;
+    return false;
+  }
+  batch_.clear();
+  pending_entries_ = 0;
+  committed_seq_ = seq_;
+  committed_mac_ = last_mac_;
+  if (::fdatasync(fd_) != 0) {
+    int err = errno;
+    ++write_failures_;
+    log_error("cannot fdatasync audit log " + path_ + ": " + errno_text(err));
+    return false;
+  }
+  return true;
+}
+
+bool AuditLog::commit() {
+  if (batch_.empty()) return true;
+  const bool written = write_batch();
+  // After a failed write the head names the last entry that is in the file.
+  const bool head = write_head(false);
+  return written && head;
 }
 
 void AuditLog::sync() {
-  if (fd_ >= 0) ::fdatasync(fd_);
+  if (fd_ < 0) return;
+  if (batch_.empty()) {
+    if (::fdatasync(fd_) != 0) {
+      int err = errno;
+      ++write_failures_;
+      log_error("cannot fdatasync audit log " + path_ + ": " + errno_text(err));
+    }
+  } else {
+    write_batch();
+  }
+  write_head(true);
 }
 
-void AuditLog::write_head() {
+bool AuditLog::write_head(bool durable) {
   json head = {
       {"seq", seq_}, {"mac", last_mac_}, {"head_mac", head_mac(key_.view(), seq_, last_mac_)}};
   const std::string tmp = path_ + ".head.tmp";
   const std::string dst = path_ + ".head";
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-  if (fd < 0 || !write_all(fd, head.dump() + "\n") || ::close(fd) != 0 ||
-      ::rename(tmp.c_str(), dst.c_str()) != 0) {
-    int err = errno;
+  bool ok = fd >= 0 && write_all(fd, head.dump() + "\n") && (!durable || ::fdatasync(fd) == 0);
+  int err = errno;
+  if (fd >= 0 && ::close(fd) != 0 && ok) {
+    ok = false;
+    err = errno;
+  }
+  if (ok && ::rename(tmp.c_str(), dst.c_str()) != 0) {
+    ok = false;
+    err = errno;
+  }
+  if (!ok) {
     ++write_failures_;
     log_error("cannot write audit head " + dst + ": " + errno_text(err));
+    return false;
   }
+  if (durable) {
+    // The rename is durable once the directory is.
+    const auto slash = dst.find_last_of('/');
+    const std::string dir =
+        slash == std::string::npos ? "." : (slash == 0 ? "/" : dst.substr(0, slash));
+    int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0 || ::fsync(dfd) != 0) {
+      err = errno;
+      ++write_failures_;
+      log_error("cannot fsync directory " + dir + " of audit head: " + errno_text(err));
+      if (dfd >= 0) ::close(dfd);
+      return false;
+    }
+    ::close(dfd);
+  }
+  return true;
 }
 
 void AuditLog::import_pending() {
@@ -202,7 +272,7 @@ void AuditLog::import_pending() {
     event.erase("seq");
     append(std::move(event));
   }
-  sync();
+  sync();  // chained and on disk before the unauthenticated copy goes
   ::unlink(pending.c_str());
 }
 

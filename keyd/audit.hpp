@@ -8,8 +8,13 @@
 // with mac(0) = "" and K = HKDF-SHA256(KEK, info "colcrypt-audit-mac-v1"), so
 // only a holder of the master secret can write or check a chain. A sidecar
 // file PATH.head holds the last seq and mac, itself MACed, replaced
-// atomically after every append: it exposes a truncated tail (a removed last
-// entry re-chains nothing, but the head still names it).
+// atomically (rename) after every batch of appends: it exposes a truncated
+// tail (a removed last entry re-chains nothing, but the head still names it).
+//
+// Group commit: append() chains an entry in memory; commit() writes every
+// entry appended since the last commit with one write(), fdatasyncs the log
+// once and replaces the head once. keyd's poll loop commits once per
+// iteration, before it sends any reply (docs/rotation.md, "Audit trail").
 //
 // A failed unlock happens before keyd has K: it is written, unauthenticated,
 // to PATH.pending and moved into the chain by the next successful start.
@@ -42,12 +47,22 @@ class AuditLog {
   AuditLog(const AuditLog&) = delete;
   AuditLog& operator=(const AuditLog&) = delete;
 
-  // Appends one event: `event` is an object; "seq", "time" and "mac" are set
-  // here. Failures to write are logged, never thrown (keyd keeps serving),
-  // and counted in write_failures().
+  // Appends one event to the current batch: `event` is an object; "seq",
+  // "time" and "mac" are set here. Nothing reaches the file before commit().
   void append(nlohmann::json event);
-  // fdatasync of the log (after admin actions and on the flush tick).
+  // Writes the batch with one write(), fdatasyncs the log, then replaces the
+  // head once. Does nothing when no entry is pending. Failures are logged,
+  // never thrown (keyd keeps serving), and counted in write_failures(); a
+  // batch that could not be written is dropped from the chain (the file is
+  // cut back to its last whole entry) so that later entries still chain.
+  // Returns false when the batch is not known to be on disk.
+  bool commit();
+  // commit(), then the log and the head are made durable (the head with a
+  // synced temp file and directory): after admin actions, on the flush tick
+  // and at stop.
   void sync();
+  // Entries appended but not yet committed.
+  size_t pending() const { return pending_entries_; }
 
   const std::string& path() const { return path_; }
   uint64_t last_seq() const { return seq_; }
@@ -60,14 +75,19 @@ class AuditLog {
   static void record_pending(const std::string& path, nlohmann::json event);
 
  private:
-  void write_head();
+  bool write_batch();  // write + fdatasync of batch_; false on failure
+  bool write_head(bool durable);
   void import_pending();
 
   std::string path_;
   SecretBytes key_;
   int fd_ = -1;
-  uint64_t seq_ = 0;
-  std::string last_mac_;
+  uint64_t seq_ = 0;            // last entry chained (committed or pending)
+  std::string last_mac_;        // its mac
+  uint64_t committed_seq_ = 0;  // last entry written by commit()
+  std::string committed_mac_;
+  std::string batch_;  // lines appended since the last commit
+  size_t pending_entries_ = 0;
   uint64_t write_failures_ = 0;
 };
 

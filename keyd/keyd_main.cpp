@@ -127,7 +127,7 @@ struct Options {
   int rotation_check_interval_s = 60;
   int64_t day_seconds = 86400;
   std::optional<uint64_t> max_uses_per_version;
-  uint32_t max_block_uses = 1024;
+  uint32_t max_block_uses = kDefaultMaxBlockUses;
   bool sql_rotate = false;
   std::vector<std::string> databases;
   int job_poll_interval_ms = 2000;
@@ -364,7 +364,8 @@ int main(int argc, char** argv) {
                  "encryptions per key version before rotation, for new keys (default: "
                  "$ENCRYPTION_MAX_USES_PER_VERSION, else 10000)");
   app.add_option("--max-block-uses", o.max_block_uses,
-                 "most encryptions one backend fetch is granted (default 1024)")
+                 "most encryptions one backend fetch is granted (default 65536; a block "
+                 "is also cut to max(1024, the key's cap / 64))")
       ->check(CLI::Range(1, 1 << 24));
   app.add_option("--database", o.databases,
                  "libpq connection string of a database whose encrypted columns keyd "

@@ -407,16 +407,19 @@ void Server::queue(Connection& c, const std::vector<uint8_t>& frame) {
 }
 
 void Server::accept_all() {
+  // Refusals are sent once their audit entries are committed (below).
+  std::vector<std::pair<int, std::vector<uint8_t>>> refusals;
+  const size_t first_new = connections_.size();
   for (;;) {
     int fd = ::accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) {
       int err = errno;
       if (err == EINTR) continue;
-      if (err == EAGAIN || err == EWOULDBLOCK) return;
+      if (err == EAGAIN || err == EWOULDBLOCK) break;
       if (err == ECONNABORTED || err == EPROTO) continue;
       // EMFILE and friends: log and retry on the next loop turn.
       log_error("accept failed: " + errno_text(err));
-      return;
+      break;
     }
     struct ucred cred {};
     socklen_t len = sizeof cred;
@@ -427,11 +430,7 @@ void Server::accept_all() {
       continue;
     }
     auto reject = [&](wire::FailureCode code, const std::string& message) {
-      // Best effort: the reply fits an empty socket buffer, so this never blocks.
-      auto frame = wire::encode_failure(code, message);
-      ssize_t ignored = ::send(fd, frame.data(), frame.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
-      (void)ignored;
-      ::close(fd);
+      refusals.emplace_back(fd, wire::encode_failure(code, message));
     };
     if (!allowed(cred.uid)) {
       log_warning("refused peer " + peer_text(cred.uid, cred.pid));
@@ -450,9 +449,21 @@ void Server::accept_all() {
     c->uid = cred.uid;
     c->pid = cred.pid;
     c->last_activity = Clock::now();
-    log_debug("accepted peer " + peer_text(c->uid, c->pid));
+    if (log_level() >= LogLevel::Debug) log_debug("accepted peer " + peer_text(c->uid, c->pid));
     connections_.push_back(std::move(c));
   }
+  if (!refusals.empty()) {
+    if (audit_) audit_->commit();
+    for (auto& [fd, frame] : refusals) {
+      // Best effort: the reply fits an empty socket buffer, so this never blocks.
+      ssize_t ignored = ::send(fd, frame.data(), frame.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+      (void)ignored;
+      ::close(fd);
+    }
+  }
+  // A new peer usually sent its request right after connecting: handle it in
+  // this loop turn (its reply goes out after this turn's commit).
+  for (size_t i = first_new; i < connections_.size(); ++i) handle_readable(*connections_[i]);
 }
 
 void Server::handle_readable(Connection& c) {
@@ -503,6 +514,13 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
         std::string name = block ? wire::decode_fetch_primary_block(ByteView(body), wanted)
                                  : wire::decode_fetch_primary(ByteView(body));
         wanted = std::min(wanted, config_.max_block_uses);
+        if (const KeyRecord* k = store_.find(name)) {
+          // Blocks are charged whole: one never exceeds 1/64 of the key's cap
+          // (what exiting backends take with them stays small), but 1024 is
+          // always allowed (small caps).
+          const uint64_t share = std::max<uint64_t>(kMinBlockCeiling, k->max_uses_per_version / 64);
+          wanted = static_cast<uint32_t>(std::min<uint64_t>(wanted, share));
+        }
         json entry = {{"event", "fetch"},
                       {"op", block ? "primary-block" : "primary"},
                       {"uid", c.uid},
@@ -971,6 +989,8 @@ int Server::run() {
     if (rc > 0 && (fds[0].revents & POLLIN)) drain_signals();
     if (stopping_) break;
     if (rc > 0) {
+      // Group commit (docs/rotation.md, "Audit trail"): first every ready
+      // request is handled and its reply queued, ...
       const size_t polled = fds.size() - kFixed;
       for (size_t i = 0; i < polled; ++i) {
         Connection& c = *connections_[i];
@@ -981,10 +1001,15 @@ int Server::run() {
           else if (revents & (POLLHUP | POLLERR))
             c.dead = true;
         }
-        if (!c.dead && !c.out.empty()) handle_writable(c);
-        if (c.read_closed && c.out.empty()) c.dead = true;
       }
       if (fds[1].revents & POLLIN) accept_all();
+    }
+    // ... then their audit entries are written and fdatasynced once, and the
+    // head replaced once, and only then do the replies (keys) go out.
+    if (audit_) audit_->commit();
+    for (auto& c : connections_) {
+      if (!c->dead && !c->out.empty()) handle_writable(*c);
+      if (c->read_closed && c->out.empty()) c->dead = true;
     }
     now = Clock::now();
     for (auto& c : connections_) {
@@ -1009,6 +1034,7 @@ int Server::run() {
   jobs_.reset();  // stops the worker; an unfinished batch rolls back
   flush_store(true);
   audit({{"event", "stop"}});
+  if (audit_) audit_->sync();
   ::close(listen_fd_);
   listen_fd_ = -1;
   remove_socket();

@@ -23,6 +23,9 @@ class SocketUnavailable : public Error {
   explicit SocketUnavailable(const std::string& message) : Error(Errc::Io, message) {}
 };
 
+constexpr uint32_t kDefaultMaxBlockUses = 65536;
+constexpr uint32_t kMinBlockCeiling = 1024;
+
 struct ServerConfig {
   std::string socket_path;
   std::vector<uid_t> allow_uids;  // may fetch keys
@@ -37,7 +40,9 @@ struct ServerConfig {
   bool auto_rotation = true;           // ENCRYPTION_AUTO_ROTATION
   int rotation_check_interval_s = 60;  // how often the scheduler looks
   int64_t day_seconds = 86400;         // length of a rotation "day" (tests shorten it)
-  uint32_t max_block_uses = 1024;      // largest block one FetchPrimaryBlock gets
+  // Largest block one FetchPrimaryBlock gets; keyd also cuts a block to
+  // max(kMinBlockCeiling, the key's max_uses_per_version / 64).
+  uint32_t max_block_uses = kDefaultMaxBlockUses;
   // Peers on the fetch allowlist may also ask for "rotate" (the SQL function
   // colcrypt.rotate_key); nothing else of the admin protocol.
   bool sql_rotate = false;

@@ -49,7 +49,11 @@ void release_pages(void* p, size_t capacity, bool locked) noexcept {
 // holds each plaintext in one) would otherwise pay mlock, munlock and two
 // madvise system calls per value. A cached page is all zeros: it was zeroed
 // when acquired and every byte a SecretBytes exposed was wiped on release.
-constexpr size_t kCachedPages = 4;
+// The cache never holds more pages than the thread once had live at the same
+// time: a backend keeps a few; keyd's poll loop holds one key reply frame per
+// request of a group-committed batch until it sends them (64 pages = 256 KiB
+// locked at most, far below the usual 8 MiB RLIMIT_MEMLOCK).
+constexpr size_t kCachedPages = 64;
 
 struct PageCache {  // trivially destructible: valid until the thread is gone
   void* pages[kCachedPages];

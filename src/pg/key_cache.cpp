@@ -4,6 +4,7 @@
 
 #include <time.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <string>
@@ -86,11 +87,18 @@ struct PrimaryEntry {
   // Encryptions left of the block keyd charged for this fetch (issue 3): the
   // backend fetches again when it runs out, so a version never exceeds its cap.
   uint64_t uses_left = 0;
+  uint32_t asked = 0;  // the block size this fetch asked for
 };
 
-// Uses asked for per fetch. With a TTL of 0 nothing outlives the call, so a
-// larger block would be charged and thrown away.
+// Uses asked for per fetch: kUseBlock first; a backend that spends a whole
+// block before its cache entry expires (a bulk load) asks for twice as many
+// next time, up to kMaxUseBlock. keyd charges blocks whole and cuts them to
+// --max-block-uses and to 1/64 of the key's cap, so what a backend takes
+// with it when it exits stays a small share of a version. With a TTL of 0
+// nothing outlives the call, so a block would be charged and thrown away:
+// such a backend asks for 1.
 constexpr uint32_t kUseBlock = 1024;
+constexpr uint32_t kMaxUseBlock = 65536;
 
 std::string describe(const VersionRef& ref) {
   return "colcrypt key " + format_key_id(ref.id) + " version " + std::to_string(ref.version);
@@ -202,9 +210,14 @@ class KeyCache {
       return by_version(s, ref);
     }
     const std::string what = describe(name);
+    uint32_t ask = s.cache_ttl_s > 0 ? kUseBlock : 1;
+    if (s.cache_ttl_s > 0 && it != primaries_.end() && it->second.uses_left == 0 &&
+        fresh(it->second.fetched_ms, s.cache_ttl_s, now)) {
+      ask = std::min(kMaxUseBlock, std::max(kUseBlock, it->second.asked * 2));
+    }
     uint64_t granted = 0;
     wire::KeyReply reply = fetch(s, what, [&](keyd::Client& c) {
-      wire::KeyGrantReply grant = c.fetch_primary_block(name, s.cache_ttl_s > 0 ? kUseBlock : 1);
+      wire::KeyGrantReply grant = c.fetch_primary_block(name, ask);
       granted = grant.granted;
       return std::move(grant.key);
     });
@@ -218,7 +231,7 @@ class KeyCache {
     KeyEntry& entry = store(std::move(reply), s.cache_ttl_s, now);
     // store() may have evicted expired names (and invalidated `it`).
     auto [slot, inserted] = primaries_.insert_or_assign(
-        std::move(key), PrimaryEntry{ref, now, consume ? granted - 1 : granted});
+        std::move(key), PrimaryEntry{ref, now, consume ? granted - 1 : granted, ask});
     (void)inserted;
     last_primary_ = &*slot;
     return entry;

@@ -6,9 +6,11 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <future>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -322,4 +324,59 @@ TEST_CASE("wire: FetchPrimaryBlock and KeyGrant", "[wire][lifecycle]") {
   CHECK_THROWS_AS(wire::decode_key_grant(ByteView(key.data() + 5, key.size() - 5)), Error);
   CHECK_THROWS_AS(wire::decode_key_reply(ByteView(grant.data() + 5, grant.size() - 5)), Error);
   CHECK_THROWS_AS(wire::encode_key_grant(reply, 0), Error);
+}
+
+TEST_CASE("keyd server: a fetch reply leaves only once its audit entry is written",
+          "[keystore][server][lifecycle][audit]") {
+  const uid_t me = ::geteuid();
+  RunningKeyd keyd({}, {me});
+  keyd.admin({{"op", "create"}, {"name", "gc"}});
+  const wire::KeyReply primary = keyd.client().fetch_primary("gc");
+  const std::string log_path = keyd.store_dir() + "/audit.log";
+  auto fetch_entries = [&] {
+    std::ifstream in(log_path, std::ios::binary);
+    std::string line;
+    size_t n = 0;
+    while (std::getline(in, line)) {
+      if (line.find("\"op\":\"version\"") != std::string::npos) ++n;
+    }
+    return n;
+  };
+  // Many clients at once: keyd handles them in batches and commits each
+  // batch once; every reply a client holds must already be on file.
+  std::atomic<size_t> replied{0};
+  std::atomic<int> failures{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 16; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 5; ++i) {
+        try {
+          wire::KeyReply r = keyd.client().fetch_version(primary.id, primary.version);
+          const size_t mine = ++replied;
+          if (fetch_entries() < mine || r.key.size() != 32) ++failures;
+        } catch (const std::exception&) {
+          ++failures;
+        }
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  CHECK(failures == 0);
+  CHECK(fetch_entries() == 80);
+  CHECK(keyd.admin({{"op", "audit-verify"}})["ok"] == true);
+}
+
+TEST_CASE("keyd server: a block is at most 1/64 of the key's cap, never cut below 1024",
+          "[keystore][server][lifecycle]") {
+  const uid_t me = ::geteuid();
+  RunningKeyd keyd({}, {me});
+  keyd.admin({{"op", "create"}, {"name", "big"}, {"max_uses_per_version", uint64_t{1} << 28}});
+  keyd.admin({{"op", "create"}, {"name", "mid"}, {"max_uses_per_version", 1000000}});
+  keyd.admin({{"op", "create"}, {"name", "demo"}, {"max_uses_per_version", 10000}});
+  CHECK(keyd.client().fetch_primary_block("big", 100000).granted == kDefaultMaxBlockUses);
+  CHECK(keyd.client().fetch_primary_block("big", 2048).granted == 2048);
+  CHECK(keyd.client().fetch_primary_block("mid", 65536).granted == 1000000 / 64);
+  CHECK(keyd.client().fetch_primary_block("demo", 65536).granted == 1024);
+  json shown = keyd.admin({{"op", "show"}, {"name", "big"}});
+  CHECK(shown["usage_count"] == kDefaultMaxBlockUses + 2048);
 }

@@ -77,6 +77,15 @@ std::vector<std::string> lines_of(const std::string& text) {
   return lines;
 }
 
+// seq 1, 2, 3, ... in file order.
+bool log_is_chained_in_order(const std::vector<std::string>& lines) {
+  uint64_t expected = 1;
+  for (const auto& line : lines) {
+    if (json::parse(line)["seq"].get<uint64_t>() != expected++) return false;
+  }
+  return true;
+}
+
 std::string join(const std::vector<std::string>& lines) {
   std::string out;
   for (const auto& l : lines) out += l + "\n";
@@ -374,4 +383,41 @@ TEST_CASE("audit log: pending failed unlocks are chained at the next start", "[l
   CHECK(text.find("unlock-failed") != std::string::npos);
   CHECK(text.find("recorded_unauthenticated") != std::string::npos);
   CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
+}
+
+TEST_CASE("audit log: group commit writes a batch at once; an uncommitted batch breaks nothing",
+          "[lifecycle][audit]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  auto head_seq = [&] { return json::parse(slurp(dir.audit() + ".head"))["seq"].get<uint64_t>(); };
+  {
+    AuditLog log(dir.audit(), SecretBytes(key.view()));
+    for (int i = 0; i < 3; ++i) log.append({{"event", "fetch"}, {"pid", i}});
+    // Chained in memory, not yet in the file nor named by the head.
+    CHECK(log.last_seq() == 3);
+    CHECK(log.pending() == 3);
+    CHECK(slurp(dir.audit()).empty());
+    CHECK(head_seq() == 0);
+    CHECK(log.commit());
+    CHECK(log.pending() == 0);
+    CHECK(lines_of(slurp(dir.audit())).size() == 3);
+    CHECK(head_seq() == 3);
+    CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
+    CHECK(log.commit());  // nothing pending: nothing written
+    CHECK(lines_of(slurp(dir.audit())).size() == 3);
+
+    // A batch still in memory (keyd sends no reply before its commit) is
+    // simply absent after a crash: file and head agree on the committed part.
+    log.append({{"event", "fetch"}, {"pid", 3}});
+    log.append({{"event", "fetch"}, {"pid", 4}});
+    AuditVerdict before = AuditLog::verify(dir.audit(), key.view());
+    CHECK(before.ok);
+    CHECK(before.entries == 3);
+    log.sync();
+    CHECK(head_seq() == 5);
+  }
+  AuditVerdict v = AuditLog::verify(dir.audit(), key.view());
+  CHECK(v.ok);
+  CHECK(v.entries == 5);
+  CHECK(log_is_chained_in_order(lines_of(slurp(dir.audit()))));
 }
