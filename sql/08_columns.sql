@@ -179,15 +179,101 @@ SELECT colcrypt.decrypt_field('plaintext');
 \echo :SQLSTATE
 SELECT 'plaintext'::text::colcrypt.encrypted;
 \echo :SQLSTATE
--- a path no check covers (CREATE TABLE AS) stores a pending plaintext: it is
--- sealed under a key that lives only in the backend's memory, so the table
--- never holds the plaintext, and every use of it fails
+-- CREATE TABLE AS, SELECT INTO, materialized views: a plaintext would make a
+-- column without a key, so it is refused and no table is made
 CREATE TABLE ctas AS SELECT 'secret plaintext'::colcrypt.encrypted AS v;
+\echo :SQLSTATE
+CREATE TABLE ctas2 AS SELECT v FROM (SELECT 'secret plaintext'::colcrypt.encrypted AS v) s;
+\echo :SQLSTATE
+CREATE TABLE ctas2 AS SELECT 'a'::colcrypt.encrypted AS v UNION ALL SELECT 'b'::colcrypt.encrypted;
+\echo :SQLSTATE
+SELECT 'secret plaintext'::colcrypt.encrypted AS v INTO ctas2;
+\echo :SQLSTATE
+EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF)
+  CREATE TABLE ctas2 AS SELECT 'secret plaintext'::colcrypt.encrypted AS v;
+\echo :SQLSTATE
+DO $$ BEGIN CREATE TABLE ctas2 AS SELECT 'secret plaintext'::colcrypt.encrypted AS v; END $$;
+\echo :SQLSTATE
+-- (an event trigger planning its own queries first changes nothing)
+CREATE FUNCTION ddl_start() RETURNS event_trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM count(*) FROM pg_class; END $$;
+CREATE EVENT TRIGGER ddl_start ON ddl_command_start
+  WHEN TAG IN ('CREATE TABLE AS', 'SELECT INTO', 'CREATE MATERIALIZED VIEW')
+  EXECUTE FUNCTION ddl_start();
+CREATE TABLE ctas2 AS SELECT 'secret plaintext'::colcrypt.encrypted AS v;
+\echo :SQLSTATE
+DROP EVENT TRIGGER ddl_start;
+DROP FUNCTION ddl_start();
+CREATE MATERIALIZED VIEW mv AS SELECT 'secret plaintext'::colcrypt.encrypted AS v;
+\echo :SQLSTATE
+CREATE MATERIALIZED VIEW mv AS SELECT 'secret plaintext'::colcrypt.encrypted AS v WITH NO DATA;
+REFRESH MATERIALIZED VIEW mv;
+\echo :SQLSTATE
+SELECT ispopulated FROM pg_matviews WHERE matviewname = 'mv';
+DROP MATERIALIZED VIEW mv;
+SELECT count(*) AS tables_made FROM pg_class WHERE relname IN ('ctas', 'ctas2', 'mv');
+-- sealed values, and a key-bound column's type modifier, pass through
+CREATE TABLE ctas2 AS SELECT id, ssn, free FROM people;
+SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid = 'ctas2'::regclass AND attnum > 0 ORDER BY attnum;
+SELECT count(*) AS same FROM people p JOIN ctas2 c USING (id)
+ WHERE colcrypt.ciphertext(p.ssn) = colcrypt.ciphertext(c.ssn);
+CREATE TABLE ctas3 AS SELECT 'typed'::colcrypt.encrypted('regress_key', 'people.ssn') AS v;
+SELECT v::text FROM ctas3;
+DROP TABLE ctas2, ctas3;
+
+-- a domain over colcrypt.encrypted without a key is a column without a key
+CREATE DOMAIN enc_free AS colcrypt.encrypted;
+CREATE DOMAIN enc_keyed AS colcrypt.encrypted('regress_key', 'people.ssn');
+CREATE TABLE dom (id int, f enc_free, k enc_keyed);
+INSERT INTO dom (id, f) VALUES (1, 'plaintext');
+\echo :SQLSTATE
+UPDATE dom SET f = 'plaintext';
+\echo :SQLSTATE
+COPY dom (id, f) FROM STDIN;
+1	plaintext
+\.
+CREATE TABLE ctas2 AS SELECT 'plaintext'::enc_free AS v;
+\echo :SQLSTATE
+SELECT count(*) AS rows_stored FROM dom;
+INSERT INTO dom (id, f, k) VALUES (2, colcrypt.encrypt_field('sealed', 'regress_other', 'dom'),
+                                   'keyed plaintext');
+-- (reading a domain loses the type modifier: pass the column's context)
+SELECT colcrypt.decrypt_field(f, 'dom') AS f,
+       colcrypt.decrypt_field(k, 'colcrypt.column:people.ssn') AS k FROM dom;
+
+-- COPY FROM run by a function or a DO block refuses plaintext as well
+DO $$ BEGIN COPY people (id, free) FROM PROGRAM 'echo 20,plaintext' WITH (FORMAT csv); END $$;
+\echo :SQLSTATE
+CREATE FUNCTION copy_in() RETURNS void LANGUAGE plpgsql AS $$
+BEGIN COPY dom (id, f) FROM PROGRAM 'echo 3,plaintext' WITH (FORMAT csv); END $$;
+SELECT copy_in();
+\echo :SQLSTATE
+SELECT count(*) AS rows_with_free FROM people WHERE id = 20;
+SELECT count(*) AS rows_stored FROM dom;
+-- (into a key-bound column it encrypts)
+DO $$ BEGIN COPY dom (id, k) FROM PROGRAM 'echo 4,copied in a block' WITH (FORMAT csv); END $$;
+SELECT colcrypt.decrypt_field(k, 'colcrypt.column:people.ssn') FROM dom WHERE id = 4;
+DROP FUNCTION copy_in();
+
+-- ADD COLUMN with a plaintext default: the default would be stored as the
+-- column's value for every existing row
+ALTER TABLE dom ADD COLUMN d colcrypt.encrypted DEFAULT 'plaintext';
+\echo :SQLSTATE
+ALTER TABLE dom ADD COLUMN d enc_free DEFAULT 'plaintext';
+\echo :SQLSTATE
+SELECT count(*) AS columns_added FROM pg_attribute WHERE attrelid = 'dom'::regclass AND attname = 'd';
+-- (a key-bound column's default is sealed)
+ALTER TABLE dom ADD COLUMN d colcrypt.encrypted('regress_key', 'dom.d') DEFAULT 'keyed default'::text;
+SELECT DISTINCT d::text FROM dom;
+DROP TABLE dom;
+DROP DOMAIN enc_free, enc_keyed;
+
+-- the pending format itself: sealed under a key that lives only in the
+-- backend's memory, never the plaintext
 SELECT position(convert_to('secret', 'UTF8') IN v::bytea) AS plaintext_at,
        octet_length(v::bytea) > length('secret plaintext') AS longer
-  FROM ctas;
-SELECT v FROM ctas;
-\echo :SQLSTATE
+  FROM (SELECT 'secret plaintext'::colcrypt.encrypted AS v) s;
 DROP CAST (colcrypt.encrypted AS bytea);
 DROP CAST (bytea AS colcrypt.encrypted);
 
@@ -211,5 +297,5 @@ SELECT ssn::text FROM people_restored WHERE id = 1;
 
 DEALLOCATE ALL;
 DROP VIEW people_plain;
-DROP TABLE people, random_binding, staging, people_copy, other_column, legacy, big_legacy, ctas,
+DROP TABLE people, random_binding, staging, people_copy, other_column, legacy, big_legacy,
     people_restored;

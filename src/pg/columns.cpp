@@ -1,7 +1,9 @@
 // Key-bound columns: the type modifier of colcrypt.encrypted('key_name'
 // [, 'binding']), the casts that seal plaintext under a column's key, the
-// per-role key privileges, and the planner hook that keeps pending plaintext
-// out of columns without a key. docs/columns.md describes the design.
+// per-role key privileges, and the planner and utility hooks that keep
+// pending plaintext out of columns without a key (INSERT/UPDATE/MERGE, CREATE
+// TABLE AS and materialized views, COPY FROM at any nesting level, ADD COLUMN
+// defaults). docs/columns.md describes the design and what is not covered.
 //
 // Catalog access (colcrypt.column_keys, colcrypt.key_grants) runs through SPI
 // as the catalog's owner with search_path pinned to pg_catalog, so that no
@@ -19,6 +21,7 @@ extern "C" {
 
 #include "access/xact.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_inherits.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
@@ -39,6 +42,9 @@ extern "C" {
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "tcop/pquery.h"
+#include "tcop/utility.h"
+#include "access/relation.h"
+#include "access/tupdesc_details.h"
 #include "utils/syscache.h"
 }
 #pragma GCC diagnostic pop
@@ -285,8 +291,29 @@ bool lookup_privilege(Oid user, const char* key, KeyPrivilege privilege) {
 planner_hook_type previous_planner = nullptr;
 
 bool is_call_of(Node* node, Oid funcid) {
+  if (node != nullptr && IsA(node, RelabelType))
+    node = reinterpret_cast<Node*>(reinterpret_cast<RelabelType*>(node)->arg);
   return node != nullptr && IsA(node, FuncExpr) &&
          reinterpret_cast<FuncExpr*>(node)->funcid == funcid;
+}
+
+// True when a value of (type_oid, typmod) is a colcrypt.encrypted without a
+// key: the type itself or a domain over it, with no key in the type modifier.
+bool keyless(Oid type_oid, int32 typmod, Oid type) {
+  const Oid base = getBaseTypeAndTypmod(type_oid, &typmod);
+  return base == type && typmod < 0;
+}
+
+// require_sealed(expr), relabelled to expr's own type (a domain) if need be.
+Expr* require_sealed_call(Expr* expr, Oid type, Oid check) {
+  const Oid expr_type = exprType(reinterpret_cast<Node*>(expr));
+  const int32 expr_typmod = exprTypmod(reinterpret_cast<Node*>(expr));
+  Expr* call = reinterpret_cast<Expr*>(
+      makeFuncExpr(check, type, list_make1(expr), InvalidOid, InvalidOid, COERCE_EXPLICIT_CALL));
+  if (expr_type != type)
+    call = reinterpret_cast<Expr*>(
+        makeRelabelType(call, expr_type, expr_typmod, InvalidOid, COERCE_IMPLICIT_CAST));
+  return call;
 }
 
 void guard_targets(List* targets, Oid relid, Oid type, Oid check) {
@@ -298,10 +325,33 @@ void guard_targets(List* targets, Oid relid, Oid type, Oid check) {
     int32 atttypmod;
     Oid attcollation;
     get_atttypetypmodcoll(relid, tle->resno, &atttype, &atttypmod, &attcollation);
-    if (atttype != type || atttypmod >= 0) continue;
+    if (!keyless(atttype, atttypmod, type)) continue;
     if (is_call_of(reinterpret_cast<Node*>(tle->expr), check)) continue;
-    tle->expr = reinterpret_cast<Expr*>(makeFuncExpr(check, type, list_make1(tle->expr), InvalidOid,
-                                                     InvalidOid, COERCE_EXPLICIT_CALL));
+    tle->expr = require_sealed_call(tle->expr, type, check);
+  }
+}
+
+// The query of CREATE TABLE AS, SELECT INTO, CREATE MATERIALIZED VIEW and
+// REFRESH MATERIALIZED VIEW: every output column that would become a column
+// without a key gets require_sealed(). Output columns with a key keep their
+// type modifier (the coercion already sealed them).
+void guard_select(Query* query, Oid type, Oid check) {
+  ListCell* lc;
+  if (query->setOperations != nullptr) {
+    foreach (lc, query->rtable) {
+      RangeTblEntry* rte = lfirst_node(RangeTblEntry, lc);
+      if (rte->rtekind == RTE_SUBQUERY && rte->subquery != nullptr)
+        guard_select(rte->subquery, type, check);
+    }
+    return;
+  }
+  foreach (lc, query->targetList) {
+    TargetEntry* tle = lfirst_node(TargetEntry, lc);
+    if (tle->resjunk) continue;
+    Node* expr = reinterpret_cast<Node*>(tle->expr);
+    if (!keyless(exprType(expr), exprTypmod(expr), type)) continue;
+    if (is_call_of(expr, check)) continue;
+    tle->expr = require_sealed_call(tle->expr, type, check);
   }
 }
 
@@ -327,34 +377,125 @@ void guard_query(Query* query, Oid type, Oid check) {
   }
 }
 
+// The type colcrypt.encrypted and colcrypt.require_sealed(); false when the
+// extension is not installed in this database.
+bool guard_functions(Oid& type, Oid& check) {
+  const Oid ns = colcrypt_namespace(true);
+  if (!OidIsValid(ns)) return false;
+  type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid, CStringGetDatum("encrypted"),
+                         ObjectIdGetDatum(ns));
+  if (!OidIsValid(type)) return false;
+  Oid argtypes[1] = {type};
+  check = LookupFuncName(
+      list_make2(makeString(pstrdup("colcrypt")), makeString(pstrdup("require_sealed"))), 1,
+      argtypes, true);
+  return OidIsValid(check);
+}
+
+// CREATE TABLE AS / CREATE MATERIALIZED VIEW / REFRESH MATERIALIZED VIEW
+// statements running. While one runs, every SELECT planned gets the check:
+// its own query, and also any other (an event trigger's, a function's), which
+// costs a check of sealed values at most and never misses the statement's own
+// query.
+int table_from_select_depth = 0;
+// COPY FROM statements running (at any nesting level: in functions, DO blocks).
+int copy_from_depth = 0;
+
 PlannedStmt* colcrypt_planner(Query* parse, const char* query_string, int cursor_options,
                               ParamListInfo bound_params) {
-  const Oid ns = colcrypt_namespace(true);
-  if (OidIsValid(ns) && parse->commandType != CMD_SELECT && parse->commandType != CMD_UTILITY) {
-    const Oid type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid, CStringGetDatum("encrypted"),
-                                     ObjectIdGetDatum(ns));
-    if (OidIsValid(type)) {
-      Oid argtypes[1] = {type};
-      const Oid check = LookupFuncName(
-          list_make2(makeString(pstrdup("colcrypt")), makeString(pstrdup("require_sealed"))), 1,
-          argtypes, true);
-      if (OidIsValid(check)) guard_query(parse, type, check);
+  const bool table_from_select = table_from_select_depth > 0;
+  const bool writes = parse->commandType != CMD_SELECT && parse->commandType != CMD_UTILITY;
+  const bool select_into_table = table_from_select && parse->commandType == CMD_SELECT;
+  if (writes || select_into_table || parse->cteList != NIL) {
+    Oid type;
+    Oid check;
+    if (guard_functions(type, check)) {
+      // also a SELECT's data-modifying CTEs
+      guard_query(parse, type, check);
+      if (select_into_table) guard_select(parse, type, check);
     }
-  } else if (OidIsValid(ns) && parse->cteList != NIL) {
-    // SELECT with data-modifying CTEs
-    const Oid type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid, CStringGetDatum("encrypted"),
-                                     ObjectIdGetDatum(ns));
-    Oid argtypes[1] = {type};
-    const Oid check = OidIsValid(type)
-                          ? LookupFuncName(list_make2(makeString(pstrdup("colcrypt")),
-                                                      makeString(pstrdup("require_sealed"))),
-                                           1, argtypes, true)
-                          : InvalidOid;
-    if (OidIsValid(check)) guard_query(parse, type, check);
   }
   if (previous_planner != nullptr)
     return previous_planner(parse, query_string, cursor_options, bound_params);
   return standard_planner(parse, query_string, cursor_options, bound_params);
+}
+
+// A pending plaintext kept as the "missing value" of a column added with a
+// constant default (ALTER TABLE ... ADD COLUMN c colcrypt.encrypted DEFAULT
+// 'x'): refused, so that the ALTER TABLE fails.
+void check_missing_values(Oid relid, Oid type) {
+  List* relids = find_all_inheritors(relid, AccessShareLock, nullptr);
+  ListCell* lc;
+  foreach (lc, relids) {
+    Relation rel = relation_open(lfirst_oid(lc), AccessShareLock);
+    const TupleDesc desc = RelationGetDescr(rel);
+    if (desc->constr != nullptr && desc->constr->missing != nullptr) {
+      for (int i = 0; i < desc->natts; ++i) {
+        const Form_pg_attribute att = TupleDescAttr(desc, i);
+        const AttrMissing& missing = desc->constr->missing[i];
+        if (att->attisdropped || !missing.am_present) continue;
+        if (getBaseType(att->atttypid) != type) continue;
+        struct varlena* value = pg_detoast_datum_packed(
+            reinterpret_cast<struct varlena*>(DatumGetPointer(missing.am_value)));
+        if (colcrypt::pg::is_pending(bytes_of(value)))
+          ereport(ERROR,
+                  (errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+                   errmsg("plaintext cannot become colcrypt.encrypted without a key"),
+                   errdetail("The default of column \"%s\" is a plaintext, and the column has "
+                             "no key.",
+                             NameStr(att->attname)),
+                   errhint("Store it in a key-bound column, or use "
+                           "colcrypt.encrypt_field(value, 'key_name').")));
+      }
+    }
+    relation_close(rel, NoLock);
+  }
+}
+
+ProcessUtility_hook_type previous_utility = nullptr;
+
+void colcrypt_utility(PlannedStmt* pstmt, const char* query_string, bool read_only_tree,
+                      ProcessUtilityContext context, ParamListInfo params,
+                      QueryEnvironment* query_env, DestReceiver* dest, QueryCompletion* qc) {
+  Node* stmt = pstmt->utilityStmt;
+  volatile const bool copy_from =
+      IsA(stmt, CopyStmt) && reinterpret_cast<CopyStmt*>(stmt)->is_from;
+  Node* explained = IsA(stmt, ExplainStmt) ? reinterpret_cast<ExplainStmt*>(stmt)->query : nullptr;
+  if (explained != nullptr && IsA(explained, Query))
+    explained = reinterpret_cast<Query*>(explained)->utilityStmt;
+  volatile const bool table_from_select =
+      IsA(stmt, CreateTableAsStmt) || IsA(stmt, RefreshMatViewStmt) ||
+      (explained != nullptr && IsA(explained, CreateTableAsStmt));
+  if (copy_from) ++copy_from_depth;
+  if (table_from_select) ++table_from_select_depth;
+  PG_TRY();
+  {
+    if (previous_utility != nullptr)
+      previous_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
+    else
+      standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env,
+                              dest, qc);
+  }
+  PG_CATCH();
+  {
+    if (copy_from) --copy_from_depth;
+    if (table_from_select) --table_from_select_depth;
+    PG_RE_THROW();
+  }
+  PG_END_TRY();
+  if (copy_from) --copy_from_depth;
+  if (table_from_select) --table_from_select_depth;
+  if (IsA(stmt, AlterTableStmt)) {
+    const AlterTableStmt* alter = reinterpret_cast<AlterTableStmt*>(stmt);
+    Oid type;
+    Oid check;
+    if (alter->relation != nullptr &&
+        (alter->objtype == OBJECT_TABLE || alter->objtype == OBJECT_FOREIGN_TABLE) &&
+        guard_functions(type, check)) {
+      const Oid relid = RangeVarGetRelid(alter->relation, NoLock, true);
+      if (OidIsValid(relid)) check_missing_values(relid, type);
+    }
+  }
 }
 
 }  // namespace
@@ -481,6 +622,7 @@ void verify_for_column(int32_t typmod, ByteView envelope) {
 }
 
 bool in_copy_from() {
+  if (copy_from_depth > 0) return true;
   if (ActivePortal == nullptr || ActivePortal->commandTag != CMDTAG_COPY) return false;
   ListCell* lc;
   foreach (lc, ActivePortal->stmts) {
@@ -495,6 +637,8 @@ bool in_copy_from() {
 void install_column_hooks() {
   previous_planner = planner_hook;
   planner_hook = colcrypt_planner;
+  previous_utility = ProcessUtility_hook;
+  ProcessUtility_hook = colcrypt_utility;
 }
 
 }  // namespace colcrypt::pg

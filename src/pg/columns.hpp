@@ -54,12 +54,16 @@ struct varlena* seal_for_column(int32_t typmod, ByteView plaintext);
 // privilege, the column's key, and authentication with the column's binding.
 void verify_for_column(int32_t typmod, ByteView envelope);
 
-// True while the portal running is a COPY FROM: its input functions get the
-// column's real typmod, so -1 means a column without a key.
+// True while a COPY FROM runs (the portal's, or one run by a function or DO
+// block): its input functions get the column's real typmod, so -1 means a
+// column without a key.
 bool in_copy_from();
 
 // Installs the planner hook (require_sealed around values stored in columns
-// without a key). Called once from _PG_init.
+// without a key, and around the output of CREATE TABLE AS / materialized
+// views) and the utility hook (marks COPY FROM and CREATE TABLE AS while they
+// run; refuses a pending plaintext as an ADD COLUMN default). Called once from
+// _PG_init.
 void install_column_hooks();
 
 }  // namespace colcrypt::pg
