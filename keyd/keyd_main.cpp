@@ -131,6 +131,7 @@ struct Options {
   bool sql_rotate = false;
   std::vector<std::string> databases;
   int job_poll_interval_ms = 2000;
+  int64_t retire_grace_s = wire::kMaxKeyCacheTtlSeconds;
 };
 
 bool parse_on_off(const std::string& text, const char* what) {
@@ -212,6 +213,7 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
   config.sql_rotate = o.sql_rotate;
   config.databases = o.databases;
   config.job_poll_interval_ms = o.job_poll_interval_ms;
+  config.retire_grace_s = o.retire_grace_s;
   uint64_t max_uses = kDefaultMaxUsesPerVersion;
   if (o.max_uses_per_version) {
     max_uses = *o.max_uses_per_version;
@@ -373,6 +375,11 @@ int main(int argc, char** argv) {
   app.add_option("--job-poll-interval-ms", o.job_poll_interval_ms,
                  "how often keyd looks for new re-encryption jobs (default 2000)")
       ->check(CLI::Range(50, 3600000));
+  app.add_option("--retire-grace-seconds", o.retire_grace_s,
+                 "seconds after a rotation before the retired version may be disabled or "
+                 "destroyed without --force (default 86400, the largest "
+                 "colcrypt.key_cache_ttl; never set it below the TTL in use)")
+      ->check(CLI::Range(int64_t{0}, int64_t{10} * 365 * 86400));
   app.add_flag("--sql-rotate", o.sql_rotate,
                "let fetch-allowed peers (the database) ask for a rotation "
                "(colcrypt.rotate_key); nothing else");

@@ -98,6 +98,7 @@ json key_json(const KeyRecord& k) {
                {"created_at", format_timestamp(v.created_at)},
                {"usage_count", v.usage_count}};
     if (v.destroyed_at) jv["destroyed_at"] = format_timestamp(*v.destroyed_at);
+    if (v.retired_at) jv["retired_at"] = format_timestamp(*v.retired_at);
     versions.push_back(std::move(jv));
   }
   return {{"id", format_key_id(k.id)},
@@ -811,9 +812,12 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
                           ") or pass --force");
         }
       }
-      const KeyRecord& key = op == "disable"  ? store_.disable_version(name, version)
+      // rows = 0 is not enough: a backend may still encrypt under a version
+      // it cached as primary (the retirement grace, checked by the store).
+      const RetireGrace grace{now_seconds(), config_.retire_grace_s, force};
+      const KeyRecord& key = op == "disable"  ? store_.disable_version(name, version, grace)
                              : op == "enable" ? store_.enable_version(name, version)
-                                              : store_.destroy_version(name, version);
+                                              : store_.destroy_version(name, version, grace);
       log_info("peer " + peer + " " + (op == "destroy" ? "destroyed" : op + "d") + " version " +
                std::to_string(version) + " of key '" + key.name + "'");
       result = key_json(key);

@@ -50,6 +50,11 @@ struct ServerConfig {
   // re-encrypts (rotation jobs) and counts (destroy/disable checks).
   std::vector<std::string> databases;
   int job_poll_interval_ms = 2000;
+  // A retired version may be disabled or destroyed (without --force) only this
+  // long after it stopped being primary: backends may encrypt under a cached
+  // primary for up to colcrypt.key_cache_ttl seconds (whose maximum is the
+  // default). docs/rotation.md.
+  int64_t retire_grace_s = wire::kMaxKeyCacheTtlSeconds;
 };
 
 // Installs SIGTERM/SIGINT/SIGHUP handlers that only write to a self-pipe and

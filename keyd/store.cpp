@@ -249,6 +249,9 @@ KeyRecord parse_key(const std::string& path, const json& j) {
     if (jv.contains("destroyed_at")) {
       v.destroyed_at = parse_time_field(path, jv.at("destroyed_at"), true);
     }
+    if (jv.contains("retired_at")) {
+      v.retired_at = parse_time_field(path, jv.at("retired_at"), true);
+    }
     if (v.state == wire::KeyState::Destroyed) {
       if (!jv.at("wrapped").is_null()) {
         corrupt(path, "destroyed version of key '" + k.name + "' still has key bytes");
@@ -268,6 +271,14 @@ KeyRecord parse_key(const std::string& path, const json& j) {
   const KeyVersion* primary = k.find_version(k.primary_version);
   if (!primary || primary->state != wire::KeyState::Active) {
     corrupt(path, "key '" + k.name + "' has no active primary version");
+  }
+  // A store written before retired_at existed: a version older than the
+  // primary was retired by the rotation that created its successor.
+  for (size_t i = 0; i + 1 < k.versions.size(); ++i) {
+    KeyVersion& v = k.versions[i];
+    if (!v.retired_at && v.version < k.primary_version) {
+      v.retired_at = k.versions[i + 1].created_at;
+    }
   }
   return k;
 }
@@ -289,6 +300,7 @@ json key_to_json(const KeyRecord& k, bool exact_usage) {
         {"wrapped",
          v.state == wire::KeyState::Destroyed ? json(nullptr) : json(to_hex(ByteView(v.wrapped)))}};
     if (v.destroyed_at) jv["destroyed_at"] = format_timestamp(*v.destroyed_at);
+    if (v.retired_at) jv["retired_at"] = format_timestamp(*v.retired_at);
     versions.push_back(std::move(jv));
   }
   return {{"id", format_key_id(k.id)},
@@ -726,7 +738,10 @@ void KeyStore::rotate_in_place(std::vector<KeyRecord>& next, size_t index, int64
   keys_ = next;
   // Phase 2: the new version becomes primary.
   for (auto& v : k.versions) {
-    if (v.state == wire::KeyState::Active) v.state = wire::KeyState::DecryptOnly;
+    if (v.state == wire::KeyState::Active) {
+      v.state = wire::KeyState::DecryptOnly;
+      v.retired_at = now;
+    }
   }
   k.versions.back().state = wire::KeyState::Active;
   k.primary_version = version;
@@ -760,7 +775,26 @@ KeyVersion& version_for_change(KeyRecord& k, uint32_t version, const char* actio
 
 }  // namespace
 
-const KeyRecord& KeyStore::disable_version(std::string_view name, uint32_t version) {
+void KeyStore::check_retire_grace(const KeyRecord& key, uint32_t version, std::string_view action,
+                                  const RetireGrace& grace) {
+  if (grace.force) return;
+  const KeyVersion* v = key.find_version(version);
+  if (!v || !v->retired_at || v->state == wire::KeyState::Destroyed) return;
+  const int64_t until = *v->retired_at + grace.grace_seconds;
+  if (grace.now >= until) return;
+  const int64_t wait = until - grace.now;
+  throw Error(Errc::InvalidArgument,
+              "version " + std::to_string(version) + " of key '" + key.name + "' was retired at " +
+                  format_timestamp(*v->retired_at) + ", less than the retirement grace of " +
+                  std::to_string(grace.grace_seconds) +
+                  " s ago: a backend may still encrypt new rows under it from its cache "
+                  "(colcrypt.key_cache_ttl), so " +
+                  std::string(action) + " it after " + format_timestamp(until) + " (in " +
+                  std::to_string(wait) + " s), or pass --force");
+}
+
+const KeyRecord& KeyStore::disable_version(std::string_view name, uint32_t version,
+                                           const RetireGrace& grace) {
   std::vector<KeyRecord> next = keys_;
   KeyRecord& k = mutable_key(name, next);
   KeyVersion& v = version_for_change(k, version, "disable");
@@ -768,6 +802,7 @@ const KeyRecord& KeyStore::disable_version(std::string_view name, uint32_t versi
     throw Error(Errc::InvalidArgument,
                 "version " + std::to_string(version) + " of key '" + k.name + "' is destroyed");
   }
+  check_retire_grace(k, version, "disable", grace);
   v.state = wire::KeyState::Disabled;
   const size_t index = static_cast<size_t>(&k - next.data());
   save(next);
@@ -792,7 +827,8 @@ const KeyRecord& KeyStore::enable_version(std::string_view name, uint32_t versio
   return keys_[index];
 }
 
-const KeyRecord& KeyStore::destroy_version(std::string_view name, uint32_t version) {
+const KeyRecord& KeyStore::destroy_version(std::string_view name, uint32_t version,
+                                           const RetireGrace& grace) {
   std::vector<KeyRecord> next = keys_;
   KeyRecord& k = mutable_key(name, next);
   KeyVersion& v = version_for_change(k, version, "destroy");
@@ -800,6 +836,7 @@ const KeyRecord& KeyStore::destroy_version(std::string_view name, uint32_t versi
     throw Error(Errc::InvalidArgument, "version " + std::to_string(version) + " of key '" + k.name +
                                            "' is already destroyed");
   }
+  check_retire_grace(k, version, "destroy", grace);
   v.state = wire::KeyState::Destroyed;
   v.destroyed_at = now_seconds();
   secure_zero(v.wrapped.data(), v.wrapped.size());

@@ -56,6 +56,11 @@ struct KeyVersion {
   // a crash of keyd can over-count, never under-count (see charge_uses).
   uint64_t usage_persisted = 0;
   std::optional<int64_t> destroyed_at;
+  // When this version stopped being primary (the rotation that replaced it);
+  // nullopt for the primary and for a version that never was primary. A store
+  // written before this field existed: a retired version gets its successor's
+  // created_at (the instant of the rotation that retired it).
+  std::optional<int64_t> retired_at;
 };
 
 struct KeyRecord {
@@ -73,6 +78,16 @@ struct KeyRecord {
 
   const KeyVersion* find_version(uint32_t version) const;
   const KeyVersion& primary() const { return *find_version(primary_version); }
+};
+
+// How disable_version / destroy_version check the retirement grace: a backend
+// may keep encrypting under a primary it cached for up to colcrypt.key_cache_ttl
+// seconds after a rotation, so a retired version may be disabled or destroyed
+// only once retired_at + grace_seconds has passed (rows = 0 is not enough).
+struct RetireGrace {
+  int64_t now = 0;            // Unix seconds, UTC
+  int64_t grace_seconds = 0;  // colcrypt-keyd --retire-grace-seconds
+  bool force = false;         // --force: skip the check
 };
 
 struct NewKeyOptions {
@@ -139,9 +154,18 @@ class KeyStore {
   //                                           the wrapped key bytes are erased)
   // The primary version can be neither disabled nor destroyed. Invalid
   // transitions throw InvalidArgument; unknown keys or versions KeyNotFound.
-  const KeyRecord& disable_version(std::string_view name, uint32_t version);
+  // disable and destroy also throw InvalidArgument (check_retire_grace) while
+  // the version is inside its retirement grace, unless grace.force.
+  const KeyRecord& disable_version(std::string_view name, uint32_t version,
+                                   const RetireGrace& grace);
   const KeyRecord& enable_version(std::string_view name, uint32_t version);
-  const KeyRecord& destroy_version(std::string_view name, uint32_t version);
+  const KeyRecord& destroy_version(std::string_view name, uint32_t version,
+                                   const RetireGrace& grace);
+  // Throws InvalidArgument, saying how long to wait and why, when `version` of
+  // `key` was retired less than grace.grace_seconds before grace.now (and
+  // grace.force is false). `action` is "disable" or "destroy".
+  static void check_retire_grace(const KeyRecord& key, uint32_t version, std::string_view action,
+                                 const RetireGrace& grace);
 
   // Charges up to `wanted` encryptions to the primary version of `name` and
   // returns what was granted (at least 1). A version never gets more than

@@ -17,6 +17,13 @@ namespace colcrypt::wire {
 
 constexpr uint32_t kMaxFrameSize = 1u << 20;  // type byte + body
 
+// The largest colcrypt.key_cache_ttl (seconds): how long a backend may keep
+// encrypting under a primary version it fetched. colcrypt-keyd's default
+// --retire-grace-seconds is this value, so that a retired version is never
+// disabled or destroyed while a backend may still encrypt under it
+// (docs/rotation.md).
+constexpr int kMaxKeyCacheTtlSeconds = 86400;
+
 enum class MsgType : uint8_t {
   // requests
   FetchPrimary = 0x01,  // body: str name            -> Key (the primary version)

@@ -22,6 +22,7 @@ extern "C" {
 
 #include <cstring>
 
+#include "core/wire.hpp"
 #include "pg/columns.hpp"
 #include "pg/guard.hpp"
 #include "pg/key_cache.hpp"
@@ -121,11 +122,14 @@ void _PG_init(void) {
                              "Every backend and parallel worker fetches its keys from this socket.",
                              &keyd_socket_guc, "/run/colcrypt/keyd.sock", PGC_SUSET, 0,
                              check_keyd_socket, nullptr, nullptr);
-  DefineCustomIntVariable(
-      "colcrypt.key_cache_ttl", "How long a backend keeps a key it fetched from colcrypt-keyd.",
-      "0 keeps no key past the call that fetched it (one keyd request per "
-      "call). A rotated key becomes primary for encryption within this time.",
-      &key_cache_ttl_guc, 60, 0, 86400, PGC_SUSET, GUC_UNIT_S, nullptr, nullptr, nullptr);
+  // The maximum is also colcrypt-keyd's default --retire-grace-seconds
+  // (docs/rotation.md): keep them one constant.
+  DefineCustomIntVariable("colcrypt.key_cache_ttl",
+                          "How long a backend keeps a key it fetched from colcrypt-keyd.",
+                          "0 keeps no key past the call that fetched it (one keyd request per "
+                          "call). A rotated key becomes primary for encryption within this time.",
+                          &key_cache_ttl_guc, 60, 0, colcrypt::wire::kMaxKeyCacheTtlSeconds,
+                          PGC_SUSET, GUC_UNIT_S, nullptr, nullptr, nullptr);
   DefineCustomIntVariable("colcrypt.keyd_timeout",
                           "Time limit for one request to colcrypt-keyd (connect, send, receive).",
                           nullptr, &keyd_timeout_guc, 5000, 1, 3600000, PGC_SUSET, GUC_UNIT_MS,

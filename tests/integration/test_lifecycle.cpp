@@ -30,6 +30,10 @@ Env lifecycle_env(const std::string& extra = "") {
   return {{"SANDBOX_KEYD_ARGS", "--database @DATABASE@ --job-poll-interval-ms 200 " + extra}};
 }
 
+// keyd flag for tests that disable or destroy a version right after its
+// rotation (the default grace is a day: docs/rotation.md).
+const std::string kNoRetireGrace = "--retire-grace-seconds 0";
+
 Sandbox::Options lifecycle_options(const std::string& extra = "") {
   Sandbox::Options o;
   o.env = lifecycle_env(extra);
@@ -332,6 +336,19 @@ TEST_CASE("destroy is refused while referenced; after destroy old values fail cl
   conn.value("INSERT INTO d2 VALUES (1, colcrypt.encrypt_field('x', 'dk'))");
   REQUIRE(sandbox.keyctl({"rotate", "dk"}).exit_code == 0);
 
+  // No row uses version 1 of "gk", but it was primary a moment ago: a backend
+  // may still encrypt under it from its cache, so keyd (default grace: a day)
+  // refuses to destroy or disable it, and says how long to wait and why.
+  create_key(sandbox, "gk");
+  REQUIRE(sandbox.keyctl({"rotate", "gk"}).exit_code == 0);
+  CommandResult early = sandbox.keyctl({"destroy", "gk", "--version", "1"});
+  CHECK(early.exit_code == 1);
+  CHECK(early.output.find("less than the retirement grace of 86400 s ago") != std::string::npos);
+  CHECK(early.output.find("colcrypt.key_cache_ttl") != std::string::npos);
+  CHECK(early.output.find("destroy it after") != std::string::npos);
+  CHECK(sandbox.keyctl({"disable", "gk", "--version", "1"}).exit_code == 1);
+  CHECK(sandbox.keyctl({"destroy", "gk", "--version", "1", "--force"}).exit_code == 0);
+
   CommandResult refused = sandbox.keyctl({"destroy", "dk", "--version", "1"});
   CHECK(refused.exit_code == 1);
   CHECK(refused.output.find("still used by 6 rows") != std::string::npos);
@@ -441,7 +458,7 @@ TEST_CASE("re-encryption job with concurrent writers (1 million rows)", "[lifecy
 TEST_CASE("re-encryption job: kill -9 of keyd and a Postgres restart, then resume",
           "[lifecycle][jobs][kill]") {
   const int64_t n = rows_from_env("COLCRYPT_LIFECYCLE_KILL_ROWS", 100000);
-  Sandbox sandbox(lifecycle_options());
+  Sandbox sandbox(lifecycle_options(kNoRetireGrace));
   sandbox.create_extension();
   create_key(sandbox, "kk", {"--max-uses", "2147483648"});
   PgConn conn(sandbox.conninfo());
@@ -477,7 +494,7 @@ TEST_CASE("re-encryption job: kill -9 of keyd and a Postgres restart, then resum
       const int64_t frozen = as_int(p.value("SELECT rows_done FROM colcrypt.rotation_progress"));
       CHECK(frozen >= done);
       CHECK(p.value("SELECT state FROM colcrypt.rotation_progress") == "running");
-      sandbox.must("keyd-start", lifecycle_env());
+      sandbox.must("keyd-start", lifecycle_env(kNoRetireGrace));
       // Between the kills every row still decrypts (half old, half new version).
       CHECK(p.value("SELECT count(*) FROM t WHERE colcrypt.decrypt_field(v) <> 'v' || id") == "0");
     }

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -101,26 +102,28 @@ TEST_CASE("lifecycle: version state machine", "[keystore][lifecycle]") {
     store.create_key("k", {});
     store.rotate_key("k");
     store.rotate_key("k");  // versions 1, 2 decrypt-only; 3 primary
+    // Past every retirement (grace tested on its own below).
+    const RetireGrace no_grace{static_cast<int64_t>(std::time(nullptr)), 0, false};
     // The primary can be neither disabled nor destroyed.
-    CHECK(code_of([&] { store.disable_version("k", 3); }) == Errc::InvalidArgument);
-    CHECK(code_of([&] { store.destroy_version("k", 3); }) == Errc::InvalidArgument);
-    CHECK(code_of([&] { store.disable_version("k", 9); }) == Errc::KeyNotFound);
-    CHECK(code_of([&] { store.disable_version("nope", 1); }) == Errc::KeyNotFound);
+    CHECK(code_of([&] { store.disable_version("k", 3, no_grace); }) == Errc::InvalidArgument);
+    CHECK(code_of([&] { store.destroy_version("k", 3, no_grace); }) == Errc::InvalidArgument);
+    CHECK(code_of([&] { store.disable_version("k", 9, no_grace); }) == Errc::KeyNotFound);
+    CHECK(code_of([&] { store.disable_version("nope", 1, no_grace); }) == Errc::KeyNotFound);
 
-    const KeyRecord& d = store.disable_version("k", 1);
+    const KeyRecord& d = store.disable_version("k", 1, no_grace);
     CHECK(d.versions[0].state == wire::KeyState::Disabled);
     const KeyRecord& e = store.enable_version("k", 1);
     CHECK(e.versions[0].state == wire::KeyState::DecryptOnly);
-    store.disable_version("k", 1);
-    const KeyRecord& x = store.destroy_version("k", 1);  // disabled -> destroyed
+    store.disable_version("k", 1, no_grace);
+    const KeyRecord& x = store.destroy_version("k", 1, no_grace);  // disabled -> destroyed
     CHECK(x.versions[0].state == wire::KeyState::Destroyed);
     CHECK(x.versions[0].wrapped.empty());
     CHECK(x.versions[0].destroyed_at);
-    store.destroy_version("k", 2);  // decrypt-only -> destroyed
+    store.destroy_version("k", 2, no_grace);  // decrypt-only -> destroyed
     // Irreversible.
     CHECK(code_of([&] { store.enable_version("k", 1); }) == Errc::InvalidArgument);
-    CHECK(code_of([&] { store.disable_version("k", 1); }) == Errc::InvalidArgument);
-    CHECK(code_of([&] { store.destroy_version("k", 1); }) == Errc::InvalidArgument);
+    CHECK(code_of([&] { store.disable_version("k", 1, no_grace); }) == Errc::InvalidArgument);
+    CHECK(code_of([&] { store.destroy_version("k", 1, no_grace); }) == Errc::InvalidArgument);
     CHECK(code_of([&] { store.unwrap(*store.find("k"), 1); }) == Errc::KeyUnavailable);
     CHECK(store.unwrap(*store.find("k"), 3).size() == 32);
   }
@@ -137,6 +140,66 @@ TEST_CASE("lifecycle: version state machine", "[keystore][lifecycle]") {
   CHECK(k->versions[1].state == wire::KeyState::Destroyed);
   CHECK(k->primary_version == 3);
   CHECK(code_of([&] { store.unwrap(*k, 2); }) == Errc::KeyUnavailable);
+}
+
+TEST_CASE("lifecycle: a retired version outlives the retirement grace", "[keystore][lifecycle]") {
+  LifecycleDir dir;
+  KeyStore store = KeyStore::create(dir.store(), pw("pw"), 1000);
+  store.create_key("k", {});
+  const auto before = static_cast<int64_t>(std::time(nullptr));
+  store.rotate_key("k");
+  const auto after = static_cast<int64_t>(std::time(nullptr));
+  const KeyRecord* k = store.find("k");
+  REQUIRE(k->versions[0].retired_at);
+  const int64_t retired = *k->versions[0].retired_at;
+  CHECK(retired >= before);
+  CHECK(retired <= after);
+  CHECK_FALSE(k->versions[1].retired_at);  // the primary is not retired
+
+  // Inside the grace (injected clock): refused even though no row uses it,
+  // with how long to wait and why.
+  const RetireGrace inside{retired + 99, 100, false};
+  std::string message;
+  try {
+    store.destroy_version("k", 1, inside);
+  } catch (const Error& e) {
+    CHECK(e.code() == Errc::InvalidArgument);
+    message = e.what();
+  }
+  CHECK(message.find("retired at " + format_timestamp(retired)) != std::string::npos);
+  CHECK(message.find("(in 1 s)") != std::string::npos);
+  CHECK(message.find("colcrypt.key_cache_ttl") != std::string::npos);
+  CHECK(message.find("--force") != std::string::npos);
+  CHECK(code_of([&] { store.disable_version("k", 1, inside); }) == Errc::InvalidArgument);
+  CHECK(store.find("k")->versions[0].state == wire::KeyState::DecryptOnly);
+  CHECK_FALSE(store.find("k")->versions[0].wrapped.empty());
+
+  // Once the grace has passed: allowed.
+  CHECK(store.disable_version("k", 1, {retired + 100, 100, false}).versions[0].state ==
+        wire::KeyState::Disabled);
+  store.enable_version("k", 1);
+  // A grace of 0: allowed at once.
+  CHECK(store.disable_version("k", 1, {retired, 0, false}).versions[0].state ==
+        wire::KeyState::Disabled);
+  store.enable_version("k", 1);
+
+  // --force: allowed inside the grace.
+  store.rotate_key("k");
+  const int64_t retired2 = *store.find("k")->versions[1].retired_at;
+  CHECK(code_of([&] {
+          store.destroy_version("k", 2, {retired2, 86400, false});
+        }) == Errc::InvalidArgument);
+  CHECK(store.destroy_version("k", 2, {retired2, 86400, true}).versions[1].state ==
+        wire::KeyState::Destroyed);
+
+  // retired_at is on disk and survives a restart.
+  const json doc = json::parse(slurp(dir.store() + "/keystore.json"));
+  CHECK(doc["keys"][0]["versions"][0]["retired_at"] == format_timestamp(retired));
+  CHECK_FALSE(doc["keys"][0]["versions"][2].contains("retired_at"));
+  { KeyStore closing = std::move(store); }
+  KeyStore reopened = KeyStore::open(dir.store(), pw("pw"));
+  CHECK(reopened.find("k")->versions[0].retired_at == retired);
+  CHECK_FALSE(reopened.find("k")->versions[2].retired_at);
 }
 
 TEST_CASE("lifecycle: rotation publishes the new version before making it primary",
