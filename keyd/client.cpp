@@ -246,6 +246,12 @@ wire::KeyGrantReply Client::fetch_primary_block(std::string_view name, uint32_t 
   if (reply.key.name != name) {
     throw Error(Errc::ProtocolError, "colcrypt-keyd answered with a different key");
   }
+  // A lookup (wanted 0) is granted nothing; a block request at least one use
+  // and never more than it asked for.
+  if (reply.granted > wanted || (reply.granted == 0) != (wanted == 0)) {
+    throw Error(Errc::ProtocolError, "colcrypt-keyd granted " + std::to_string(reply.granted) +
+                                         " uses for a request of " + std::to_string(wanted));
+  }
   return reply;
 }
 

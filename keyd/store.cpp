@@ -861,6 +861,15 @@ UseGrant KeyStore::charge_uses(std::string_view name, uint64_t wanted, int64_t n
   }
   const size_t index = static_cast<size_t>(current - keys_.data());
   UseGrant grant;
+  if (wanted == 0) {
+    // A lookup that will not encrypt (blind index, deterministic values, a
+    // rewrap's version check): the primary as it is, nothing charged, no
+    // usage rotation even at the cap (the next encryption rotates).
+    grant.version = current->primary_version;
+    keys_[index].last_used = now;  // like record_use: in memory, flushed lazily
+    dirty_ = true;
+    return grant;
+  }
   if (current->primary().usage_count >= current->max_uses_per_version) {
     std::vector<KeyRecord> next = keys_;
     rotate_in_place(next, index, now);

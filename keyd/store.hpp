@@ -168,7 +168,8 @@ class KeyStore {
                                  const RetireGrace& grace);
 
   // Charges up to `wanted` encryptions to the primary version of `name` and
-  // returns what was granted (at least 1). A version never gets more than
+  // returns what was granted (at least 1). wanted 0 is a lookup: the primary
+  // version, granted 0, nothing charged or saved, never a rotation. A version never gets more than
   // its key's max_uses_per_version: when the primary's cap is reached the key
   // is rotated (before the grant if nothing is left, after it if the grant
   // used the rest). The charge is on disk before this returns whenever it

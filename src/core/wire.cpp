@@ -157,7 +157,6 @@ SecretBytes encode_key_reply(const KeyReply& reply) {
 }
 
 SecretBytes encode_key_grant(const KeyReply& reply, uint32_t granted) {
-  if (granted == 0) throw Error(Errc::InvalidArgument, "a key grant allows at least one use");
   return encode_key_body(MsgType::KeyGrant, reply, &granted);
 }
 
@@ -256,7 +255,6 @@ KeyGrantReply decode_key_grant(ByteView body) {
   reply.key = read_key_body(r);
   reply.granted = r.u32();
   r.finish();
-  if (reply.granted == 0) protocol_error("key grant of zero uses");
   return reply;
 }
 
@@ -265,7 +263,6 @@ std::string decode_fetch_primary_block(ByteView body, uint32_t& wanted) {
   std::string name = r.str();
   wanted = r.u32();
   r.finish();
-  if (wanted == 0) protocol_error("a block of zero uses");
   return name;
 }
 

@@ -29,7 +29,8 @@ enum class MsgType : uint8_t {
   FetchPrimary = 0x01,  // body: str name            -> Key (the primary version)
   FetchVersion = 0x02,  // body: id[16], u32 version  -> Key
   // body: str name, u32 uses wanted -> KeyGrant (the primary version and a
-  // block of encryptions charged to it; docs/protocol.md, issue 3)
+  // block of encryptions charged to it; docs/protocol.md, issue 3). wanted 0
+  // is a lookup that will not encrypt: the key, granted 0, nothing charged.
   FetchPrimaryBlock = 0x03,
   Admin = 0x10,  // body: JSON request         -> AdminResult
   // body: str key name, str privilege, str role, str database -> Ack. The
@@ -37,7 +38,7 @@ enum class MsgType : uint8_t {
   DenialReport = 0x30,
   // replies
   Key = 0x81,          // body: id[16], u32 version, u8 state, str name, key[32]
-  KeyGrant = 0x82,     // body: as Key, then u32 uses granted (>= 1)
+  KeyGrant = 0x82,     // body: as Key, then u32 uses granted (0 only when 0 were wanted)
   AdminResult = 0x90,  // body: JSON
   Ack = 0xB0,          // body: empty
   Failure = 0xFF,      // body: u16 FailureCode, str message (generic, no secrets)
@@ -99,7 +100,7 @@ std::vector<uint8_t> encode_ack();
 // Body decoders; each throws Errc::ProtocolError on short, long or invalid bodies.
 std::string decode_fetch_primary(ByteView body);
 void decode_fetch_version(ByteView body, KeyId& id, uint32_t& version);
-std::string decode_fetch_primary_block(ByteView body, uint32_t& wanted);  // wanted >= 1
+std::string decode_fetch_primary_block(ByteView body, uint32_t& wanted);  // wanted 0: a lookup
 KeyReply decode_key_reply(ByteView body);
 KeyGrantReply decode_key_grant(ByteView body);
 FailureReply decode_failure(ByteView body);

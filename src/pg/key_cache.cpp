@@ -86,8 +86,10 @@ struct PrimaryEntry {
   int64_t fetched_ms;
   // Encryptions left of the block keyd charged for this fetch (issue 3): the
   // backend fetches again when it runs out, so a version never exceeds its cap.
+  // A lookup's fetch asked for none and has none: the next encryption fetches
+  // a real block.
   uint64_t uses_left = 0;
-  uint32_t asked = 0;  // the block size this fetch asked for
+  uint32_t asked = 0;  // the block size this fetch asked for (0: a lookup)
 };
 
 // Uses asked for per fetch: kUseBlock first; a backend that spends a whole
@@ -96,7 +98,9 @@ struct PrimaryEntry {
 // --max-block-uses and to 1/64 of the key's cap, so what a backend takes
 // with it when it exits stays a small share of a version. With a TTL of 0
 // nothing outlives the call, so a block would be charged and thrown away:
-// such a backend asks for 1.
+// such a backend asks for 1. A lookup that will not encrypt (blind index,
+// deterministic values, rewrap's version check) asks for 0: keyd charges
+// nothing for it.
 constexpr uint32_t kUseBlock = 1024;
 constexpr uint32_t kMaxUseBlock = 65536;
 
@@ -186,6 +190,7 @@ class KeyCache {
 
   // The primary version of a named key; consume: one encryption is taken
   // from the block keyd granted (a new block is fetched when none is left).
+  // Without consume this is a lookup: a fetch asks keyd for 0 uses.
   KeyEntry& primary(const KeydSettings& s, std::string_view name, VersionRef& ref,
                     bool consume = false) {
     const int64_t now = now_ms();
@@ -210,8 +215,8 @@ class KeyCache {
       return by_version(s, ref);
     }
     const std::string what = describe(name);
-    uint32_t ask = s.cache_ttl_s > 0 ? kUseBlock : 1;
-    if (s.cache_ttl_s > 0 && it != primaries_.end() && it->second.uses_left == 0 &&
+    uint32_t ask = !consume ? 0 : s.cache_ttl_s > 0 ? kUseBlock : 1;
+    if (consume && s.cache_ttl_s > 0 && it != primaries_.end() && it->second.uses_left == 0 &&
         fresh(it->second.fetched_ms, s.cache_ttl_s, now)) {
       ask = std::min(kMaxUseBlock, std::max(kUseBlock, it->second.asked * 2));
     }

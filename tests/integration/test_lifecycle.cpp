@@ -298,6 +298,61 @@ TEST_CASE("usage cap: several backends at once, no version above its cap", "[lif
   CHECK(conn.value("SELECT count(*) FROM u WHERE colcrypt.decrypt_field(v) <> 'x' || i") == "0");
 }
 
+TEST_CASE("usage cap: lookups that never encrypt charge nothing", "[lifecycle][usage]") {
+  Sandbox sandbox(lifecycle_options());
+  sandbox.create_extension();
+  create_key(sandbox, "looked", {"--max-uses", "10000"});
+  auto usage = [&] {
+    return keyctl_json(sandbox, {"show", "looked"})["usage_count"].get<int64_t>();
+  };
+  const std::string lookups =
+      "SELECT count(DISTINCT colcrypt.blind_index('v' || g, 'looked'))"
+      " + count(DISTINCT colcrypt.decrypt_deterministic("
+      "colcrypt.encrypt_deterministic('v' || g, 'looked')))"
+      " FROM generate_series(1, 200) g";
+  // Many backends, each fetching the primary once, and one with no cache at
+  // all (a fetch per call): before issue 3's fix each fetch charged a block.
+  for (int i = 0; i < 20; ++i) {
+    PgConn conn(sandbox.conninfo());
+    CHECK(conn.value(lookups) == "400");
+  }
+  {
+    PgConn conn(sandbox.conninfo());
+    conn.value("SET colcrypt.key_cache_ttl = 0");
+    CHECK(conn.value(lookups) == "400");
+  }
+  CHECK(usage() == 0);
+  json key = keyctl_json(sandbox, {"show", "looked"});
+  CHECK(key["primary_version"].get<int>() == 1);
+  CHECK(key["versions"][0]["usage_count"].get<int64_t>() == 0);
+
+  // A backend that looked the key up first still gets a real block for its
+  // encryptions; rewrap of a current value is a lookup, of an old one an
+  // encryption.
+  PgConn conn(sandbox.conninfo());
+  CHECK(conn.value("SELECT octet_length(colcrypt.blind_index('a', 'looked'))") != "");
+  conn.value("CREATE TABLE lk (id int, v colcrypt.encrypted)");
+  conn.value(
+      "INSERT INTO lk SELECT g, colcrypt.encrypt_field('x' || g, 'looked')"
+      " FROM generate_series(1, 10) g");
+  const int64_t charged = usage();
+  CHECK(charged >= 10);
+  CHECK(charged <= 1024);
+  CHECK(conn.value("SELECT count(*) FROM lk"
+                   " WHERE colcrypt.ciphertext(colcrypt.rewrap(v)) = colcrypt.ciphertext(v)") ==
+        "10");
+  CHECK(usage() == charged);
+  CommandResult r = sandbox.keyctl({"rotate", "looked"});
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  PgConn fresh(sandbox.conninfo());
+  CHECK(fresh.value("SELECT count(*) FROM lk WHERE colcrypt.key_version(colcrypt.rewrap(v)) = 2") ==
+        "10");
+  key = keyctl_json(sandbox, {"show", "looked"});
+  CHECK(key["versions"][1]["usage_count"].get<int64_t>() >= 10);
+  CHECK(fresh.value("SELECT count(*) FROM lk WHERE colcrypt.decrypt_field(v) <> 'x' || id") == "0");
+}
+
 TEST_CASE("time-based rotation with a short interval", "[lifecycle][time]") {
   // A rotation "day" of 1 second, checked every second.
   Sandbox sandbox(lifecycle_options("--insecure-day-seconds 1 --rotation-check-interval 1"));

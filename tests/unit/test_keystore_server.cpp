@@ -304,9 +304,11 @@ TEST_CASE("wire: FetchPrimaryBlock and KeyGrant", "[wire][lifecycle]") {
   CHECK(wire::decode_fetch_primary_block(ByteView(frame.data() + 5, frame.size() - 5), wanted) ==
         "k1");
   CHECK(wanted == 1024);
+  // wanted 0: a lookup that will not encrypt (issue 3).
   auto zero = wire::encode_fetch_primary_block("k1", 0);
-  CHECK_THROWS_AS(
-      wire::decode_fetch_primary_block(ByteView(zero.data() + 5, zero.size() - 5), wanted), Error);
+  CHECK(wire::decode_fetch_primary_block(ByteView(zero.data() + 5, zero.size() - 5), wanted) ==
+        "k1");
+  CHECK(wanted == 0);
   wire::KeyReply reply;
   reply.id = new_key_id();
   reply.version = 3;
@@ -323,7 +325,43 @@ TEST_CASE("wire: FetchPrimaryBlock and KeyGrant", "[wire][lifecycle]") {
   SecretBytes key = wire::encode_key_reply(reply);
   CHECK_THROWS_AS(wire::decode_key_grant(ByteView(key.data() + 5, key.size() - 5)), Error);
   CHECK_THROWS_AS(wire::decode_key_reply(ByteView(grant.data() + 5, grant.size() - 5)), Error);
-  CHECK_THROWS_AS(wire::encode_key_grant(reply, 0), Error);
+  SecretBytes none = wire::encode_key_grant(reply, 0);
+  CHECK(wire::decode_key_grant(ByteView(none.data() + 5, none.size() - 5)).granted == 0);
+}
+
+TEST_CASE("keyd server: a 0-use fetch returns the key and charges nothing",
+          "[keystore][server][lifecycle]") {
+  RunningKeyd keyd({}, {::geteuid()});
+  keyd.admin({{"op", "create"}, {"name", "look"}, {"max_uses_per_version", 1500}});
+
+  wire::KeyGrantReply a = keyd.client().fetch_primary_block("look", 0);
+  CHECK(a.granted == 0);
+  CHECK(a.key.version == 1);
+  CHECK(a.key.state == wire::KeyState::Active);
+  CHECK(a.key.name == "look");
+  json shown = keyd.admin({{"op", "show"}, {"name", "look"}});
+  CHECK(shown["versions"][0]["usage_count"] == 0);
+  CHECK(shown["usage_count"] == 0);
+
+  // A real block is charged as before; lookups after it still charge nothing.
+  wire::KeyGrantReply b = keyd.client().fetch_primary_block("look", 1024);
+  CHECK(b.granted == 1024);
+  CHECK(key_bytes(b.key) == key_bytes(a.key));
+  for (int i = 0; i < 10; ++i) CHECK(keyd.client().fetch_primary_block("look", 0).granted == 0);
+  shown = keyd.admin({{"op", "show"}, {"name", "look"}});
+  CHECK(shown["versions"][0]["usage_count"] == 1024);
+  CHECK(shown["usage_count"] == 1024);
+
+  // At the cap a lookup does not rotate; the next encryption does.
+  CHECK(keyd.client().fetch_primary_block("look", 1024).granted == 476);  // rotates after
+  wire::KeyGrantReply c = keyd.client().fetch_primary_block("look", 0);
+  CHECK(c.key.version == 2);
+  CHECK(c.granted == 0);
+  shown = keyd.admin({{"op", "show"}, {"name", "look"}});
+  REQUIRE(shown["versions"].size() == 2);
+  CHECK(shown["versions"][0]["usage_count"] == 1500);
+  CHECK(shown["versions"][1]["usage_count"] == 0);
+  CHECK(keyd.admin({{"op", "audit-verify"}})["ok"] == true);
 }
 
 TEST_CASE("keyd server: a fetch reply leaves only once its audit entry is written",
