@@ -87,33 +87,6 @@ std::string parent_dir(const std::string& path) {
   return path.substr(0, slash);
 }
 
-json key_json(const KeyRecord& k) {
-  auto optional_time = [](const std::optional<int64_t>& t) {
-    return t ? json(format_timestamp(*t)) : json(nullptr);
-  };
-  json versions = json::array();
-  for (const auto& v : k.versions) {
-    json jv = {{"version", v.version},
-               {"state", wire::key_state_name(v.state)},
-               {"created_at", format_timestamp(v.created_at)},
-               {"usage_count", v.usage_count}};
-    if (v.destroyed_at) jv["destroyed_at"] = format_timestamp(*v.destroyed_at);
-    if (v.retired_at) jv["retired_at"] = format_timestamp(*v.retired_at);
-    versions.push_back(std::move(jv));
-  }
-  return {{"id", format_key_id(k.id)},
-          {"name", k.name},
-          {"algorithm", k.algorithm},
-          {"created_at", format_timestamp(k.created_at)},
-          {"expires_at", optional_time(k.expires_at)},
-          {"rotation_interval_days", k.rotation_interval_days},
-          {"last_used", optional_time(k.last_used)},
-          {"usage_count", k.usage_count},
-          {"primary_version", k.primary_version},
-          {"max_uses_per_version", k.max_uses_per_version},
-          {"versions", std::move(versions)}};
-}
-
 // Failure replies carry a short generic reason; details go to keyd's log.
 wire::FailureCode failure_code(Errc code) {
   switch (code) {
@@ -260,7 +233,7 @@ json Server::rotate_and_audit(const std::string& name, const std::string& reason
     if (audit_) audit_->sync();
     log_info("rotated key '" + key.name + "' to version " + std::to_string(key.primary_version) +
              " (" + reason + ")");
-    return key_json(key);
+    return key_metadata_json(key);
   } catch (const Error& e) {
     entry["result"] = errc_name(e.code());
     audit(entry);
@@ -759,20 +732,20 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
       const KeyRecord& key = store_.create_key(name, options);
       log_info("peer " + peer + " created key '" + key.name + "' (id " + format_key_id(key.id) +
                ")");
-      result = key_json(key);
+      result = key_metadata_json(key);
     } else if (op == "list") {
       std::vector<const KeyRecord*> keys;
       for (const auto& k : store_.keys()) keys.push_back(&k);
       std::sort(keys.begin(), keys.end(),
                 [](const KeyRecord* a, const KeyRecord* b) { return a->name < b->name; });
       json list = json::array();
-      for (const KeyRecord* k : keys) list.push_back(key_json(*k));
+      for (const KeyRecord* k : keys) list.push_back(key_metadata_json(*k));
       result = {{"keys", std::move(list)}};
     } else if (op == "show") {
       std::string name = name_arg();
       const KeyRecord* key = store_.find(name);
       if (!key) throw Error(Errc::KeyNotFound, "key '" + name + "' not found");
-      result = key_json(*key);
+      result = key_metadata_json(*key);
     } else if (op == "rotate") {
       std::string name = name_arg();
       result = rotate_and_audit(name, is_admin(c.uid) ? "manual" : "sql", c.uid, c.pid);
@@ -820,7 +793,7 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
                                               : store_.destroy_version(name, version, grace);
       log_info("peer " + peer + " " + (op == "destroy" ? "destroyed" : op + "d") + " version " +
                std::to_string(version) + " of key '" + key.name + "'");
-      result = key_json(key);
+      result = key_metadata_json(key);
     } else if (op == "reencrypt") {
       std::string name = name_arg();
       if (!store_.find(name)) throw Error(Errc::KeyNotFound, "key '" + name + "' not found");
@@ -871,7 +844,7 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
                 [](const KeyRecord* a, const KeyRecord* b) { return a->name < b->name; });
       json list = json::array();
       for (const KeyRecord* k : keys) {
-        json kj = key_json(*k);
+        json kj = key_metadata_json(*k);
         if (!config_.databases.empty() && request.value("references", true)) {
           try {
             kj["references"] = references_of(*k)["versions"];

@@ -112,12 +112,11 @@ bool verify_kek_check(ByteView kek, const std::vector<uint8_t>& check) {
 }
 
 // States are spelled as wire::key_state_name spells them ("decrypt-only", ...).
-const char* state_name(wire::KeyState state) { return wire::key_state_name(state); }
 
 std::optional<wire::KeyState> state_from_name(std::string_view name) {
   for (auto s : {wire::KeyState::Active, wire::KeyState::DecryptOnly, wire::KeyState::Disabled,
                  wire::KeyState::Destroyed}) {
-    if (name == state_name(s)) return s;
+    if (name == wire::key_state_name(s)) return s;
   }
   return std::nullopt;
 }
@@ -283,37 +282,25 @@ KeyRecord parse_key(const std::string& path, const json& j) {
   return k;
 }
 
-// exact_usage: write the usage counts themselves (a clean stop), else the
-// reservations already charged (never less than the counts).
+// The persisted form: the admin metadata plus each version's wrapped key,
+// with usage counts as charged. exact_usage: write the usage counts
+// themselves (a clean stop), else the reservations already charged (never
+// less than the counts).
 json key_to_json(const KeyRecord& k, bool exact_usage) {
-  json versions = json::array();
+  json j = key_metadata_json(k);
   uint64_t reserved_extra = 0;
-  for (const auto& v : k.versions) {
+  for (size_t i = 0; i < k.versions.size(); ++i) {
+    const KeyVersion& v = k.versions[i];
     const uint64_t charged =
         exact_usage ? v.usage_count : std::max(v.usage_count, v.usage_persisted);
     reserved_extra += charged - v.usage_count;
-    json jv = {
-        {"version", v.version},
-        {"state", state_name(v.state)},
-        {"created_at", format_timestamp(v.created_at)},
-        {"usage_count", charged},
-        {"wrapped",
-         v.state == wire::KeyState::Destroyed ? json(nullptr) : json(to_hex(ByteView(v.wrapped)))}};
-    if (v.destroyed_at) jv["destroyed_at"] = format_timestamp(*v.destroyed_at);
-    if (v.retired_at) jv["retired_at"] = format_timestamp(*v.retired_at);
-    versions.push_back(std::move(jv));
+    json& jv = j["versions"][i];
+    jv["usage_count"] = charged;
+    jv["wrapped"] =
+        v.state == wire::KeyState::Destroyed ? json(nullptr) : json(to_hex(ByteView(v.wrapped)));
   }
-  return {{"id", format_key_id(k.id)},
-          {"name", k.name},
-          {"algorithm", k.algorithm},
-          {"created_at", format_timestamp(k.created_at)},
-          {"expires_at", optional_time(k.expires_at)},
-          {"rotation_interval_days", k.rotation_interval_days},
-          {"last_used", optional_time(k.last_used)},
-          {"usage_count", k.usage_count + reserved_extra},
-          {"primary_version", k.primary_version},
-          {"max_uses_per_version", k.max_uses_per_version},
-          {"versions", std::move(versions)}};
+  j["usage_count"] = k.usage_count + reserved_extra;
+  return j;
 }
 
 void write_all(int fd, const std::string& data) {
@@ -355,6 +342,30 @@ bool eat(std::string_view& s, char c) {
 }
 
 }  // namespace
+
+json key_metadata_json(const KeyRecord& k) {
+  json versions = json::array();
+  for (const auto& v : k.versions) {
+    json jv = {{"version", v.version},
+               {"state", wire::key_state_name(v.state)},
+               {"created_at", format_timestamp(v.created_at)},
+               {"usage_count", v.usage_count}};
+    if (v.destroyed_at) jv["destroyed_at"] = format_timestamp(*v.destroyed_at);
+    if (v.retired_at) jv["retired_at"] = format_timestamp(*v.retired_at);
+    versions.push_back(std::move(jv));
+  }
+  return {{"id", format_key_id(k.id)},
+          {"name", k.name},
+          {"algorithm", k.algorithm},
+          {"created_at", format_timestamp(k.created_at)},
+          {"expires_at", optional_time(k.expires_at)},
+          {"rotation_interval_days", k.rotation_interval_days},
+          {"last_used", optional_time(k.last_used)},
+          {"usage_count", k.usage_count},
+          {"primary_version", k.primary_version},
+          {"max_uses_per_version", k.max_uses_per_version},
+          {"versions", std::move(versions)}};
+}
 
 const KeyVersion* KeyRecord::find_version(uint32_t version) const {
   for (const auto& v : versions) {

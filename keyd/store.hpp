@@ -5,6 +5,7 @@
 // docs/operations.md describes the format and its guarantees.
 #pragma once
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -223,6 +224,10 @@ class KeyStore {
 std::vector<uint8_t> wrap_key(ByteView kek, const KeyId& id, uint32_t version, ByteView key);
 // Returns an empty SecretBytes when the wrapped key does not authenticate.
 SecretBytes unwrap_key(ByteView kek, const KeyId& id, uint32_t version, ByteView wrapped);
+
+// A key's metadata as the admin protocol shows it (no key material); the
+// store file adds each version's wrapped key to the same form.
+nlohmann::json key_metadata_json(const KeyRecord& k);
 
 // Timestamps in the store and the admin protocol: "2026-11-29T14:00:00Z".
 std::string format_timestamp(int64_t unix_seconds);
