@@ -40,9 +40,14 @@ COMMENT ON TABLE colcrypt.column_keys IS
 -- Per key and per role: who may encrypt, decrypt or compute blind indexes.
 -- Checked by the extension on every use of a key (superusers pass). Dumped
 -- with the database (pg_extension_config_dump); roles are kept by name.
+-- role_name is the role's name when granted: a row counts only while the
+-- role (OID) still has that name, so a role that one day receives a dropped
+-- role's OID does not inherit its grants (Postgres records no dependency of
+-- this table on roles, and event triggers do not see DROP ROLE).
 CREATE TABLE colcrypt.key_grants (
     key_name text NOT NULL,
     role regrole NOT NULL,
+    role_name name NOT NULL,
     privilege text NOT NULL CHECK (privilege IN ('encrypt', 'decrypt', 'blind_index')),
     granted_at timestamptz NOT NULL DEFAULT pg_catalog.now(),
     PRIMARY KEY (key_name, role, privilege)
@@ -208,6 +213,34 @@ CREATE FUNCTION colcrypt.require_sealed(colcrypt.encrypted) RETURNS colcrypt.enc
     AS 'MODULE_PATHNAME', 'colcrypt_require_sealed'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
 
+-- Every table column whose type holds colcrypt.encrypted (directly, through a
+-- domain, in an array, composite or range) gets CHECK (colcrypt.sealed(col)),
+-- named colcrypt_sealed_<column>, added by the event trigger below after
+-- CREATE TABLE, CREATE TABLE AS, SELECT INTO and ALTER TABLE (a dropped one
+-- comes back). Postgres checks it on every stored row after BEFORE triggers,
+-- in COPY and in ALTER TABLE rewrites: no pending plaintext reaches a table,
+-- whatever path wrote it. Reads nothing but its argument: PUBLIC may run it.
+CREATE FUNCTION colcrypt.sealed(anyelement) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'colcrypt_sealed'
+    LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION colcrypt.sealed(anyelement) IS
+    'true, or an error when a colcrypt.encrypted inside the value is a plaintext never encrypted';
+
+CREATE FUNCTION colcrypt._ddl_start() RETURNS event_trigger
+    AS 'MODULE_PATHNAME', 'colcrypt_ddl_start'
+    LANGUAGE C;
+CREATE FUNCTION colcrypt._ddl_end() RETURNS event_trigger
+    AS 'MODULE_PATHNAME', 'colcrypt_ddl_end'
+    LANGUAGE C;
+-- Refuses ALTER COLUMN ... TYPE colcrypt.encrypted on a key-bound column
+-- (it would drop the key and the binding).
+CREATE EVENT TRIGGER colcrypt_ddl_start ON ddl_command_start
+    WHEN TAG IN ('ALTER TABLE')
+    EXECUTE FUNCTION colcrypt._ddl_start();
+CREATE EVENT TRIGGER colcrypt_ddl_end ON ddl_command_end
+    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
+    EXECUTE FUNCTION colcrypt._ddl_end();
+
 CREATE FUNCTION colcrypt.ciphertext(value colcrypt.encrypted) RETURNS text
     AS 'MODULE_PATHNAME', 'colcrypt_ciphertext'
     LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
@@ -290,10 +323,14 @@ BEGIN
     IF grant_key.key_name !~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$' THEN
         RAISE EXCEPTION 'invalid colcrypt key name' USING ERRCODE = '22023';
     END IF;
-    INSERT INTO colcrypt.key_grants AS g (key_name, role, privilege)
-        SELECT grant_key.key_name, grant_key.grantee, p
-          FROM unnest(colcrypt._privileges(grant_key.privilege)) AS p
-        ON CONFLICT DO NOTHING;
+    INSERT INTO colcrypt.key_grants AS g (key_name, role, role_name, privilege)
+        SELECT grant_key.key_name, grant_key.grantee, r.rolname, p
+          FROM unnest(colcrypt._privileges(grant_key.privilege)) AS p,
+               pg_roles AS r
+         WHERE r.oid = grant_key.grantee
+        ON CONFLICT ON CONSTRAINT key_grants_pkey
+        DO UPDATE SET role_name = excluded.role_name, granted_at = excluded.granted_at
+         WHERE g.role_name <> excluded.role_name;
     PERFORM colcrypt._reset_privilege_cache();
 END
 $$;
@@ -318,12 +355,24 @@ COMMENT ON FUNCTION colcrypt.revoke_key(text, regrole, text) IS
 --------------------------------------------------------------------------------
 -- JSON documents: encrypt / decrypt the values at dot-separated paths
 -- ("customer.ssn"); arrays on the way are walked element by element; a path
--- that is missing is skipped; an already encrypted value is left alone. Each
--- value becomes the JSON string "colcrypt:..." of its JSON text, bound (AAD)
--- to its path: "colcrypt.json:" || path.
+-- that is missing is skipped. Each value becomes the JSON string
+-- "colcrypt:..." of its JSON text, bound (AAD) to its path, and optionally to
+-- a row binding (a primary key):
+--   "colcrypt.json:" || path                                       no row binding
+--   "colcrypt.json.row:" || length(path) || ':' || path || ':' || row_binding
+-- A value already encrypted at a path is kept only when it is under the
+-- given key and opens with this path's context (and row binding): anything
+-- else is an error, so a client cannot plant a ciphertext copied from
+-- another path, key or (with a row binding) row.
+
+CREATE FUNCTION colcrypt._verify_sealed(value colcrypt.encrypted, key_name text, context text,
+                                        path text)
+    RETURNS void
+    AS 'MODULE_PATHNAME', 'colcrypt_verify_sealed'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
 
 CREATE FUNCTION colcrypt._json_walk(node jsonb, steps text[], encrypting boolean,
-                                    key_name text, context text)
+                                    key_name text, context text, path text)
     RETURNS jsonb
     LANGUAGE plpgsql VOLATILE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp
@@ -340,8 +389,8 @@ BEGIN
         IF jsonb_typeof(node) = 'string' AND (node #>> '{}') ~* '^\s*colcrypt:' THEN
             s := node #>> '{}';
             IF encrypting THEN
-                -- already encrypted: left alone, but it must be a value
-                PERFORM s::colcrypt.encrypted;
+                -- already encrypted: kept only when sealed for this key and path
+                PERFORM colcrypt._verify_sealed(s::colcrypt.encrypted, key_name, context, path);
                 RETURN node;
             END IF;
             RETURN colcrypt.decrypt_field(s::colcrypt.encrypted, context)::jsonb;
@@ -352,7 +401,7 @@ BEGIN
         RETURN to_jsonb(colcrypt.ciphertext(colcrypt.encrypt_field(node::text, key_name, context)));
     END IF;
     IF jsonb_typeof(node) = 'array' THEN
-        SELECT coalesce(jsonb_agg(colcrypt._json_walk(e, steps, encrypting, key_name, context)
+        SELECT coalesce(jsonb_agg(colcrypt._json_walk(e, steps, encrypting, key_name, context, path)
                                   ORDER BY i), '[]'::jsonb)
           INTO result
           FROM jsonb_array_elements(node) WITH ORDINALITY AS t(e, i);
@@ -363,11 +412,13 @@ BEGIN
         RETURN node;
     END IF;
     RETURN jsonb_set(node, ARRAY[step],
-                     colcrypt._json_walk(node -> step, steps[2:], encrypting, key_name, context));
+                     colcrypt._json_walk(node -> step, steps[2:], encrypting, key_name, context,
+                                         path));
 END
 $$;
 
-CREATE FUNCTION colcrypt._json_apply(doc jsonb, paths text[], encrypting boolean, key_name text)
+CREATE FUNCTION colcrypt._json_apply(doc jsonb, paths text[], encrypting boolean, key_name text,
+                                     row_binding text)
     RETURNS jsonb
     LANGUAGE plpgsql VOLATILE PARALLEL SAFE
     SET search_path = pg_catalog, pg_temp
@@ -378,7 +429,10 @@ BEGIN
     FOREACH path IN ARRAY paths LOOP
         CONTINUE WHEN path IS NULL OR path = '';
         doc := colcrypt._json_walk(doc, string_to_array(path, '.'), encrypting, key_name,
-                                   'colcrypt.json:' || path);
+                                   CASE WHEN row_binding IS NULL THEN 'colcrypt.json:' || path
+                                        ELSE 'colcrypt.json.row:' || length(path) || ':' || path
+                                             || ':' || row_binding END,
+                                   path);
     END LOOP;
     RETURN doc;
 END
@@ -386,16 +440,29 @@ $$;
 
 CREATE FUNCTION colcrypt.encrypt_json(doc jsonb, key_name text, paths text[]) RETURNS jsonb
     LANGUAGE sql VOLATILE STRICT PARALLEL SAFE
-    RETURN colcrypt._json_apply(doc, paths, true, key_name);
+    RETURN colcrypt._json_apply(doc, paths, true, key_name, NULL);
+
+CREATE FUNCTION colcrypt.encrypt_json(doc jsonb, key_name text, paths text[], row_binding text)
+    RETURNS jsonb
+    LANGUAGE sql VOLATILE STRICT PARALLEL SAFE
+    RETURN colcrypt._json_apply(doc, paths, true, key_name, row_binding);
 
 CREATE FUNCTION colcrypt.decrypt_json(doc jsonb, paths text[]) RETURNS jsonb
     LANGUAGE sql STABLE STRICT PARALLEL SAFE
-    RETURN colcrypt._json_apply(doc, paths, false, NULL);
+    RETURN colcrypt._json_apply(doc, paths, false, NULL, NULL);
+
+CREATE FUNCTION colcrypt.decrypt_json(doc jsonb, paths text[], row_binding text) RETURNS jsonb
+    LANGUAGE sql STABLE STRICT PARALLEL SAFE
+    RETURN colcrypt._json_apply(doc, paths, false, NULL, row_binding);
 
 COMMENT ON FUNCTION colcrypt.encrypt_json(jsonb, text, text[]) IS
     'encrypts the values at the listed paths of a JSON document';
+COMMENT ON FUNCTION colcrypt.encrypt_json(jsonb, text, text[], text) IS
+    'encrypts the values at the listed paths of a JSON document, bound to a row';
 COMMENT ON FUNCTION colcrypt.decrypt_json(jsonb, text[]) IS
     'decrypts the values at the listed paths of a JSON document';
+COMMENT ON FUNCTION colcrypt.decrypt_json(jsonb, text[], text) IS
+    'decrypts the values at the listed paths of a JSON document bound to a row';
 
 --------------------------------------------------------------------------------
 -- Online migration of a plaintext column into a key-bound one, in batches of
@@ -463,15 +530,21 @@ REVOKE EXECUTE ON FUNCTION
     colcrypt.decrypt_deterministic(bytea, text),
     colcrypt._reset_privilege_cache(),
     colcrypt._privileges(text),
+    colcrypt._ddl_start(),
+    colcrypt._ddl_end(),
     colcrypt.grant_key(text, regrole, text),
     colcrypt.revoke_key(text, regrole, text),
-    colcrypt._json_walk(jsonb, text[], boolean, text, text),
-    colcrypt._json_apply(jsonb, text[], boolean, text),
+    colcrypt._verify_sealed(colcrypt.encrypted, text, text, text),
+    colcrypt._json_walk(jsonb, text[], boolean, text, text, text),
+    colcrypt._json_apply(jsonb, text[], boolean, text, text),
     colcrypt.encrypt_json(jsonb, text, text[]),
-    colcrypt.decrypt_json(jsonb, text[])
+    colcrypt.encrypt_json(jsonb, text, text[], text),
+    colcrypt.decrypt_json(jsonb, text[]),
+    colcrypt.decrypt_json(jsonb, text[], text)
     FROM PUBLIC;
 REVOKE EXECUTE ON PROCEDURE colcrypt.encrypt_column(regclass, name, name, integer) FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION colcrypt.require_sealed(colcrypt.encrypted) TO PUBLIC;
+GRANT EXECUTE ON FUNCTION colcrypt.require_sealed(colcrypt.encrypted), colcrypt.sealed(anyelement)
+    TO PUBLIC;
 
 DO $$
 BEGIN
@@ -503,10 +576,13 @@ GRANT EXECUTE ON FUNCTION
     colcrypt.encrypt_deterministic(text, text, text),
     colcrypt.decrypt_deterministic(bytea),
     colcrypt.decrypt_deterministic(bytea, text),
-    colcrypt._json_walk(jsonb, text[], boolean, text, text),
-    colcrypt._json_apply(jsonb, text[], boolean, text),
+    colcrypt._verify_sealed(colcrypt.encrypted, text, text, text),
+    colcrypt._json_walk(jsonb, text[], boolean, text, text, text),
+    colcrypt._json_apply(jsonb, text[], boolean, text, text),
     colcrypt.encrypt_json(jsonb, text, text[]),
-    colcrypt.decrypt_json(jsonb, text[])
+    colcrypt.encrypt_json(jsonb, text, text[], text),
+    colcrypt.decrypt_json(jsonb, text[]),
+    colcrypt.decrypt_json(jsonb, text[], text)
     TO colcrypt_user;
 GRANT EXECUTE ON PROCEDURE colcrypt.encrypt_column(regclass, name, name, integer) TO colcrypt_user;
 

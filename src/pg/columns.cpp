@@ -1,9 +1,13 @@
 // Key-bound columns: the type modifier of colcrypt.encrypted('key_name'
 // [, 'binding']), the casts that seal plaintext under a column's key, the
-// per-role key privileges, and the planner and utility hooks that keep
-// pending plaintext out of columns without a key (INSERT/UPDATE/MERGE, CREATE
-// TABLE AS and materialized views, COPY FROM at any nesting level, ADD COLUMN
-// defaults). docs/columns.md describes the design and what is not covered.
+// per-role key privileges, and what keeps pending plaintext out of tables:
+// the sealed CHECK constraint on every column holding colcrypt.encrypted
+// (added by an event trigger; it sees every stored row, whatever wrote it),
+// and the planner and utility hooks that refuse it earlier with a statement's
+// own error (INSERT/UPDATE/MERGE, CREATE TABLE AS, COPY FROM at any nesting
+// level) and in materialized views, which take no constraints. The event
+// trigger on ALTER TABLE also refuses to drop a column's key.
+// docs/columns.md describes the design.
 //
 // Catalog access (colcrypt.column_keys, colcrypt.key_grants) runs through SPI
 // as the catalog's owner with search_path pinned to pg_catalog, so that no
@@ -21,9 +25,17 @@ extern "C" {
 
 #include "access/xact.h"
 #include "catalog/namespace.h"
-#include "catalog/pg_inherits.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_constraint.h"
 #include "catalog/pg_type.h"
+#include "commands/event_trigger.h"
+#include "funcapi.h"
+#include "mb/pg_wchar.h"
+#include "parser/parse_type.h"
+#include "utils/rangetypes.h"
+#include "utils/typcache.h"
+#include "access/htup_details.h"
+#include "nodes/readfuncs.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -44,7 +56,6 @@ extern "C" {
 #include "tcop/pquery.h"
 #include "tcop/utility.h"
 #include "access/relation.h"
-#include "access/tupdesc_details.h"
 #include "utils/syscache.h"
 }
 #pragma GCC diagnostic pop
@@ -76,6 +87,9 @@ PG_FUNCTION_INFO_V1(colcrypt_encrypted_coerce);
 PG_FUNCTION_INFO_V1(colcrypt_text_to_encrypted);
 PG_FUNCTION_INFO_V1(colcrypt_require_sealed);
 PG_FUNCTION_INFO_V1(colcrypt_reset_privilege_cache);
+PG_FUNCTION_INFO_V1(colcrypt_sealed);
+PG_FUNCTION_INFO_V1(colcrypt_ddl_start);
+PG_FUNCTION_INFO_V1(colcrypt_ddl_end);
 }
 
 namespace {
@@ -263,26 +277,28 @@ const char* privilege_name(KeyPrivilege p) {
   return "?";
 }
 
+// Any number of grantee rows, and any depth of membership, in one query. A
+// row counts only while its role still has the name it was granted under
+// (role_name): roles are cluster-wide and Postgres records no dependency of
+// this catalog on them, so after DROP ROLE a new role may receive the same
+// OID, and it must not inherit the dropped role's grants.
 bool lookup_privilege(Oid user, const char* key, KeyPrivilege privilege) {
   bool allowed = false;
-  // Grantees first (as the catalog owner), membership after (as the caller).
-  Oid roles[64];
-  int nroles = 0;
   as_catalog_owner(catalog_relid("key_grants"), [&] {
-    Oid types[2] = {TEXTOID, TEXTOID};
-    Datum values[2] = {CStringGetTextDatum(key), CStringGetTextDatum(privilege_name(privilege))};
-    if (SPI_execute_with_args("SELECT role::pg_catalog.oid FROM colcrypt.key_grants "
-                              "WHERE key_name OPERATOR(pg_catalog.=) $1 "
-                              "AND privilege OPERATOR(pg_catalog.=) $2",
-                              2, types, values, nullptr, true, 0) != SPI_OK_SELECT)
+    Oid types[3] = {TEXTOID, TEXTOID, OIDOID};
+    Datum values[3] = {CStringGetTextDatum(key), CStringGetTextDatum(privilege_name(privilege)),
+                       ObjectIdGetDatum(user)};
+    if (SPI_execute_with_args(
+            "SELECT 1 FROM colcrypt.key_grants g "
+            "JOIN pg_catalog.pg_roles a ON a.oid OPERATOR(pg_catalog.=) g.role::pg_catalog.oid "
+            "AND a.rolname OPERATOR(pg_catalog.=) g.role_name "
+            "WHERE g.key_name OPERATOR(pg_catalog.=) $1 "
+            "AND g.privilege OPERATOR(pg_catalog.=) $2 "
+            "AND pg_catalog.pg_has_role($3, a.oid, 'USAGE') LIMIT 1",
+            3, types, values, nullptr, true, 1) != SPI_OK_SELECT)
       elog(ERROR, "SPI_execute_with_args failed");
-    for (uint64 i = 0; i < SPI_processed && nroles < 64; ++i) {
-      bool isnull;
-      const Datum d = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
-      if (!isnull) roles[nroles++] = DatumGetObjectId(d);
-    }
+    allowed = SPI_processed > 0;
   });
-  for (int i = 0; i < nroles && !allowed; ++i) allowed = has_privs_of_role(user, roles[i]);
   return allowed;
 }
 
@@ -392,6 +408,164 @@ bool guard_functions(Oid& type, Oid& check) {
   return OidIsValid(check);
 }
 
+// ---------------------------------------------------------------- sealed columns
+//
+// Every table column whose type holds colcrypt.encrypted (the type, a domain
+// over it, an array or composite or range with one inside, at any depth) gets
+// the constraint CHECK (colcrypt.sealed(col)), named colcrypt_sealed_<column>:
+// the ddl_command_end event trigger adds it after CREATE TABLE, CREATE TABLE
+// AS, SELECT INTO and ALTER TABLE, and a dropped one comes back. Postgres
+// checks constraints on every stored row after the BEFORE triggers (PL/pgSQL
+// or C), in COPY, in ALTER TABLE rewrites, and ADD CONSTRAINT validates the
+// rows already there (CREATE TABLE AS [EXECUTE], ADD COLUMN ... DEFAULT).
+// So no pending plaintext reaches a table, whatever path wrote it.
+
+// True when values of typid can hold a colcrypt.encrypted.
+bool holds_encrypted(Oid typid, Oid type) {
+  check_stack_depth();
+  typid = getBaseType(typid);
+  if (typid == type) return true;
+  const Oid element = get_element_type(typid);
+  if (OidIsValid(element)) return holds_encrypted(element, type);
+  const Oid subtype = get_range_subtype(typid);
+  if (OidIsValid(subtype)) return holds_encrypted(subtype, type);
+  if (typid != RECORDOID && type_is_rowtype(typid)) {
+    const TupleDesc desc = lookup_rowtype_tupdesc(typid, -1);
+    bool found = false;
+    for (int i = 0; i < desc->natts && !found; ++i) {
+      const Form_pg_attribute att = TupleDescAttr(desc, i);
+      found = !att->attisdropped && holds_encrypted(att->atttypid, type);
+    }
+    ReleaseTupleDesc(desc);
+    return found;
+  }
+  return false;
+}
+
+void refuse_unsealed() {
+  ereport(ERROR,
+          (errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
+           errmsg("a colcrypt.encrypted value to be stored is a plaintext that was not encrypted"),
+           errdetail("Only the typmod coercion of a key-bound column encrypts plaintext; this "
+                     "value reached the row another way (a column without a key, an array or "
+                     "composite value, a trigger, a table rewrite)."),
+           errhint("Store plaintext in a column declared colcrypt.encrypted('key_name'), or use "
+                   "colcrypt.encrypt_field(value, 'key_name').")));
+}
+
+// Raises unless every colcrypt.encrypted inside value (of type typid) is sealed.
+void check_sealed(Datum value, Oid typid, Oid type) {
+  check_stack_depth();
+  typid = getBaseType(typid);
+  if (typid == type) {
+    // The first bytes tell a pending plaintext: a slice, so that a large
+    // value stored out of line is not fetched whole on every UPDATE.
+    struct varlena* head = pg_detoast_datum_slice(
+        reinterpret_cast<struct varlena*>(DatumGetPointer(value)), 0,
+        colcrypt::pg::kPendingMagicSize);
+    if (colcrypt::pg::is_pending(bytes_of(head))) refuse_unsealed();
+    return;
+  }
+  if (!holds_encrypted(typid, type)) return;
+  const Oid element = get_element_type(typid);
+  if (OidIsValid(element)) {
+    ArrayIterator it = array_create_iterator(DatumGetArrayTypeP(value), 0, nullptr);
+    Datum item;
+    bool isnull;
+    while (array_iterate(it, &item, &isnull))
+      if (!isnull) check_sealed(item, element, type);
+    array_free_iterator(it);
+    return;
+  }
+  if (OidIsValid(get_range_subtype(typid))) {
+    RangeType* range = DatumGetRangeTypeP(value);
+    TypeCacheEntry* cache = lookup_type_cache(RangeTypeGetOid(range), TYPECACHE_RANGE_INFO);
+    RangeBound lower;
+    RangeBound upper;
+    bool empty;
+    range_deserialize(cache, range, &lower, &upper, &empty);
+    const Oid subtype = cache->rngelemtype->type_id;
+    if (!empty && !lower.infinite) check_sealed(lower.val, subtype, type);
+    if (!empty && !upper.infinite) check_sealed(upper.val, subtype, type);
+    return;
+  }
+  if (type_is_rowtype(typid)) {
+    HeapTupleHeader header = DatumGetHeapTupleHeader(value);
+    const TupleDesc desc = lookup_rowtype_tupdesc(HeapTupleHeaderGetTypeId(header),
+                                                  HeapTupleHeaderGetTypMod(header));
+    HeapTupleData tuple;
+    tuple.t_len = HeapTupleHeaderGetDatumLength(header);
+    ItemPointerSetInvalid(&tuple.t_self);
+    tuple.t_tableOid = InvalidOid;
+    tuple.t_data = header;
+    Datum* values = static_cast<Datum*>(palloc(desc->natts * sizeof(Datum)));
+    bool* nulls = static_cast<bool*>(palloc(desc->natts * sizeof(bool)));
+    heap_deform_tuple(&tuple, desc, values, nulls);
+    for (int i = 0; i < desc->natts; ++i) {
+      const Form_pg_attribute att = TupleDescAttr(desc, i);
+      if (!att->attisdropped && !nulls[i]) check_sealed(values[i], att->atttypid, type);
+    }
+    ReleaseTupleDesc(desc);
+    pfree(values);
+    pfree(nulls);
+  }
+}
+
+// The function colcrypt.sealed(anyelement).
+Oid sealed_function() {
+  Oid argtypes[1] = {ANYELEMENTOID};
+  return LookupFuncName(
+      list_make2(makeString(pstrdup("colcrypt")), makeString(pstrdup("sealed"))), 1, argtypes,
+      true);
+}
+
+// True when rel has CHECK (colcrypt.sealed(<attnum>)).
+bool has_sealed_check(Relation rel, AttrNumber attnum, Oid sealed) {
+  const TupleConstr* constr = RelationGetDescr(rel)->constr;
+  if (constr == nullptr) return false;
+  for (int i = 0; i < constr->num_check; ++i) {
+    Node* expr = static_cast<Node*>(stringToNode(constr->check[i].ccbin));
+    if (!IsA(expr, FuncExpr)) continue;
+    const FuncExpr* call = reinterpret_cast<FuncExpr*>(expr);
+    if (call->funcid != sealed || list_length(call->args) != 1) continue;
+    const Node* arg = static_cast<Node*>(linitial(call->args));
+    if (IsA(arg, Var) && reinterpret_cast<const Var*>(arg)->varattno == attnum) return true;
+  }
+  return false;
+}
+
+// Adds the missing sealed checks of a table (and, through ALTER TABLE, of its
+// inheritors and partitions), all in one ALTER TABLE: one scan validates the
+// rows already there, and the event trigger that this ALTER TABLE fires in
+// turn finds nothing left to add. Runs inside SPI.
+void add_sealed_checks(Oid relid, Oid type, Oid sealed) {
+  Relation rel = try_relation_open(relid, AccessShareLock);
+  if (rel == nullptr) return;
+  const char relkind = rel->rd_rel->relkind;
+  StringInfoData command;
+  initStringInfo(&command);
+  if (relkind == RELKIND_RELATION || relkind == RELKIND_PARTITIONED_TABLE) {
+    const TupleDesc desc = RelationGetDescr(rel);
+    for (int i = 0; i < desc->natts; ++i) {
+      const Form_pg_attribute att = TupleDescAttr(desc, i);
+      if (att->attisdropped || !holds_encrypted(att->atttypid, type)) continue;
+      if (has_sealed_check(rel, att->attnum, sealed)) continue;
+      char name[NAMEDATALEN];
+      snprintf(name, sizeof name, "colcrypt_sealed_%s", NameStr(att->attname));
+      name[pg_mbcliplen(name, static_cast<int>(std::strlen(name)), NAMEDATALEN - 1)] = '\0';
+      appendStringInfo(&command, "%s ADD CONSTRAINT %s CHECK (colcrypt.sealed(%s))",
+                       command.len == 0 ? "" : ",", quote_identifier(name),
+                       quote_identifier(NameStr(att->attname)));
+    }
+  }
+  const char* table = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
+                                                 RelationGetRelationName(rel));
+  relation_close(rel, AccessShareLock);
+  if (command.len == 0) return;
+  if (SPI_execute(psprintf("ALTER TABLE %s%s", table, command.data), false, 0) != SPI_OK_UTILITY)
+    elog(ERROR, "SPI_execute failed");
+}
+
 // CREATE TABLE AS / CREATE MATERIALIZED VIEW / REFRESH MATERIALIZED VIEW
 // statements running. While one runs, every SELECT planned gets the check:
 // its own query, and also any other (an event trigger's, a function's), which
@@ -418,38 +592,6 @@ PlannedStmt* colcrypt_planner(Query* parse, const char* query_string, int cursor
   if (previous_planner != nullptr)
     return previous_planner(parse, query_string, cursor_options, bound_params);
   return standard_planner(parse, query_string, cursor_options, bound_params);
-}
-
-// A pending plaintext kept as the "missing value" of a column added with a
-// constant default (ALTER TABLE ... ADD COLUMN c colcrypt.encrypted DEFAULT
-// 'x'): refused, so that the ALTER TABLE fails.
-void check_missing_values(Oid relid, Oid type) {
-  List* relids = find_all_inheritors(relid, AccessShareLock, nullptr);
-  ListCell* lc;
-  foreach (lc, relids) {
-    Relation rel = relation_open(lfirst_oid(lc), AccessShareLock);
-    const TupleDesc desc = RelationGetDescr(rel);
-    if (desc->constr != nullptr && desc->constr->missing != nullptr) {
-      for (int i = 0; i < desc->natts; ++i) {
-        const Form_pg_attribute att = TupleDescAttr(desc, i);
-        const AttrMissing& missing = desc->constr->missing[i];
-        if (att->attisdropped || !missing.am_present) continue;
-        if (getBaseType(att->atttypid) != type) continue;
-        struct varlena* value = pg_detoast_datum_packed(
-            reinterpret_cast<struct varlena*>(DatumGetPointer(missing.am_value)));
-        if (colcrypt::pg::is_pending(bytes_of(value)))
-          ereport(ERROR,
-                  (errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-                   errmsg("plaintext cannot become colcrypt.encrypted without a key"),
-                   errdetail("The default of column \"%s\" is a plaintext, and the column has "
-                             "no key.",
-                             NameStr(att->attname)),
-                   errhint("Store it in a key-bound column, or use "
-                           "colcrypt.encrypt_field(value, 'key_name').")));
-      }
-    }
-    relation_close(rel, NoLock);
-  }
 }
 
 ProcessUtility_hook_type previous_utility = nullptr;
@@ -485,17 +627,6 @@ void colcrypt_utility(PlannedStmt* pstmt, const char* query_string, bool read_on
   PG_END_TRY();
   if (copy_from) --copy_from_depth;
   if (table_from_select) --table_from_select_depth;
-  if (IsA(stmt, AlterTableStmt)) {
-    const AlterTableStmt* alter = reinterpret_cast<AlterTableStmt*>(stmt);
-    Oid type;
-    Oid check;
-    if (alter->relation != nullptr &&
-        (alter->objtype == OBJECT_TABLE || alter->objtype == OBJECT_FOREIGN_TABLE) &&
-        guard_functions(type, check)) {
-      const Oid relid = RangeVarGetRelid(alter->relation, NoLock, true);
-      if (OidIsValid(relid)) check_missing_values(relid, type);
-    }
-  }
 }
 
 }  // namespace
@@ -754,4 +885,93 @@ Datum colcrypt_require_sealed(PG_FUNCTION_ARGS) {
 Datum colcrypt_reset_privilege_cache(PG_FUNCTION_ARGS) {
   colcrypt::pg::reset_key_privileges();
   PG_RETURN_VOID();
+}
+
+// sealed(anyelement) -> boolean: the CHECK constraint of every column that
+// holds colcrypt.encrypted (see "sealed columns" above). True, or an error
+// that says what is wrong (clearer than "violates check constraint").
+Datum colcrypt_sealed(PG_FUNCTION_ARGS) {
+  if (PG_ARGISNULL(0)) PG_RETURN_BOOL(true);
+  Oid type;
+  Oid check;
+  if (!guard_functions(type, check)) PG_RETURN_BOOL(true);
+  check_sealed(PG_GETARG_DATUM(0), get_fn_expr_argtype(fcinfo->flinfo, 0), type);
+  PG_RETURN_BOOL(true);
+}
+
+// Event trigger on ddl_command_start for ALTER TABLE: refuses to turn a
+// key-bound column into one without a key (ALTER COLUMN c TYPE
+// colcrypt.encrypted), which would drop its key and binding silently. An
+// event trigger rather than the utility hook: it runs even in a session that
+// has not loaded the library yet.
+Datum colcrypt_ddl_start(PG_FUNCTION_ARGS) {
+  if (!CALLED_AS_EVENT_TRIGGER(fcinfo))
+    ereport(ERROR, (errcode(ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED),
+                    errmsg("colcrypt._ddl_start() is an event trigger")));
+  const EventTriggerData* data = reinterpret_cast<EventTriggerData*>(fcinfo->context);
+  Oid type;
+  Oid check;
+  if (data->parsetree == nullptr || !IsA(data->parsetree, AlterTableStmt) ||
+      !guard_functions(type, check))
+    PG_RETURN_NULL();
+  const AlterTableStmt* alter = reinterpret_cast<AlterTableStmt*>(data->parsetree);
+  if (alter->relation == nullptr) PG_RETURN_NULL();
+  const Oid relid = RangeVarGetRelid(alter->relation, NoLock, true);
+  if (!OidIsValid(relid)) PG_RETURN_NULL();
+  ListCell* lc;
+  foreach (lc, alter->cmds) {
+    const AlterTableCmd* cmd = lfirst_node(AlterTableCmd, lc);
+    if (cmd->subtype != AT_AlterColumnType || cmd->name == nullptr) continue;
+    const AttrNumber attnum = get_attnum(relid, cmd->name);
+    if (attnum == InvalidAttrNumber) continue;
+    Oid old_type;
+    int32 old_typmod;
+    Oid collation;
+    get_atttypetypmodcoll(relid, attnum, &old_type, &old_typmod, &collation);
+    if (getBaseTypeAndTypmod(old_type, &old_typmod) != type || old_typmod < 0) continue;
+    const ColumnDef* def = reinterpret_cast<ColumnDef*>(cmd->def);
+    Oid new_type;
+    int32 new_typmod;
+    typenameTypeIdAndMod(nullptr, def->typeName, &new_type, &new_typmod);
+    if (getBaseTypeAndTypmod(new_type, &new_typmod) != type || new_typmod >= 0) continue;
+    const colcrypt::pg::ColumnKey& column = colcrypt::pg::column_key(old_typmod);
+    ereport(ERROR,
+            (errcode(ERRCODE_DATATYPE_MISMATCH),
+             errmsg("column \"%s\" would lose its colcrypt key", cmd->name),
+             errdetail("The column is colcrypt.encrypted('%s','%s'); the new type has no key, so "
+                       "plaintext written later would be refused and the binding forgotten.",
+                       column.key_name, column.binding),
+             errhint("Keep the type modifier: ALTER COLUMN %s TYPE "
+                     "colcrypt.encrypted('%s','%s').",
+                     quote_identifier(cmd->name), column.key_name, column.binding)));
+  }
+  PG_RETURN_NULL();
+}
+
+// Event trigger on ddl_command_end for CREATE TABLE, CREATE TABLE AS, SELECT
+// INTO and ALTER TABLE: adds the sealed checks the affected tables miss.
+Datum colcrypt_ddl_end(PG_FUNCTION_ARGS) {
+  if (!CALLED_AS_EVENT_TRIGGER(fcinfo))
+    ereport(ERROR, (errcode(ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED),
+                    errmsg("colcrypt._ddl_end() is an event trigger")));
+  Oid type;
+  Oid check;
+  if (!guard_functions(type, check)) PG_RETURN_NULL();
+  const Oid sealed = sealed_function();
+  if (!OidIsValid(sealed)) PG_RETURN_NULL();
+  if (SPI_connect() != SPI_OK_CONNECT) elog(ERROR, "SPI_connect failed");
+  if (SPI_execute("SELECT DISTINCT objid FROM pg_catalog.pg_event_trigger_ddl_commands() "
+                  "WHERE classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass",
+                  true, 0) != SPI_OK_SELECT)
+    elog(ERROR, "SPI_execute failed");
+  List* relids = NIL;
+  for (uint64 i = 0; i < SPI_processed; ++i) {
+    bool isnull;
+    const Datum d = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
+    if (!isnull) relids = lappend_oid(relids, DatumGetObjectId(d));
+  }
+  ListCell* lc;
+  foreach (lc, relids) add_sealed_checks(lfirst_oid(lc), type, sealed);
+  SPI_finish();
+  PG_RETURN_NULL();
 }

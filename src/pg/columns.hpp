@@ -62,8 +62,8 @@ bool in_copy_from();
 // Installs the planner hook (require_sealed around values stored in columns
 // without a key, and around the output of CREATE TABLE AS / materialized
 // views) and the utility hook (marks COPY FROM and CREATE TABLE AS while they
-// run; refuses a pending plaintext as an ADD COLUMN default). Called once from
-// _PG_init.
+// run). Called once from _PG_init. The sealed CHECK constraints (event
+// trigger colcrypt._ddl_end) are the backstop that needs no loaded library.
 void install_column_hooks();
 
 }  // namespace colcrypt::pg

@@ -33,6 +33,7 @@ extern "C" {
 #include <string_view>
 
 #include "core/envelope.hpp"
+#include "core/error.hpp"
 #include "core/secure_memory.hpp"
 #include "pg/columns.hpp"
 #include "pg/guard.hpp"
@@ -58,6 +59,7 @@ PG_FUNCTION_INFO_V1(colcrypt_ciphertext);
 PG_FUNCTION_INFO_V1(colcrypt_blind_index);
 PG_FUNCTION_INFO_V1(colcrypt_encrypt_deterministic);
 PG_FUNCTION_INFO_V1(colcrypt_decrypt_deterministic);
+PG_FUNCTION_INFO_V1(colcrypt_verify_sealed);
 }
 
 namespace {
@@ -347,4 +349,48 @@ Datum colcrypt_decrypt_deterministic(PG_FUNCTION_ARGS) {
              errmsg("decrypted value is not valid in encoding \"%s\"", GetDatabaseEncodingName())));
   }
   PG_RETURN_TEXT_P(result);
+}
+
+// _verify_sealed(value encrypted, key_name text, context text, path text):
+// raises 22023 unless the value is under key_name and opens with context.
+// encrypt_json keeps a value already encrypted at a path only after this
+// check, so that a client cannot plant a ciphertext copied from another
+// path, key or row. Needs the encrypt privilege only: nothing is returned.
+Datum colcrypt_verify_sealed(PG_FUNCTION_ARGS) {
+  EnvelopeHeader header;
+  const ByteView envelope = envelope_arg(fcinfo, header);
+  const ByteView name = bytes_of(PG_GETARG_TEXT_PP(1));
+  const ByteView context = bytes_of(PG_GETARG_TEXT_PP(2));
+  const char* path = text_to_cstring(PG_GETARG_TEXT_PP(3));
+  colcrypt::pg::check_key_privilege(reinterpret_cast<const char*>(name.data), name.size,
+                                    colcrypt::pg::KeyPrivilege::Encrypt);
+  const KeydSettings settings = colcrypt::pg::prepare_key_access();
+  const size_t size = envelope.size - colcrypt::kEnvelopeOverhead;  // opened_size()
+  uint8_t* scratch = static_cast<uint8_t*>(palloc(size + 1));
+  bool same_key = false;
+  bool opens = false;
+  guarded(ValueOrigin::Stored, [&] {
+    char value_key[colcrypt::pg::kKeyNameCapacity];
+    const size_t n = colcrypt::pg::key_name_of(settings, header, value_key);
+    same_key = std::string_view(value_key, n) ==
+               std::string_view(reinterpret_cast<const char*>(name.data), name.size);
+    if (!same_key) return;
+    try {
+      colcrypt::pg::decrypt_value(settings, envelope, context, scratch);
+      opens = true;
+    } catch (const colcrypt::Error& e) {
+      if (e.code() != colcrypt::Errc::DecryptionFailed) throw;
+    }
+    colcrypt::secure_zero(scratch, size);
+  });
+  pfree(scratch);
+  if (!same_key || !opens)
+    ereport(ERROR,
+            (errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+             errmsg("the encrypted value at JSON path \"%s\" was not encrypted for it", path),
+             errdetail(!same_key ? "It is under another key than the one given."
+                                 : "It was encrypted for another path or row binding (copied "
+                                   "from elsewhere)."),
+             errhint("Put the plaintext there and encrypt the document again.")));
+  PG_RETURN_VOID();
 }
