@@ -295,6 +295,134 @@ SELECT count(*) AS rows,
   FROM people p JOIN people_restored r USING (id);
 SELECT ssn::text FROM people_restored WHERE id = 1;
 
+-- The backstop: every table column whose type holds colcrypt.encrypted (the
+-- type, a domain, an array, a composite) carries CHECK (colcrypt.sealed(col)),
+-- added by an event trigger. Postgres checks it on every stored row after
+-- BEFORE triggers, in COPY and in ALTER TABLE rewrites, so the paths the
+-- planner hook cannot see refuse a plaintext too (22P02) instead of storing
+-- bytes nobody can decrypt.
+CREATE TYPE enc_pair AS (n int, e colcrypt.encrypted);
+CREATE TYPE keyed_pair AS (n int, e colcrypt.encrypted('regress_key', 'keyed_pair.e'));
+CREATE DOMAIN enc_free AS colcrypt.encrypted;
+CREATE TABLE holders (id int, free colcrypt.encrypted, k colcrypt.encrypted('regress_key', 'holders.k'),
+                      arr colcrypt.encrypted[], karr colcrypt.encrypted('regress_key', 'holders.karr')[],
+                      p enc_pair, kp keyed_pair, d enc_free, n int);
+SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint
+ WHERE conrelid = 'holders'::regclass ORDER BY conname;
+-- arrays and composites without a key: a plaintext element or field is refused
+INSERT INTO holders (id, arr) VALUES (1, '{a,b}');
+\echo :SQLSTATE
+INSERT INTO holders (id, arr) VALUES (1, ARRAY['a']::colcrypt.encrypted[]);
+\echo :SQLSTATE
+INSERT INTO holders (id, p) VALUES (1, '(1,plaintext)');
+\echo :SQLSTATE
+INSERT INTO holders (id, p) VALUES (1, ROW(1, 'plaintext'));
+\echo :SQLSTATE
+SELECT count(*) AS rows_stored FROM holders;
+-- sealed elements and fields go in as they are
+INSERT INTO holders (id, arr, p) VALUES (1, ARRAY[colcrypt.encrypt_field('elem', 'regress_key', 'a')],
+                                     ROW(1, colcrypt.encrypt_field('field', 'regress_key', 'p')));
+UPDATE holders SET arr = arr || '{plaintext}'::colcrypt.encrypted[] WHERE id = 1;
+\echo :SQLSTATE
+SELECT colcrypt.decrypt_field(arr[1], 'a') AS elem, colcrypt.decrypt_field((p).e, 'p') AS field
+  FROM holders WHERE id = 1;
+-- key-bound arrays: Postgres applies the element's typmod coercion, so each
+-- element is encrypted under the column's key and binding
+INSERT INTO holders (id, karr) VALUES (2, '{one,two}');
+INSERT INTO holders (id, karr) VALUES (3, ARRAY['three', 'four']::text[]);
+UPDATE holders SET karr[2] = 'TWO' WHERE id = 2;
+UPDATE holders SET karr = array_append(karr, 'five') WHERE id = 3;
+SELECT id, karr[1]::text AS first, colcrypt.decrypt_field(karr[2]) AS second,
+       colcrypt.decrypt_field(karr[3]) AS third,
+       colcrypt.decrypt_field(karr[1], 'colcrypt.column:holders.karr') AS with_context
+  FROM holders WHERE id IN (2, 3) ORDER BY id;
+SELECT count(*) AS plaintext_in_any_element
+  FROM holders, unnest(karr) e
+ WHERE position('\x6f6e65'::bytea IN colcrypt.encrypted_send(e)) > 0;
+-- (an element sealed for another column is refused, as for a plain column)
+UPDATE holders SET karr[1] = (SELECT ssn FROM people WHERE id = 1) WHERE id = 2;
+\echo :SQLSTATE
+-- a composite type with a key-bound field encrypts the field
+INSERT INTO holders (id, kp) VALUES (4, '(4,"in a record")'), (5, ROW(5, 'in a row'));
+SELECT id, (kp).n, (kp).e::text FROM holders WHERE id IN (4, 5) ORDER BY id;
+-- a BEFORE trigger that assigns a plaintext: refused in a column without a
+-- key; encrypted in a key-bound column (PL/pgSQL applies the typmod)
+CREATE FUNCTION holders_fill() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.n = 1 THEN NEW.free := 'set by a trigger'; END IF;
+    IF NEW.n = 2 THEN NEW.d := 'set by a trigger'; END IF;
+    IF NEW.n = 3 THEN NEW.k := 'set by a trigger'; END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER holders_fill BEFORE INSERT OR UPDATE ON holders
+    FOR EACH ROW EXECUTE FUNCTION holders_fill();
+INSERT INTO holders (id, n) VALUES (6, 1);
+\echo :SQLSTATE
+INSERT INTO holders (id, n) VALUES (6, 2);
+\echo :SQLSTATE
+UPDATE holders SET n = 1 WHERE id = 1;
+\echo :SQLSTATE
+COPY holders (id, n) FROM STDIN;
+6	1
+\.
+INSERT INTO holders (id, n) VALUES (6, 3);
+SELECT k::text FROM holders WHERE id = 6;
+DROP TRIGGER holders_fill ON holders;
+DROP FUNCTION holders_fill();
+-- the constraint cannot be dropped for good: the event trigger adds it back
+ALTER TABLE holders DROP CONSTRAINT colcrypt_sealed_free;
+SELECT count(*) AS sealed_check_on_free FROM pg_constraint
+ WHERE conrelid = 'holders'::regclass AND conname = 'colcrypt_sealed_free';
+INSERT INTO holders (id, free) VALUES (7, 'plaintext');
+\echo :SQLSTATE
+-- table rewrites: ALTER COLUMN ... TYPE ... USING an expression that yields a
+-- plaintext of the type, into a column without a key
+CREATE TABLE rewrite (id int, v colcrypt.encrypted, t text);
+INSERT INTO rewrite VALUES (1, colcrypt.encrypt_field('sealed', 'regress_key', 'r'), 'plain');
+ALTER TABLE rewrite ALTER COLUMN v TYPE colcrypt.encrypted USING 'plaintext'::colcrypt.encrypted;
+\echo :SQLSTATE
+ALTER TABLE rewrite ALTER COLUMN t TYPE enc_free USING 'plaintext'::enc_free;
+\echo :SQLSTATE
+ALTER TABLE rewrite ALTER COLUMN t TYPE colcrypt.encrypted[] USING '{plaintext}';
+\echo :SQLSTATE
+SELECT colcrypt.decrypt_field(v, 'r') AS v, t FROM rewrite;
+-- CREATE TABLE AS EXECUTE of a plan cached before (the planner hook does not
+-- see it): the table is made, then its new constraint refuses the rows
+SET plan_cache_mode = force_generic_plan;
+PREPARE make_rows AS SELECT 1 AS id, 'secret plaintext'::colcrypt.encrypted AS v;
+EXPLAIN (COSTS OFF) EXECUTE make_rows;
+CREATE TABLE ctas_exec AS EXECUTE make_rows;
+\echo :SQLSTATE
+RESET plan_cache_mode;
+SELECT count(*) AS tables_made FROM pg_class WHERE relname = 'ctas_exec';
+-- a table owner who is not a superuser gets the constraints too
+CREATE ROLE regress_cc_owner IN ROLE colcrypt_user;
+GRANT CREATE ON SCHEMA public TO regress_cc_owner;
+SET ROLE regress_cc_owner;
+CREATE TABLE owned (v colcrypt.encrypted);
+INSERT INTO owned VALUES ('plaintext'::enc_free);
+\echo :SQLSTATE
+SELECT conname FROM pg_constraint WHERE conrelid = 'owned'::regclass;
+DROP TABLE owned;
+RESET ROLE;
+REVOKE CREATE ON SCHEMA public FROM regress_cc_owner;
+DROP ROLE regress_cc_owner;
+
+-- ALTER COLUMN ... TYPE colcrypt.encrypted (no key) on a key-bound column
+-- would drop its key and binding silently: refused
+ALTER TABLE holders ALTER COLUMN k TYPE colcrypt.encrypted;
+\echo :SQLSTATE
+ALTER TABLE holders ALTER COLUMN k TYPE enc_free;
+\echo :SQLSTATE
+SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid = 'holders'::regclass AND attname = 'k';
+-- (restating the same key and binding is allowed and changes nothing)
+ALTER TABLE holders ALTER COLUMN k TYPE colcrypt.encrypted('regress_key', 'holders.k');
+SELECT k::text FROM holders WHERE id = 6;
+DROP TABLE holders, rewrite;
+DROP TYPE enc_pair, keyed_pair;
+DROP DOMAIN enc_free;
+
 DEALLOCATE ALL;
 DROP VIEW people_plain;
 DROP TABLE people, random_binding, staging, people_copy, other_column, legacy, big_legacy,

@@ -106,6 +106,75 @@ SELECT p.oid::regprocedure, l.lanname, p.prosecdef, p.proconfig,
                      'encrypt_json', 'decrypt_json', 'encrypt_column')
  ORDER BY p.oid::regprocedure::text;
 
+-- a grant counts only while its role (OID) still has the name it was granted
+-- under: Postgres records no dependency of key_grants on roles, so after
+-- DROP ROLE a new role may one day receive the same OID. (A new role cannot
+-- be made to reuse an OID here; pointing the row at another role's OID is
+-- exactly what it would look like. tests/integration forces a real reuse.)
+CREATE ROLE regress_cc_gone IN ROLE colcrypt_user;
+CREATE ROLE regress_cc_heir IN ROLE colcrypt_user;
+GRANT SELECT ON vault TO regress_cc_heir;
+SELECT colcrypt.grant_key('regress_key', 'regress_cc_gone', 'decrypt');
+SELECT role::text, role_name FROM colcrypt.key_grants WHERE role_name = 'regress_cc_gone';
+DROP ROLE regress_cc_gone;
+UPDATE colcrypt.key_grants SET role = 'regress_cc_heir' WHERE role_name = 'regress_cc_gone';
+SET ROLE regress_cc_heir;
+SELECT secret::text FROM vault WHERE id = 1;
+\echo :SQLSTATE
+RESET ROLE;
+-- granting the new role refreshes the row's name, and then it counts
+SELECT colcrypt.grant_key('regress_key', 'regress_cc_heir', 'decrypt');
+SELECT role::text, role_name FROM colcrypt.key_grants WHERE role = 'regress_cc_heir'::regrole;
+SET ROLE regress_cc_heir;
+SELECT secret::text FROM vault WHERE id = 1;
+RESET ROLE;
+SELECT colcrypt.revoke_key('regress_key', 'regress_cc_heir');
+-- (renaming a role suspends its grants until they are granted again)
+ALTER ROLE regress_cc_heir RENAME TO regress_cc_renamed;
+SELECT colcrypt.grant_key('regress_key', 'regress_cc_renamed', 'decrypt');
+ALTER ROLE regress_cc_renamed RENAME TO regress_cc_heir;
+SET ROLE regress_cc_heir;
+SELECT secret::text FROM vault WHERE id = 1;
+\echo :SQLSTATE
+RESET ROLE;
+SELECT colcrypt.revoke_key('regress_key', 'regress_cc_heir');
+
+-- any number of grantee rows: 70 roles hold the decrypt grant, and a role
+-- that is a member of the last one only (more than 64 rows in front of it)
+-- may decrypt; one that is a member of all 70 may too, until every grant is
+-- revoked
+DO $$
+BEGIN
+    FOR i IN 1..70 LOOP
+        EXECUTE format('CREATE ROLE regress_cc_g%s', i);
+        PERFORM colcrypt.grant_key('regress_key', format('regress_cc_g%s', i)::regrole, 'decrypt');
+    END LOOP;
+END $$;
+CREATE ROLE regress_cc_last IN ROLE colcrypt_user, regress_cc_g70;
+CREATE ROLE regress_cc_many IN ROLE colcrypt_user;
+DO $$ BEGIN FOR i IN 1..70 LOOP EXECUTE format('GRANT regress_cc_g%s TO regress_cc_many', i); END LOOP; END $$;
+GRANT SELECT ON vault TO regress_cc_last, regress_cc_many;
+SELECT count(*) AS decrypt_grants FROM colcrypt.key_grants
+ WHERE key_name = 'regress_key' AND privilege = 'decrypt';
+SET ROLE regress_cc_last;
+SELECT secret::text FROM vault WHERE id = 1;
+SET ROLE regress_cc_many;
+SELECT secret::text FROM vault WHERE id = 1;
+RESET ROLE;
+SELECT count(*) FROM (SELECT colcrypt.revoke_key('regress_key', format('regress_cc_g%s', i)::regrole)
+                        FROM generate_series(1, 69) i) r;
+SET ROLE regress_cc_many;
+SELECT secret::text FROM vault WHERE id = 1;
+RESET ROLE;
+SELECT colcrypt.revoke_key('regress_key', 'regress_cc_g70');
+SET ROLE regress_cc_many;
+SELECT secret::text FROM vault WHERE id = 1;
+\echo :SQLSTATE
+RESET ROLE;
+DO $$ BEGIN FOR i IN 1..70 LOOP EXECUTE format('DROP ROLE regress_cc_g%s', i); END LOOP; END $$;
+DELETE FROM colcrypt.key_grants WHERE role_name = 'regress_cc_gone';
+
 DROP TABLE vault;
 SELECT colcrypt.revoke_key('regress_key', r) FROM unnest(ARRAY['regress_cc_writer', 'regress_cc_reader']::regrole[]) r;
-DROP ROLE regress_cc_writer, regress_cc_reader, regress_cc_member, regress_cc_readers;
+DROP ROLE regress_cc_writer, regress_cc_reader, regress_cc_member, regress_cc_readers,
+    regress_cc_heir, regress_cc_last, regress_cc_many;

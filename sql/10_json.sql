@@ -31,6 +31,34 @@ SELECT colcrypt.encrypt_json('{"a": "colcrypt:nope"}', 'regress_key', '{a}');
 -- values are bound to their path: moved to another path, they do not decrypt
 SELECT colcrypt.decrypt_json(jsonb_build_object('other', :'enc'::jsonb -> 'ssn'), '{other}');
 \echo :SQLSTATE
+-- a value already encrypted at a path is kept only when it is under the given
+-- key and opens with this path's context: a client cannot plant a ciphertext
+-- copied from another key or another path (22023, nothing is decrypted)
+SELECT colcrypt.encrypt_json(jsonb_build_object('ssn', colcrypt.ciphertext(
+           colcrypt.encrypt_field('"planted"', 'regress_other', 'colcrypt.json:ssn'))),
+       'regress_key', '{ssn}');
+\echo :SQLSTATE
+SELECT colcrypt.encrypt_json(jsonb_build_object('ssn', :'enc'::jsonb -> 'age'), 'regress_key', '{ssn}');
+\echo :SQLSTATE
+SELECT colcrypt.encrypt_json(jsonb_build_object('ssn', colcrypt.ciphertext(
+           colcrypt.encrypt_field('"planted"', 'regress_key'))), 'regress_key', '{ssn}');
+\echo :SQLSTATE
+-- optional row binding: values are also bound to a row (its primary key)
+SELECT colcrypt.encrypt_json('{"ssn": "111-11-1111"}', 'regress_key', '{ssn}', 'customers:1') AS row1 \gset
+SELECT colcrypt.decrypt_json(:'row1', '{ssn}', 'customers:1') AS row1_plain;
+SELECT colcrypt.encrypt_json(:'row1', 'regress_key', '{ssn}', 'customers:1') = :'row1'::jsonb
+       AS unchanged;
+-- row 1's value copied into row 2's document: refused on write, and does not decrypt as row 2
+SELECT colcrypt.encrypt_json(:'row1', 'regress_key', '{ssn}', 'customers:2');
+\echo :SQLSTATE
+SELECT colcrypt.decrypt_json(:'row1', '{ssn}', 'customers:2');
+\echo :SQLSTATE
+SELECT colcrypt.decrypt_json(:'row1', '{ssn}');
+\echo :SQLSTATE
+-- without a row binding, a copy from another row at the same path and key
+-- is indistinguishable (documented): use the row binding to prevent it
+SELECT colcrypt.decrypt_json(colcrypt.encrypt_json(jsonb_build_object('ssn', :'enc'::jsonb -> 'ssn'),
+                                                   'regress_key', '{ssn}'), '{ssn}') ->> 'ssn' AS copied;
 -- '[*]' after a step is accepted (arrays are walked anyway); a top-level array
 SELECT colcrypt.decrypt_json(colcrypt.encrypt_json('[{"k": 1}, {"k": 2}]', 'regress_key', '{k}'), '{k}')
        AS top_level_array;
