@@ -5,6 +5,7 @@
 #include <libpq-fe.h>
 
 #include <catch2/catch.hpp>
+#include <cstdlib>
 #include <fstream>
 #include <memory>
 #include <string>
@@ -194,7 +195,10 @@ TEST_CASE("pg_dump and pg_restore carry the ciphertext byte for byte, without ke
   CHECK(plain_text.find("note-secret-") == std::string::npos);
   CHECK(plain_text.find("free-secret-") == std::string::npos);
   CHECK(plain_text.find("colcrypt.encrypted('dump_key','customers.note')") != std::string::npos);
-  CHECK(plain_text.find("dump_reader\tdecrypt") != std::string::npos);
+  CHECK(plain_text.find("dump_reader\tdump_reader\tdecrypt") != std::string::npos);
+  // the sealed checks travel with the tables (and a restore does not add twice)
+  CHECK(plain_text.find("CONSTRAINT colcrypt_sealed_free CHECK (colcrypt.sealed(free))") !=
+        std::string::npos);
   const std::string custom_bytes = read_file(custom);
   CHECK(custom_bytes.find("ssn-secret-") == std::string::npos);  // compressed or not, never plain
   r = run_command({"pg_restore", "-f", "-", custom}, client_env(sandbox));
@@ -220,6 +224,8 @@ TEST_CASE("pg_dump and pg_restore carry the ciphertext byte for byte, without ke
     CHECK(restored.value(
               "SELECT count(*) FROM colcrypt.key_grants WHERE role = 'dump_reader'::regrole") ==
           "1");
+    CHECK(restored.value("SELECT count(*) FROM pg_constraint WHERE conrelid = "
+                         "'customers'::regclass AND conname LIKE 'colcrypt_sealed_%'") == "3");
   }
   CHECK(sandbox.keyd_log().find("ERROR") == std::string::npos);
 
@@ -245,4 +251,61 @@ TEST_CASE("pg_dump and pg_restore carry the ciphertext byte for byte, without ke
     CHECK(src.value("SELECT ssn::text FROM customers WHERE id = 1000") == "after restore");
     src.value("DELETE FROM customers WHERE id = 1000");
   }
+}
+
+// Roles are cluster-wide and key_grants has no dependency on them: after DROP
+// ROLE, Postgres may give a new role the same OID. pg_resetwal -o makes that
+// happen now instead of after 4 billion OIDs; the new role must not inherit
+// the dropped role's grants (they name the role by OID and by name).
+TEST_CASE("a role that reuses a dropped role's OID does not inherit its key grants",
+          "[columns][grants]") {
+  Sandbox sandbox;  // its own: the cluster is stopped and reset
+  sandbox.create_key("oid_key");
+  sandbox.create_extension();
+  std::string oid;
+  {
+    PgConn admin(sandbox.conninfo());
+    admin.value("CREATE ROLE oid_old IN ROLE colcrypt_user");
+    admin.value("CREATE ROLE oid_control IN ROLE colcrypt_user");
+    oid = admin.value("SELECT 'oid_old'::regrole::oid");
+    admin.value("SELECT colcrypt.grant_key('oid_key', 'oid_old', 'encrypt')");
+    admin.value("DROP ROLE oid_old");
+    // an OID stays taken while a dead row holds it: autovacuum would clear it
+    admin.value("VACUUM pg_catalog.pg_authid");
+  }
+  sandbox.must("pg-stop");
+  const char* pg_bin = std::getenv("PG_BIN");
+  const std::string resetwal =
+      std::string(pg_bin != nullptr ? pg_bin : "/usr/lib/postgresql/15/bin") + "/pg_resetwal";
+  // a little below it: the server may take an OID or two on its way up
+  CommandResult r = run_command({"runuser", "-u", "postgres", "--", resetwal, "-o",
+                                 std::to_string(std::stoul(oid) - 8), sandbox.dir() + "/data"});
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  sandbox.must("pg-start");
+
+  PgConn admin(sandbox.conninfo());
+  for (int i = 0; i < 32; ++i) {
+    const std::string name = "oid_try_" + std::to_string(i);
+    admin.value("CREATE ROLE " + name);
+    if (admin.value("SELECT '" + name + "'::regrole::oid") != oid) continue;
+    admin.value("ALTER ROLE " + name + " RENAME TO oid_new");
+    admin.value("GRANT colcrypt_user TO oid_new");
+    break;
+  }
+  REQUIRE(admin.value("SELECT 'oid_new'::regrole::oid") == oid);
+  // the dropped role's row is still there, and now names the new role's OID
+  CHECK(admin.value("SELECT role_name FROM colcrypt.key_grants WHERE role = 'oid_new'::regrole") ==
+        "oid_old");
+  PgConn::Outcome o = admin.exec("SET ROLE oid_new; SELECT colcrypt.encrypt_field('x', 'oid_key')");
+  CHECK(o.sqlstate == "42501");
+  admin.value("RESET ROLE");
+  // a grant made to the new role itself counts
+  admin.value("SELECT colcrypt.grant_key('oid_key', 'oid_new', 'encrypt')");
+  o = admin.exec("SET ROLE oid_new; SELECT colcrypt.key_version(colcrypt.encrypt_field('x', 'oid_key'))");
+  CHECK(o.sqlstate == "");
+  admin.value("RESET ROLE");
+  // and a role that never had one stays refused
+  o = admin.exec("SET ROLE oid_control; SELECT colcrypt.encrypt_field('x', 'oid_key')");
+  CHECK(o.sqlstate == "42501");
 }
