@@ -232,6 +232,9 @@ CREATE FUNCTION colcrypt._ddl_start() RETURNS event_trigger
 CREATE FUNCTION colcrypt._ddl_end() RETURNS event_trigger
     AS 'MODULE_PATHNAME', 'colcrypt_ddl_end'
     LANGUAGE C;
+CREATE FUNCTION colcrypt._table_rewrite() RETURNS event_trigger
+    AS 'MODULE_PATHNAME', 'colcrypt_table_rewrite'
+    LANGUAGE C;
 -- Refuses ALTER COLUMN ... TYPE colcrypt.encrypted on a key-bound column
 -- (it would drop the key and the binding).
 CREATE EVENT TRIGGER colcrypt_ddl_start ON ddl_command_start
@@ -240,6 +243,13 @@ CREATE EVENT TRIGGER colcrypt_ddl_start ON ddl_command_start
 CREATE EVENT TRIGGER colcrypt_ddl_end ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
     EXECUTE FUNCTION colcrypt._ddl_end();
+-- Notes the tables an ALTER TABLE rewrites: after a rewrite the checks are
+-- added validated (every row was written anew); after an ALTER TABLE that
+-- rewrote nothing (ADD COLUMN: the online migration) they are added NOT
+-- VALID, without a scan under the lock, once the new columns' stored default
+-- has been checked.
+CREATE EVENT TRIGGER colcrypt_table_rewrite ON table_rewrite
+    EXECUTE FUNCTION colcrypt._table_rewrite();
 
 CREATE FUNCTION colcrypt.ciphertext(value colcrypt.encrypted) RETURNS text
     AS 'MODULE_PATHNAME', 'colcrypt_ciphertext'
@@ -532,6 +542,7 @@ REVOKE EXECUTE ON FUNCTION
     colcrypt._privileges(text),
     colcrypt._ddl_start(),
     colcrypt._ddl_end(),
+    colcrypt._table_rewrite(),
     colcrypt.grant_key(text, regrole, text),
     colcrypt.revoke_key(text, regrole, text),
     colcrypt._verify_sealed(colcrypt.encrypted, text, text, text),

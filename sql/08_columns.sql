@@ -395,6 +395,22 @@ CREATE TABLE ctas_exec AS EXECUTE make_rows;
 \echo :SQLSTATE
 RESET plan_cache_mode;
 SELECT count(*) AS tables_made FROM pg_class WHERE relname = 'ctas_exec';
+-- an ALTER TABLE that rewrites nothing (ADD COLUMN: the online migration of
+-- a large table) adds the check NOT VALID, without a scan under its lock,
+-- once the new column's stored default is checked; VALIDATE CONSTRAINT
+-- checks the old rows later under a lock that lets writes go on. After a
+-- rewrite, the check is added validated.
+CREATE TABLE online (id int, ssn text, card text);
+INSERT INTO online SELECT i, 'ssn-' || i, 'card-' || i FROM generate_series(1, 10) i;
+ALTER TABLE online ADD COLUMN ssn_enc colcrypt.encrypted('regress_key', 'online.ssn');
+ALTER TABLE online ADD COLUMN tags colcrypt.encrypted[] DEFAULT '{plaintext}';
+\echo :SQLSTATE
+ALTER TABLE online ALTER COLUMN card TYPE colcrypt.encrypted('regress_key', 'online.card');
+SELECT conname, convalidated FROM pg_constraint WHERE conrelid = 'online'::regclass ORDER BY 1;
+ALTER TABLE online VALIDATE CONSTRAINT colcrypt_sealed_ssn_enc;
+SELECT conname, convalidated FROM pg_constraint WHERE conrelid = 'online'::regclass ORDER BY 1;
+SELECT count(*) FILTER (WHERE card::text = 'card-' || id) AS cards FROM online;
+DROP TABLE online;
 -- a table owner who is not a superuser gets the constraints too
 CREATE ROLE regress_cc_owner IN ROLE colcrypt_user;
 GRANT CREATE ON SCHEMA public TO regress_cc_owner;

@@ -36,6 +36,10 @@ extern "C" {
 #include "utils/typcache.h"
 #include "access/htup_details.h"
 #include "nodes/readfuncs.h"
+#include "catalog/pg_inherits.h"
+#include "storage/proc.h"
+#include "access/tupdesc_details.h"
+#include "parser/parse_relation.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "miscadmin.h"
@@ -90,6 +94,7 @@ PG_FUNCTION_INFO_V1(colcrypt_reset_privilege_cache);
 PG_FUNCTION_INFO_V1(colcrypt_sealed);
 PG_FUNCTION_INFO_V1(colcrypt_ddl_start);
 PG_FUNCTION_INFO_V1(colcrypt_ddl_end);
+PG_FUNCTION_INFO_V1(colcrypt_table_rewrite);
 }
 
 namespace {
@@ -534,16 +539,48 @@ bool has_sealed_check(Relation rel, AttrNumber attnum, Oid sealed) {
   return false;
 }
 
+// Tables rewritten in this transaction (event table_rewrite): their rows
+// were all written anew, so a check added after must validate them.
+List* rewritten = NIL;  // in TopTransactionContext
+LocalTransactionId rewritten_in = InvalidLocalTransactionId;
+
+void note_rewrite(Oid relid) {
+  if (rewritten_in != MyProc->lxid) {
+    rewritten = NIL;
+    rewritten_in = MyProc->lxid;
+  }
+  const MemoryContext old = MemoryContextSwitchTo(TopTransactionContext);
+  rewritten = lappend_oid(rewritten, relid);
+  MemoryContextSwitchTo(old);
+}
+
+bool rewritten_now(const List* relids) {
+  if (rewritten_in != MyProc->lxid) return false;
+  const ListCell* lc;
+  foreach (lc, relids)
+    if (list_member_oid(rewritten, lfirst_oid(lc))) return true;
+  return false;
+}
+
 // Adds the missing sealed checks of a table (and, through ALTER TABLE, of its
-// inheritors and partitions), all in one ALTER TABLE: one scan validates the
-// rows already there, and the event trigger that this ALTER TABLE fires in
-// turn finds nothing left to add. Runs inside SPI.
-void add_sealed_checks(Oid relid, Oid type, Oid sealed) {
+// inheritors and partitions), all in one ALTER TABLE: the event trigger that
+// this ALTER TABLE fires in turn finds nothing left to add. Runs inside SPI.
+//
+// validate: check the rows already there (a scan under the ALTER TABLE's
+// lock), for a new table filled by a query and after a rewrite. Otherwise (an
+// ALTER TABLE that rewrote nothing: ADD COLUMN, the online migration of a
+// large table) the only values that can be new are the added columns' stored
+// default ("missing value"), checked here, and the check is added NOT VALID:
+// no scan, no long lock; it holds for every row written from now on, and
+// ALTER TABLE ... VALIDATE CONSTRAINT checks the old rows under a lock that
+// lets writes go on.
+void add_sealed_checks(Oid relid, Oid type, Oid sealed, bool validate) {
   Relation rel = try_relation_open(relid, AccessShareLock);
   if (rel == nullptr) return;
   const char relkind = rel->rd_rel->relkind;
   StringInfoData command;
   initStringInfo(&command);
+  List* columns = NIL;
   if (relkind == RELKIND_RELATION || relkind == RELKIND_PARTITIONED_TABLE) {
     const TupleDesc desc = RelationGetDescr(rel);
     for (int i = 0; i < desc->natts; ++i) {
@@ -553,15 +590,33 @@ void add_sealed_checks(Oid relid, Oid type, Oid sealed) {
       char name[NAMEDATALEN];
       snprintf(name, sizeof name, "colcrypt_sealed_%s", NameStr(att->attname));
       name[pg_mbcliplen(name, static_cast<int>(std::strlen(name)), NAMEDATALEN - 1)] = '\0';
-      appendStringInfo(&command, "%s ADD CONSTRAINT %s CHECK (colcrypt.sealed(%s))",
+      appendStringInfo(&command, "%s ADD CONSTRAINT %s CHECK (colcrypt.sealed(%s))%s",
                        command.len == 0 ? "" : ",", quote_identifier(name),
-                       quote_identifier(NameStr(att->attname)));
+                       quote_identifier(NameStr(att->attname)), validate ? "" : " NOT VALID");
+      columns = lappend(columns, pstrdup(NameStr(att->attname)));
     }
   }
   const char* table = quote_qualified_identifier(get_namespace_name(RelationGetNamespace(rel)),
                                                  RelationGetRelationName(rel));
   relation_close(rel, AccessShareLock);
   if (command.len == 0) return;
+  if (!validate) {
+    List* relids = find_all_inheritors(relid, AccessShareLock, nullptr);
+    ListCell* lc;
+    foreach (lc, relids) {
+      Relation child = relation_open(lfirst_oid(lc), AccessShareLock);
+      const TupleDesc desc = RelationGetDescr(child);
+      ListCell* cc;
+      foreach (cc, columns) {
+        const AttrNumber attnum = attnameAttNum(child, static_cast<const char*>(lfirst(cc)), false);
+        if (attnum <= 0 || desc->constr == nullptr || desc->constr->missing == nullptr) continue;
+        const AttrMissing& missing = desc->constr->missing[attnum - 1];
+        if (missing.am_present)
+          check_sealed(missing.am_value, TupleDescAttr(desc, attnum - 1)->atttypid, type);
+      }
+      relation_close(child, AccessShareLock);
+    }
+  }
   if (SPI_execute(psprintf("ALTER TABLE %s%s", table, command.data), false, 0) != SPI_OK_UTILITY)
     elog(ERROR, "SPI_execute failed");
 }
@@ -970,8 +1025,26 @@ Datum colcrypt_ddl_end(PG_FUNCTION_ARGS) {
     const Datum d = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
     if (!isnull) relids = lappend_oid(relids, DatumGetObjectId(d));
   }
+  const bool altered = reinterpret_cast<EventTriggerData*>(fcinfo->context)->tag ==
+                       CMDTAG_ALTER_TABLE;
   ListCell* lc;
-  foreach (lc, relids) add_sealed_checks(lfirst_oid(lc), type, sealed);
+  foreach (lc, relids) {
+    const Oid relid = lfirst_oid(lc);
+    const bool validate =
+        !altered || rewritten_now(find_all_inheritors(relid, AccessShareLock, nullptr));
+    add_sealed_checks(relid, type, sealed, validate);
+  }
   SPI_finish();
+  PG_RETURN_NULL();
+}
+
+// Event trigger on table_rewrite: remembers the table, so that the sealed
+// checks ddl_end adds after this ALTER TABLE validate the rewritten rows.
+Datum colcrypt_table_rewrite(PG_FUNCTION_ARGS) {
+  if (!CALLED_AS_EVENT_TRIGGER(fcinfo))
+    ereport(ERROR, (errcode(ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED),
+                    errmsg("colcrypt._table_rewrite() is an event trigger")));
+  note_rewrite(DatumGetObjectId(DirectFunctionCall1(pg_event_trigger_table_rewrite_oid,
+                                                    PointerGetDatum(nullptr))));
   PG_RETURN_NULL();
 }
