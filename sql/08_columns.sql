@@ -101,6 +101,10 @@ INSERT INTO other_column SELECT ssn FROM people WHERE id = 1;
 \echo :SQLSTATE
 INSERT INTO people (id, ssn) VALUES (10, colcrypt.encrypt_field('x', 'regress_other', 'colcrypt.column:people.ssn'));
 \echo :SQLSTATE
+-- encrypt_field() with the column's key and context is the column's own kind of value: stored
+INSERT INTO people (id, ssn) VALUES (10, colcrypt.encrypt_field('sealed by hand', 'regress_key', 'colcrypt.column:people.ssn'));
+SELECT ssn::text FROM people WHERE id = 10;
+DELETE FROM people WHERE id = 10;
 -- the way to move a value between columns: decrypt it, the target encrypts
 INSERT INTO other_column SELECT colcrypt.decrypt_field(ssn) FROM people WHERE id = 1;
 SELECT ssn::text FROM other_column;
