@@ -415,6 +415,18 @@ ALTER TABLE online VALIDATE CONSTRAINT colcrypt_sealed_ssn_enc;
 SELECT conname, convalidated FROM pg_constraint WHERE conrelid = 'online'::regclass ORDER BY 1;
 SELECT count(*) FILTER (WHERE card::text = 'card-' || id) AS cards FROM online;
 DROP TABLE online;
+-- the check does not fetch a value still in TOAST storage (an UPDATE of
+-- other columns): it was checked when stored
+CREATE TABLE toasted (id int, v colcrypt.encrypted('regress_key', 'toasted.v'), n int);
+INSERT INTO toasted SELECT i, repeat('x', 5000)::text, 0 FROM generate_series(1, 50) i;
+SELECT pg_stat_force_next_flush();
+SELECT toast_blks_read + toast_blks_hit AS toast_before FROM pg_statio_user_tables
+ WHERE relname = 'toasted' \gset
+UPDATE toasted SET n = n + 1;
+SELECT pg_stat_force_next_flush();
+SELECT toast_blks_read + toast_blks_hit - :toast_before AS toast_blocks_read_by_update
+  FROM pg_statio_user_tables WHERE relname = 'toasted';
+DROP TABLE toasted;
 -- a table owner who is not a superuser gets the constraints too
 CREATE ROLE regress_cc_owner IN ROLE colcrypt_user;
 GRANT CREATE ON SCHEMA public TO regress_cc_owner;

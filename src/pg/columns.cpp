@@ -463,8 +463,8 @@ void check_sealed(Datum value, Oid typid, Oid type) {
   check_stack_depth();
   typid = getBaseType(typid);
   if (typid == type) {
-    // The first bytes tell a pending plaintext: a slice, so that a large
-    // value stored out of line is not fetched whole on every UPDATE.
+    // The first bytes tell a pending plaintext (a slice: a compressed
+    // element is not expanded whole).
     struct varlena* head = pg_detoast_datum_slice(
         reinterpret_cast<struct varlena*>(DatumGetPointer(value)), 0,
         colcrypt::pg::kPendingMagicSize);
@@ -947,10 +947,23 @@ Datum colcrypt_reset_privilege_cache(PG_FUNCTION_ARGS) {
 // that says what is wrong (clearer than "violates check constraint").
 Datum colcrypt_sealed(PG_FUNCTION_ARGS) {
   if (PG_ARGISNULL(0)) PG_RETURN_BOOL(true);
-  Oid type;
-  Oid check;
-  if (!guard_functions(type, check)) PG_RETURN_BOOL(true);
-  check_sealed(PG_GETARG_DATUM(0), get_fn_expr_argtype(fcinfo->flinfo, 0), type);
+  // A value still in the table's TOAST storage was read from a table, where
+  // it was checked when stored (an UPDATE of other columns): do not fetch it.
+  // A pending plaintext made by this statement is always in memory.
+  const Oid argtype = get_fn_expr_argtype(fcinfo->flinfo, 0);
+  if (get_typlen(argtype) == -1 && VARATT_IS_EXTERNAL_ONDISK(DatumGetPointer(PG_GETARG_DATUM(0))))
+    PG_RETURN_BOOL(true);
+  // The type's OID, looked up once per expression (this runs for every row).
+  Oid* type = static_cast<Oid*>(fcinfo->flinfo->fn_extra);
+  if (type == nullptr) {
+    Oid found;
+    Oid check;
+    if (!guard_functions(found, check)) PG_RETURN_BOOL(true);
+    type = static_cast<Oid*>(MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(Oid)));
+    *type = found;
+    fcinfo->flinfo->fn_extra = type;
+  }
+  check_sealed(PG_GETARG_DATUM(0), argtype, *type);
   PG_RETURN_BOOL(true);
 }
 
