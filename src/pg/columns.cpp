@@ -947,23 +947,34 @@ Datum colcrypt_reset_privilege_cache(PG_FUNCTION_ARGS) {
 // that says what is wrong (clearer than "violates check constraint").
 Datum colcrypt_sealed(PG_FUNCTION_ARGS) {
   if (PG_ARGISNULL(0)) PG_RETURN_BOOL(true);
+  // This runs for every stored row: the types are resolved once per
+  // expression.
+  struct Resolved {
+    Oid type;     // colcrypt.encrypted
+    Oid argtype;  // the column's type
+    bool direct;  // the column is colcrypt.encrypted or a domain over it
+  };
+  Resolved* r = static_cast<Resolved*>(fcinfo->flinfo->fn_extra);
+  if (r == nullptr) {
+    Oid type;
+    Oid check;
+    if (!guard_functions(type, check)) PG_RETURN_BOOL(true);
+    r = static_cast<Resolved*>(MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(Resolved)));
+    r->type = type;
+    r->argtype = get_fn_expr_argtype(fcinfo->flinfo, 0);
+    r->direct = getBaseType(r->argtype) == type;
+    fcinfo->flinfo->fn_extra = r;
+  }
+  const struct varlena* value = reinterpret_cast<struct varlena*>(PG_GETARG_POINTER(0));
   // A value still in the table's TOAST storage was read from a table, where
   // it was checked when stored (an UPDATE of other columns): do not fetch it.
   // A pending plaintext made by this statement is always in memory.
-  const Oid argtype = get_fn_expr_argtype(fcinfo->flinfo, 0);
-  if (get_typlen(argtype) == -1 && VARATT_IS_EXTERNAL_ONDISK(DatumGetPointer(PG_GETARG_DATUM(0))))
+  if (VARATT_IS_EXTERNAL_ONDISK(value)) PG_RETURN_BOOL(true);
+  if (r->direct && !VARATT_IS_EXTERNAL(value) && !VARATT_IS_COMPRESSED(value)) {
+    if (colcrypt::pg::is_pending(bytes_of(value))) refuse_unsealed();
     PG_RETURN_BOOL(true);
-  // The type's OID, looked up once per expression (this runs for every row).
-  Oid* type = static_cast<Oid*>(fcinfo->flinfo->fn_extra);
-  if (type == nullptr) {
-    Oid found;
-    Oid check;
-    if (!guard_functions(found, check)) PG_RETURN_BOOL(true);
-    type = static_cast<Oid*>(MemoryContextAlloc(fcinfo->flinfo->fn_mcxt, sizeof(Oid)));
-    *type = found;
-    fcinfo->flinfo->fn_extra = type;
   }
-  check_sealed(PG_GETARG_DATUM(0), argtype, *type);
+  check_sealed(PG_GETARG_DATUM(0), r->argtype, r->type);
   PG_RETURN_BOOL(true);
 }
 
