@@ -37,6 +37,7 @@ extern "C" {
 #include "access/htup_details.h"
 #include "nodes/readfuncs.h"
 #include "catalog/pg_inherits.h"
+#include "storage/bufmgr.h"
 #include "storage/proc.h"
 #include "access/tupdesc_details.h"
 #include "parser/parse_relation.h"
@@ -562,14 +563,28 @@ bool rewritten_now(const List* relids) {
   return false;
 }
 
+// True when none of the relations has a block of data: validating a check on
+// them costs nothing.
+bool all_empty(const List* relids) {
+  const ListCell* lc;
+  foreach (lc, relids) {
+    Relation rel = relation_open(lfirst_oid(lc), AccessShareLock);
+    const bool empty =
+        !RELKIND_HAS_STORAGE(rel->rd_rel->relkind) || RelationGetNumberOfBlocks(rel) == 0;
+    relation_close(rel, AccessShareLock);
+    if (!empty) return false;
+  }
+  return true;
+}
+
 // Adds the missing sealed checks of a table (and, through ALTER TABLE, of its
 // inheritors and partitions), all in one ALTER TABLE: the event trigger that
 // this ALTER TABLE fires in turn finds nothing left to add. Runs inside SPI.
 //
 // validate: check the rows already there (a scan under the ALTER TABLE's
 // lock), for a new table filled by a query and after a rewrite. Otherwise (an
-// ALTER TABLE that rewrote nothing: ADD COLUMN, the online migration of a
-// large table) the only values that can be new are the added columns' stored
+// ALTER TABLE that rewrote nothing and has rows: ADD COLUMN, the online
+// migration of a large table) the only values that can be new are the added columns' stored
 // default ("missing value"), checked here, and the check is added NOT VALID:
 // no scan, no long lock; it holds for every row written from now on, and
 // ALTER TABLE ... VALIDATE CONSTRAINT checks the old rows under a lock that
@@ -1054,8 +1069,8 @@ Datum colcrypt_ddl_end(PG_FUNCTION_ARGS) {
   ListCell* lc;
   foreach (lc, relids) {
     const Oid relid = lfirst_oid(lc);
-    const bool validate =
-        !altered || rewritten_now(find_all_inheritors(relid, AccessShareLock, nullptr));
+    List* tables = altered ? find_all_inheritors(relid, AccessShareLock, nullptr) : NIL;
+    const bool validate = !altered || rewritten_now(tables) || all_empty(tables);
     add_sealed_checks(relid, type, sealed, validate);
   }
   SPI_finish();
