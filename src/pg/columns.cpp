@@ -23,45 +23,44 @@
 extern "C" {
 #include "postgres.h"
 
+#include "access/htup_details.h"
+#include "access/relation.h"
+#include "access/tupdesc_details.h"
 #include "access/xact.h"
 #include "catalog/namespace.h"
 #include "catalog/pg_class.h"
 #include "catalog/pg_constraint.h"
-#include "catalog/pg_type.h"
-#include "commands/event_trigger.h"
-#include "funcapi.h"
-#include "mb/pg_wchar.h"
-#include "parser/parse_type.h"
-#include "utils/rangetypes.h"
-#include "utils/typcache.h"
-#include "access/htup_details.h"
-#include "nodes/readfuncs.h"
 #include "catalog/pg_inherits.h"
-#include "storage/bufmgr.h"
-#include "storage/proc.h"
-#include "access/tupdesc_details.h"
-#include "parser/parse_relation.h"
+#include "catalog/pg_type.h"
+#include "commands/dbcommands.h"
+#include "commands/event_trigger.h"
 #include "executor/spi.h"
 #include "fmgr.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "nodes/makefuncs.h"
 #include "nodes/nodeFuncs.h"
 #include "nodes/parsenodes.h"
 #include "nodes/plannodes.h"
+#include "nodes/readfuncs.h"
 #include "optimizer/planner.h"
 #include "parser/parse_func.h"
+#include "parser/parse_relation.h"
+#include "parser/parse_type.h"
 #include "parser/parsetree.h"
+#include "storage/bufmgr.h"
+#include "storage/proc.h"
+#include "tcop/pquery.h"
+#include "tcop/utility.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
-#include "commands/dbcommands.h"
 #include "utils/guc.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
-#include "tcop/pquery.h"
-#include "tcop/utility.h"
-#include "access/relation.h"
+#include "utils/rangetypes.h"
 #include "utils/syscache.h"
+#include "utils/typcache.h"
 }
 #pragma GCC diagnostic pop
 // clang-format on
@@ -422,9 +421,11 @@ bool guard_functions(Oid& type, Oid& check) {
 // the ddl_command_end event trigger adds it after CREATE TABLE, CREATE TABLE
 // AS, SELECT INTO and ALTER TABLE, and a dropped one comes back. Postgres
 // checks constraints on every stored row after the BEFORE triggers (PL/pgSQL
-// or C), in COPY, in ALTER TABLE rewrites, and ADD CONSTRAINT validates the
-// rows already there (CREATE TABLE AS [EXECUTE], ADD COLUMN ... DEFAULT).
-// So no pending plaintext reaches a table, whatever path wrote it.
+// or C), in COPY and in ALTER TABLE rewrites; the rows already there are
+// validated when added (CREATE TABLE AS [EXECUTE], after a rewrite), or, after
+// an ALTER TABLE that rewrote nothing, the one possible new value, the added
+// columns' stored default, is checked (add_sealed_checks). So no pending
+// plaintext reaches a table, whatever path wrote it.
 
 // True when values of typid can hold a colcrypt.encrypted.
 bool holds_encrypted(Oid typid, Oid type) {
