@@ -315,11 +315,9 @@ bool lookup_privilege(Oid user, const char* key, KeyPrivilege privilege) {
     // is cached past this transaction (see privilege_generation). Parallel
     // mode cannot take a new snapshot: there the transaction's is used and
     // the cache is dropped when the transaction ends.
-    Snapshot snapshot = GetActiveSnapshot();
-    if (IsInParallelMode())
-      privileges_for_transaction = true;
-    else
-      snapshot = GetLatestSnapshot();
+    const bool parallel = IsInParallelMode();
+    if (parallel) privileges_for_transaction = true;
+    Snapshot snapshot = parallel ? GetActiveSnapshot() : GetLatestSnapshot();
     if (SPI_execute_snapshot(plan, values, nullptr, snapshot, InvalidSnapshot, true, false, 0) !=
         SPI_OK_SELECT)
       elog(ERROR, "SPI_execute_snapshot failed");
