@@ -309,6 +309,16 @@ CREATE FUNCTION colcrypt._reset_privilege_cache() RETURNS void
     AS 'MODULE_PATHNAME', 'colcrypt_reset_privilege_cache'
     LANGUAGE C VOLATILE PARALLEL UNSAFE;
 
+-- Backends cache privileges until a grant or a role changes: any change to
+-- key_grants (grant_key, revoke_key, or plain DML) makes every backend forget
+-- them (src/pg/columns.cpp).
+CREATE FUNCTION colcrypt._key_grants_changed() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'colcrypt_key_grants_changed'
+    LANGUAGE C VOLATILE PARALLEL UNSAFE;
+CREATE TRIGGER key_grants_changed
+    AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON colcrypt.key_grants
+    FOR EACH STATEMENT EXECUTE FUNCTION colcrypt._key_grants_changed();
+
 CREATE FUNCTION colcrypt._privileges(privilege text) RETURNS text[]
     LANGUAGE plpgsql IMMUTABLE STRICT
     SET search_path = pg_catalog, pg_temp
@@ -539,6 +549,7 @@ REVOKE EXECUTE ON FUNCTION
     colcrypt.decrypt_deterministic(bytea),
     colcrypt.decrypt_deterministic(bytea, text),
     colcrypt._reset_privilege_cache(),
+    colcrypt._key_grants_changed(),
     colcrypt._privileges(text),
     colcrypt._ddl_start(),
     colcrypt._ddl_end(),

@@ -173,6 +173,43 @@ SELECT secret::text FROM vault WHERE id = 1;
 RESET ROLE;
 DO $$ BEGIN FOR i IN 1..70 LOOP EXECUTE format('DROP ROLE regress_cc_g%s', i); END LOOP; END $$;
 DELETE FROM colcrypt.key_grants WHERE role_name = 'regress_cc_gone';
+-- privileges are cached past the transaction until a grant or a role changes:
+-- each change below takes effect at the next statement, however it is made
+SET ROLE regress_cc_reader;
+SELECT secret::text FROM vault WHERE id = 1;
+RESET ROLE;
+-- plain DML on the catalog (a statement trigger tells every backend)
+DELETE FROM colcrypt.key_grants WHERE role = 'regress_cc_reader'::regrole AND privilege = 'decrypt';
+SET ROLE regress_cc_reader;
+SELECT secret::text FROM vault WHERE id = 1;
+\echo :SQLSTATE
+RESET ROLE;
+INSERT INTO colcrypt.key_grants (key_name, role, role_name, privilege)
+    VALUES ('regress_key', 'regress_cc_reader', 'regress_cc_reader', 'decrypt');
+SET ROLE regress_cc_reader;
+SELECT secret::text FROM vault WHERE id = 1;
+RESET ROLE;
+-- role membership
+SELECT colcrypt.grant_key('regress_key', 'regress_cc_readers', 'decrypt');
+SET ROLE regress_cc_member;
+SELECT secret::text FROM vault WHERE id = 1;
+RESET ROLE;
+REVOKE regress_cc_readers FROM regress_cc_member;
+SET ROLE regress_cc_member;
+SELECT secret::text FROM vault WHERE id = 1;
+\echo :SQLSTATE
+RESET ROLE;
+-- within one transaction, and what a rolled back transaction granted is forgotten
+BEGIN;
+GRANT regress_cc_readers TO regress_cc_member;
+SET ROLE regress_cc_member;
+SELECT secret::text FROM vault WHERE id = 1;
+ROLLBACK;
+SET ROLE regress_cc_member;
+SELECT secret::text FROM vault WHERE id = 1;
+\echo :SQLSTATE
+RESET ROLE;
+SELECT colcrypt.revoke_key('regress_key', 'regress_cc_readers');
 
 DROP TABLE vault;
 SELECT colcrypt.revoke_key('regress_key', r) FROM unnest(ARRAY['regress_cc_writer', 'regress_cc_reader']::regrole[]) r;

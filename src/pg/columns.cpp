@@ -56,6 +56,9 @@ extern "C" {
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/inval.h"
+#include "utils/snapmgr.h"
+#include "commands/trigger.h"
 #include "utils/lsyscache.h"
 #include "utils/memutils.h"
 #include "utils/rangetypes.h"
@@ -95,6 +98,7 @@ PG_FUNCTION_INFO_V1(colcrypt_sealed);
 PG_FUNCTION_INFO_V1(colcrypt_ddl_start);
 PG_FUNCTION_INFO_V1(colcrypt_ddl_end);
 PG_FUNCTION_INFO_V1(colcrypt_table_rewrite);
+PG_FUNCTION_INFO_V1(colcrypt_key_grants_changed);
 }
 
 namespace {
@@ -270,6 +274,36 @@ constexpr int kPrivilegeCacheSize = 32;
 PrivilegeEntry privilege_cache[kPrivilegeCacheSize];
 int privilege_cache_used = 0;
 
+// The cache lives until a grant or a role changes, not for one transaction: a
+// lookup costs a catalog query, which per transaction made point reads by
+// non-superusers about 2x slower (bench/ANALYSIS.md). What invalidates it:
+// - colcrypt.key_grants changes: its statement trigger (colcrypt_key_grants_changed)
+//   sends a relcache invalidation of the table, which every backend receives
+//   (its own at the next command, others at their next transaction or lock);
+// - role membership or role attributes change: syscache invalidations of
+//   pg_auth_members and pg_authid, sent by Postgres itself;
+// - an abort (module.cpp), and a reset of the whole relcache.
+// privilege_generation counts invalidations: a lookup whose query ran while
+// one arrived is used once but not cached, so an entry is never older than
+// the last invalidation it could have missed.
+uint64 privilege_generation = 0;
+Oid key_grants_relid = InvalidOid;  // learnt at the first lookup
+bool privilege_callbacks_registered = false;
+bool privileges_for_transaction = false;  // an entry came from the transaction's snapshot
+
+void forget_privileges() {
+  privilege_cache_used = 0;
+  privileges_for_transaction = false;
+  ++privilege_generation;
+}
+
+void privileges_relcache_callback(Datum, Oid relid) {
+  if (relid == InvalidOid || relid == key_grants_relid || key_grants_relid == InvalidOid)
+    forget_privileges();
+}
+
+void privileges_syscache_callback(Datum, int, uint32) { forget_privileges(); }
+
 const char* privilege_name(KeyPrivilege p) {
   switch (p) {
     case KeyPrivilege::Encrypt:
@@ -289,19 +323,30 @@ const char* privilege_name(KeyPrivilege p) {
 // OID, and it must not inherit the dropped role's grants.
 bool lookup_privilege(Oid user, const char* key, KeyPrivilege privilege) {
   bool allowed = false;
-  as_catalog_owner(catalog_relid("key_grants"), [&] {
+  key_grants_relid = catalog_relid("key_grants");
+  as_catalog_owner(key_grants_relid, [&] {
     Oid types[3] = {TEXTOID, TEXTOID, OIDOID};
     Datum values[3] = {CStringGetTextDatum(key), CStringGetTextDatum(privilege_name(privilege)),
                        ObjectIdGetDatum(user)};
-    if (SPI_execute_with_args(
-            "SELECT 1 FROM colcrypt.key_grants g "
-            "JOIN pg_catalog.pg_roles a ON a.oid OPERATOR(pg_catalog.=) g.role::pg_catalog.oid "
-            "AND a.rolname OPERATOR(pg_catalog.=) g.role_name "
-            "WHERE g.key_name OPERATOR(pg_catalog.=) $1 "
-            "AND g.privilege OPERATOR(pg_catalog.=) $2 "
-            "AND pg_catalog.pg_has_role($3, a.oid, 'USAGE') LIMIT 1",
-            3, types, values, nullptr, true, 1) != SPI_OK_SELECT)
-      elog(ERROR, "SPI_execute_with_args failed");
+    SPIPlanPtr plan = SPI_prepare(
+        "SELECT 1 FROM colcrypt.key_grants g "
+        "JOIN pg_catalog.pg_roles a ON a.oid OPERATOR(pg_catalog.=) g.role::pg_catalog.oid "
+        "AND a.rolname OPERATOR(pg_catalog.=) g.role_name "
+        "WHERE g.key_name OPERATOR(pg_catalog.=) $1 "
+        "AND g.privilege OPERATOR(pg_catalog.=) $2 "
+        "AND pg_catalog.pg_has_role($3, a.oid, 'USAGE') LIMIT 1",
+        3, types);
+    if (plan == nullptr) elog(ERROR, "SPI_prepare failed");
+    // The latest committed grants, not the transaction's snapshot: the result
+    // is cached past this transaction (see privilege_generation). Parallel
+    // mode cannot take a new snapshot: there the transaction's is used and
+    // the cache is dropped when the transaction ends.
+    const bool parallel = IsInParallelMode();
+    if (parallel) privileges_for_transaction = true;
+    Snapshot snapshot = parallel ? GetActiveSnapshot() : GetLatestSnapshot();
+    if (SPI_execute_snapshot(plan, values, nullptr, snapshot, InvalidSnapshot, true, false, 1) !=
+        SPI_OK_SELECT)
+      elog(ERROR, "SPI_execute_snapshot failed");
     allowed = SPI_processed > 0;
   });
   return allowed;
@@ -744,8 +789,15 @@ void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivileg
     }
   }
   if (!cached) {
+    if (!privilege_callbacks_registered) {
+      CacheRegisterRelcacheCallback(privileges_relcache_callback, 0);
+      CacheRegisterSyscacheCallback(AUTHMEMROLEMEM, privileges_syscache_callback, 0);
+      CacheRegisterSyscacheCallback(AUTHOID, privileges_syscache_callback, 0);
+      privilege_callbacks_registered = true;
+    }
+    const uint64 generation = privilege_generation;
     allowed = lookup_privilege(user, key, privilege);
-    if (privilege_cache_used < kPrivilegeCacheSize) {
+    if (generation == privilege_generation && privilege_cache_used < kPrivilegeCacheSize) {
       PrivilegeEntry& e = privilege_cache[privilege_cache_used++];
       e.user = user;
       e.privilege = privilege;
@@ -771,7 +823,11 @@ void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivileg
   }
 }
 
-void reset_key_privileges() { privilege_cache_used = 0; }
+void reset_key_privileges() { forget_privileges(); }
+
+void end_transaction_privileges(bool committed) {
+  if (!committed || privileges_for_transaction) forget_privileges();
+}
 
 void reject_pending(ByteView value) {
   if (!is_pending(value)) return;
@@ -1087,4 +1143,13 @@ Datum colcrypt_table_rewrite(PG_FUNCTION_ARGS) {
   note_rewrite(DatumGetObjectId(DirectFunctionCall1(pg_event_trigger_table_rewrite_oid,
                                                     PointerGetDatum(nullptr))));
   PG_RETURN_NULL();
+}
+
+// _key_grants_changed(): statement trigger on colcrypt.key_grants. Every
+// backend (this one included) forgets its cached privileges when the change
+// commits; this backend at its next command already.
+Datum colcrypt_key_grants_changed(PG_FUNCTION_ARGS) {
+  if (!CALLED_AS_TRIGGER(fcinfo)) elog(ERROR, "colcrypt._key_grants_changed is a trigger");
+  CacheInvalidateRelcache(reinterpret_cast<TriggerData*>(fcinfo->context)->tg_relation);
+  return PointerGetDatum(nullptr);
 }

@@ -30,8 +30,12 @@ enum class KeyPrivilege { Encrypt, Decrypt, BlindIndex };
 // the key through colcrypt.key_grants (directly or through a role it inherits).
 void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivilege privilege);
 
-// Forgets the privileges cached for this transaction.
+// Forgets the cached privileges (grant_key / revoke_key).
 void reset_key_privileges();
+// At transaction end: an abort forgets the cached privileges; a commit keeps
+// them unless one was read in parallel mode (from the transaction's snapshot).
+// Otherwise they live until colcrypt.key_grants or a role changes (columns.cpp).
+void end_transaction_privileges(bool committed);
 
 // Raises 22P02 when the bytes are a pending plaintext (pending.hpp): nothing
 // but the typmod coercion may consume one.

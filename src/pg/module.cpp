@@ -79,7 +79,8 @@ void evict_keys_at_transaction_end(XactEvent event, void* arg) {
     case XACT_EVENT_PARALLEL_COMMIT:
     case XACT_EVENT_PARALLEL_ABORT:
       colcrypt::pg::evict_expired_keys(key_cache_ttl_guc);
-      colcrypt::pg::reset_key_privileges();
+      colcrypt::pg::end_transaction_privileges(event == XACT_EVENT_COMMIT ||
+                                               event == XACT_EVENT_PARALLEL_COMMIT);
       break;
     default:
       break;

@@ -309,3 +309,42 @@ TEST_CASE("a role that reuses a dropped role's OID does not inherit its key gran
   o = admin.exec("SET ROLE oid_control; SELECT colcrypt.encrypt_field('x', 'oid_key')");
   CHECK(o.sqlstate == "42501");
 }
+
+// Backends cache key privileges past their transaction (src/pg/columns.cpp):
+// a change made in another session (grant_key / revoke_key, plain DML on
+// colcrypt.key_grants, role membership) must reach a backend that already
+// cached the old answer, at its next transaction.
+TEST_CASE("another backend's cached key privileges follow grants and roles", "[columns][grants]") {
+  Sandbox& sandbox = shared_sandbox();
+  PgConn admin(sandbox.conninfo());
+  admin.exec("DROP TABLE IF EXISTS cached_grants; DROP ROLE IF EXISTS cache_reader, cache_group");
+  admin.value("CREATE ROLE cache_reader LOGIN IN ROLE colcrypt_user");
+  admin.value("CREATE ROLE cache_group");
+  admin.value("CREATE TABLE cached_grants (c colcrypt.encrypted)");
+  admin.value("INSERT INTO cached_grants SELECT colcrypt.encrypt_field('secret', 'shared_key')");
+  admin.value("GRANT SELECT ON cached_grants TO cache_reader");
+  admin.value("SELECT colcrypt.grant_key('shared_key', 'cache_reader', 'decrypt')");
+
+  PgConn reader(sandbox.conninfo() + " user=cache_reader");
+  const std::string read = "SELECT colcrypt.decrypt_field(c) FROM cached_grants";
+  auto outcome = [&] { return reader.exec(read).sqlstate; };
+  REQUIRE(outcome() == "");  // cached: allowed
+
+  admin.value("SELECT colcrypt.revoke_key('shared_key', 'cache_reader', 'decrypt')");
+  CHECK(outcome() == "42501");
+  admin.value("SELECT colcrypt.grant_key('shared_key', 'cache_reader', 'decrypt')");
+  CHECK(outcome() == "");
+  admin.value("DELETE FROM colcrypt.key_grants WHERE role = 'cache_reader'::regrole");
+  CHECK(outcome() == "42501");
+
+  // through a role: the grant is the group's; membership comes and goes
+  admin.value("SELECT colcrypt.grant_key('shared_key', 'cache_group', 'decrypt')");
+  CHECK(outcome() == "42501");
+  admin.value("GRANT cache_group TO cache_reader");
+  CHECK(outcome() == "");
+  admin.value("REVOKE cache_group FROM cache_reader");
+  CHECK(outcome() == "42501");
+
+  admin.value("SELECT colcrypt.revoke_key('shared_key', 'cache_group')");
+  admin.value("DROP TABLE cached_grants");
+}
