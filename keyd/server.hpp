@@ -4,6 +4,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -55,6 +56,27 @@ struct ServerConfig {
   // primary for up to colcrypt.key_cache_ttl seconds (whose maximum is the
   // default). docs/rotation.md.
   int64_t retire_grace_s = wire::kMaxKeyCacheTtlSeconds;
+  // Bound on counting the rows that use a key (disable/destroy checks,
+  // "references", "status"): statement_timeout of the counting connections.
+  // Counting runs on a worker thread; the poll loop keeps serving meanwhile.
+  int count_timeout_ms = 30000;
+  // Fail closed: a key reply whose audit entry could not be written is not
+  // sent; the peer gets a Failure instead (docs/operations.md, "Audit log").
+  // false (--audit-failure serve): keys go out, the loss is recorded later as
+  // an audit_gap entry.
+  bool audit_fail_closed = true;
+};
+
+// conninfo (key=value or URI) as a key=value string whose sessions have
+// statement_timeout = timeout_ms (added to any "options" given) and, unless
+// given, a connect_timeout. Throws InvalidArgument when conninfo does not parse.
+std::string with_statement_timeout(const std::string& conninfo, int timeout_ms);
+
+// Row counts for the keys an admin op asked about (key id -> counts), or why
+// counting failed (key id -> message).
+struct RowCounts {
+  std::map<std::string, std::vector<ReferenceCount>> rows;
+  std::map<std::string, std::string> errors;
 };
 
 // Installs SIGTERM/SIGINT/SIGHUP handlers that only write to a self-pipe and
@@ -90,7 +112,18 @@ class Server {
   void handle_readable(Connection& c);
   void handle_writable(Connection& c);
   void handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& body);
-  void handle_admin(Connection& c, const std::vector<uint8_t>& body);
+  // counts: null on the first pass; an op that needs row counts then hands
+  // them to the counting thread and returns without a reply. When they
+  // arrive the request is handled again from the start (re-validated
+  // against the store as it is then) with counts set.
+  void handle_admin(Connection& c, const std::vector<uint8_t>& body,
+                    const RowCounts* counts = nullptr);
+  void process_frames(Connection& c);
+  void finish_counts();
+  // After each commit: key replies go out, or (failing closed) are replaced
+  // by Failures when an audit write failed since the last release.
+  void release_key_replies();
+  uint64_t audit_losses_seen_ = 0;
   void queue(Connection& c, SecretBytes frame);
   void queue(Connection& c, const std::vector<uint8_t>& frame);
   void drain_signals();
@@ -116,7 +149,10 @@ class Server {
   std::unique_ptr<AuditLog> audit_;
   std::unique_ptr<JobRunner> jobs_;
   void publish_keys();
-  nlohmann::json references_of(const KeyRecord& key);
+  nlohmann::json references_of(const KeyRecord& key, const RowCounts& counts) const;
+  class Counter;
+  std::unique_ptr<Counter> counter_;
+  uint64_t next_serial_ = 1;
 };
 
 }  // namespace colcrypt::keyd
