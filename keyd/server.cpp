@@ -990,14 +990,13 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
                           std::to_string(version) + " of key '" + name + "'; pass --force to " +
                           op + " it anyway");
         }
-        // What needs no count is refused before counting (and checked again after).
-        const RetireGrace early{now_seconds(), config_.retire_grace_s, false};
-        KeyStore::check_retire_grace(*current, version, op, early);
+        // A pinned version is refused before counting (and checked again after).
         KeyStore::check_derivation_pin(*current, version, op, false);
         if (!counts) return defer({current});
         int64_t rows = 0;
         std::string where;
-        for (const auto& r : references_of(*current, *counts)["columns"]) {
+        const json references = references_of(*current, *counts);
+        for (const auto& r : references["columns"]) {
           if (r["version"].get<uint32_t>() != version) continue;
           rows += r["rows"].get<int64_t>();
           where += std::string(where.empty() ? "" : ", ") + r["database"].get<std::string>() +
