@@ -150,6 +150,7 @@ AuditLog::~AuditLog() {
     sync();
     ::close(fd_);
   }
+  if (head_fd_ >= 0) ::close(head_fd_);
 }
 
 void AuditLog::append(json event) {
@@ -258,16 +259,36 @@ bool AuditLog::write_head(bool durable) {
   json head = {{"seq", committed_seq_},
                {"mac", committed_mac_},
                {"head_mac", head_mac(key_.view(), committed_seq_, committed_mac_)}};
-  const std::string tmp = path_ + ".head.tmp";
   const std::string dst = path_ + ".head";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-  bool ok = fd >= 0 && write_all(fd, head.dump() + "\n") && (!durable || ::fdatasync(fd) == 0);
-  int err = errno;
-  if (fd >= 0 && ::close(fd) != 0 && ok) {
-    ok = false;
-    err = errno;
+  // One fixed-size record rewritten in place with one pwrite() (the padding
+  // is JSON whitespace): a crash of keyd leaves the old or the new record,
+  // never a mix, and a commit costs no open, close or rename.
+  std::string record = head.dump();
+  if (record.size() >= kHeadRecordSize) {
+    ++write_failures_;
+    log_error("audit head record for " + dst + " is too long");
+    return false;
   }
-  if (ok && ::rename(tmp.c_str(), dst.c_str()) != 0) {
+  record.resize(kHeadRecordSize - 1, ' ');
+  record += '\n';
+  if (head_fd_ < 0) {
+    head_fd_ = ::open(dst.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    head_dir_synced_ = false;
+    if (head_fd_ >= 0) {
+      // A head written by an older keyd (rename, shorter) or its temp file.
+      struct stat st {};
+      if (::fstat(head_fd_, &st) == 0 && st.st_size > static_cast<off_t>(kHeadRecordSize)) {
+        if (::ftruncate(head_fd_, kHeadRecordSize) != 0) {
+          log_warning("cannot cut audit head " + dst + " to its record size");
+        }
+      }
+      ::unlink((dst + ".tmp").c_str());
+    }
+  }
+  bool ok = head_fd_ >= 0 && ::pwrite(head_fd_, record.data(), record.size(), 0) ==
+                                 static_cast<ssize_t>(record.size());
+  int err = errno;
+  if (ok && durable && ::fdatasync(head_fd_) != 0) {
     ok = false;
     err = errno;
   }
@@ -276,8 +297,8 @@ bool AuditLog::write_head(bool durable) {
     log_error("cannot write audit head " + dst + ": " + errno_text(err));
     return false;
   }
-  if (durable) {
-    // The rename is durable once the directory is.
+  if (durable && !head_dir_synced_) {
+    // The head file's directory entry is durable once the directory is.
     const auto slash = dst.find_last_of('/');
     const std::string dir =
         slash == std::string::npos ? "." : (slash == 0 ? "/" : dst.substr(0, slash));
@@ -290,6 +311,7 @@ bool AuditLog::write_head(bool durable) {
       return false;
     }
     ::close(dfd);
+    head_dir_synced_ = true;
   }
   return true;
 }

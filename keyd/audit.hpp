@@ -7,9 +7,10 @@
 //   "mac": hex HMAC-SHA256(K, mac(n-1) || "\n" || canonical JSON of the entry without "mac")
 // with mac(0) = "" and K = HKDF-SHA256(KEK, info "colcrypt-audit-mac-v1"), so
 // only a holder of the master secret can write or check a chain. A sidecar
-// file PATH.head holds the last seq and mac, itself MACed, replaced
-// atomically (rename) after every batch of appends: it exposes a truncated
-// tail (a removed last entry re-chains nothing, but the head still names it).
+// file PATH.head holds the last seq and mac, itself MACed, rewritten in place
+// (one pwrite of a fixed-size record, padded with spaces) after every batch
+// of appends and fdatasynced at sync(): it exposes a truncated tail (a
+// removed last entry re-chains nothing, but the head still names it).
 //
 // Group commit: append() chains an entry in memory; commit() writes every
 // entry appended since the last commit with one write(), fdatasyncs the log
@@ -36,6 +37,8 @@
 namespace colcrypt::keyd {
 
 constexpr const char* kAuditFileName = "audit.log";
+// Size of PATH.head: one JSON object padded with spaces, then a newline.
+constexpr size_t kHeadRecordSize = 256;
 
 struct AuditVerdict {
   bool ok = false;       // the chain and the head verify (gaps or not)
@@ -107,6 +110,8 @@ class AuditLog {
   std::string path_;
   SecretBytes key_;
   int fd_ = -1;
+  int head_fd_ = -1;  // PATH.head, opened by the first write_head()
+  bool head_dir_synced_ = false;
   uint64_t seq_ = 0;            // last entry chained (committed or pending)
   std::string last_mac_;        // its mac
   uint64_t committed_seq_ = 0;  // last entry written by commit()

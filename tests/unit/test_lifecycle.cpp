@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -612,4 +613,24 @@ TEST_CASE("audit log: a failed append leaves an audit_gap entry that verify repo
   json reply = audit_verdict_json(v, dir.audit());
   CHECK(reply["lost"] == 5);
   CHECK(reply["gaps"].size() == 1);
+}
+
+TEST_CASE("audit log: the head is one fixed-size record rewritten in place", "[lifecycle][audit]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  AuditLog log(dir.audit(), SecretBytes(key.view()));
+  const std::string head = dir.audit() + ".head";
+  struct stat before {};
+  REQUIRE(::stat(head.c_str(), &before) == 0);
+  for (int i = 0; i < 3; ++i) {
+    log.append({{"event", "fetch"}, {"n", i}});
+    REQUIRE(log.commit());
+  }
+  struct stat after {};
+  REQUIRE(::stat(head.c_str(), &after) == 0);
+  CHECK(after.st_ino == before.st_ino);  // no temp file renamed over it per commit
+  CHECK(static_cast<size_t>(after.st_size) == kHeadRecordSize);
+  CHECK(json::parse(slurp(head))["seq"] == log.last_seq());
+  CHECK_FALSE(std::filesystem::exists(head + ".tmp"));
+  CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
 }
