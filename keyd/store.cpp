@@ -849,7 +849,8 @@ void KeyStore::check_derivation_pin(const KeyRecord& key, uint32_t version,
   throw Error(Errc::InvalidArgument,
               v_text + " keys " + what + " (" + used + "): they are always keyed from version " +
                   std::to_string(version) + ", rotation jobs do not re-encrypt them and no row " +
-                  "count sees them, so to " + std::string(action) + " it makes every " + what +
+                  "count sees them, so " + (action == "disable" ? "disabling" : "destroying") +
+                  " it makes all " + what +
                   " of key '" + key.name + "' unusable" +
                   (action == "disable" ? " until it is enabled again" : " for ever") +
                   ". Keep this version (it encrypts nothing new), or first move those values to "

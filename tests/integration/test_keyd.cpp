@@ -459,7 +459,7 @@ TEST_CASE("a version that keyed deterministic values or blind indexes is pinned 
   INFO(destroy.output);
   CHECK(destroy.exit_code == 1);
   CHECK(contains(destroy.output,
-                 "every deterministic values (colcrypt.encrypt_deterministic) and blind indexes "
+                 "all deterministic values (colcrypt.encrypt_deterministic) and blind indexes "
                  "(colcrypt.blind_index) of key 'pk' unusable for ever"));
   CHECK(contains(destroy.output, "--force"));
   CommandResult disable = sandbox.keyctl({"disable", "cached", "--version", "1"});
