@@ -28,8 +28,9 @@ constexpr int kExitKeydError = 1;
 constexpr int kExitUsage = 2;
 constexpr int kExitUnreachable = 3;
 constexpr int kExitAuditGaps = 4;
-// disable, destroy, status and references wait for keyd to count rows (at
-// most its --count-timeout-ms, default 30 s): a longer default wait.
+// disable, destroy, status, jobs and reencrypt wait for keyd's database
+// thread (at most its --count-timeout-ms per request, default 30 s): a longer
+// default wait.
 constexpr int kCountingTimeoutMs = 60000;
 constexpr const char* kDefaultSocket = "/run/colcrypt/keyd.sock";
 
@@ -354,7 +355,8 @@ int main(int argc, char** argv) {
       ((command == "disable" || command == "destroy") && !force)) {
     options.timeout_ms = kCountingTimeoutMs;
   }
-  if (app.get_option("--timeout-ms")->count() == 0 && command == "status") {
+  if (app.get_option("--timeout-ms")->count() == 0 &&
+      (command == "status" || command == "jobs" || command == "reencrypt")) {
     options.timeout_ms = kCountingTimeoutMs;
   }
   std::string reply_text;

@@ -19,6 +19,8 @@
 #include <cstring>
 #include <ctime>
 #include <deque>
+#include <functional>
+#include <utility>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -127,7 +129,7 @@ struct Server::Connection {
   wire::FrameReader reader;
   std::deque<Outgoing> out;  // whole frames
   size_t out_offset = 0;     // bytes of out.front() already written
-  // An admin request waits for row counts (Server::Counter): no further
+  // An admin request waits for row counts (Server::DatabaseWorker): no further
   // frame is read and no idle timeout applies until it is answered.
   std::vector<uint8_t> waiting_body;
   bool waiting = false;
@@ -235,13 +237,15 @@ std::string with_statement_timeout(const std::string& conninfo, int timeout_ms) 
   return out;
 }
 
-// Counts rows per key on a thread of its own (count_references can take
-// seconds on big tables, and waits for as long as a table is locked): the
-// poll loop keeps serving key fetches meanwhile. Requests are served in
-// order; each result wakes the loop through the signal pipe.
-class Server::Counter {
+// Talks to the databases on a thread of its own: counts rows per key
+// (count_references can take seconds on big tables, and waits for as long as
+// a table is locked), creates and lists rotation jobs. The poll loop keeps
+// serving key fetches meanwhile. Every connection has the statement_timeout
+// (and a connect_timeout). Requests are served in order; each result wakes
+// the loop through the signal pipe.
+class Server::DatabaseWorker {
  public:
-  Counter(const std::vector<std::string>& databases, int timeout_ms) : timeout_ms_(timeout_ms) {
+  DatabaseWorker(const std::vector<std::string>& databases, int timeout_ms) : timeout_ms_(timeout_ms) {
     for (const auto& d : databases) {
       try {
         databases_.push_back(with_statement_timeout(d, timeout_ms));
@@ -251,7 +255,7 @@ class Server::Counter {
       }
     }
   }
-  ~Counter() {
+  ~DatabaseWorker() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
@@ -259,15 +263,18 @@ class Server::Counter {
     wake_.notify_all();
     if (thread_.joinable()) thread_.join();  // a count in progress ends within the timeout
   }
-  void submit(uint64_t serial, std::vector<std::pair<std::string, std::string>> keys) {
+  using Task = std::function<json(const std::vector<std::string>& databases)>;
+  // Counts the rows of `keys` (id, name); or, when task is set, runs it.
+  void submit(uint64_t serial, std::vector<std::pair<std::string, std::string>> keys,
+              Task task = nullptr) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      requests_.push_back({serial, std::move(keys)});
+      requests_.push_back({serial, std::move(keys), std::move(task)});
       if (!thread_.joinable()) thread_ = std::thread([this] { work(); });
     }
     wake_.notify_all();
   }
-  std::vector<std::pair<uint64_t, RowCounts>> take_done() {
+  std::vector<std::pair<uint64_t, DatabaseResults>> take_done() {
     std::lock_guard<std::mutex> lock(mutex_);
     return std::exchange(done_, {});
   }
@@ -276,6 +283,7 @@ class Server::Counter {
   struct Request {
     uint64_t serial;
     std::vector<std::pair<std::string, std::string>> keys;  // (id, name)
+    Task task;
   };
   void work() {
     std::unique_lock<std::mutex> lock(mutex_);
@@ -285,7 +293,14 @@ class Server::Counter {
       Request request = std::move(requests_.front());
       requests_.pop_front();
       lock.unlock();
-      RowCounts counts;
+      DatabaseResults counts;
+      if (request.task) {
+        try {
+          counts.value = request.task(databases_);
+        } catch (const std::exception& e) {
+          counts.error = e.what();
+        }
+      }
       for (const auto& [id, name] : request.keys) {
         const auto start = Clock::now();
         try {
@@ -316,7 +331,7 @@ class Server::Counter {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::deque<Request> requests_;
-  std::vector<std::pair<uint64_t, RowCounts>> done_;
+  std::vector<std::pair<uint64_t, DatabaseResults>> done_;
   bool stop_ = false;
   std::thread thread_;  // started by the first request
 };
@@ -335,7 +350,7 @@ Server::Server(ServerConfig config, KeyStore store)
   audit_ = std::make_unique<AuditLog>(config_.audit_log_path, store_.audit_mac_key());
   audit({{"event", "unlock"}, {"store", store_.dir()}, {"keys", store_.keys().size()}});
   jobs_ = std::make_unique<JobRunner>(config_.databases, config_.job_poll_interval_ms);
-  counter_ = std::make_unique<Counter>(config_.databases, config_.count_timeout_ms);
+  db_worker_ = std::make_unique<DatabaseWorker>(config_.databases, config_.count_timeout_ms);
   publish_keys();
 }
 
@@ -348,7 +363,7 @@ void Server::publish_keys() {
 // {"versions": {"1": rows, ...}, "columns": [{"database","column","version","rows"}]}
 // Throws the counting error (clear text for a timeout: InvalidArgument, which
 // reaches the admin client; Io for anything else, whose details go to the log).
-json Server::references_of(const KeyRecord& key, const RowCounts& counts) const {
+json Server::references_of(const KeyRecord& key, const DatabaseResults& counts) const {
   const std::string id = format_key_id(key.id);
   if (auto e = counts.errors.find(id); e != counts.errors.end()) {
     throw Error(e->second.rfind("counting the rows", 0) == 0 ? Errc::InvalidArgument : Errc::Io,
@@ -871,7 +886,7 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
 }
 
 void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
-                          const RowCounts* counts) {
+                          const DatabaseResults* counts) {
   const std::string peer = peer_text(c.uid, c.pid);
   json request;
   try {
@@ -884,14 +899,21 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
   std::string op;
   bool logged = false;  // rotate_and_audit writes its own entry
   // Hands the request to the counting thread; it is handled again, from the
-  // start, once the counts are in (finish_counts).
-  auto defer = [&](const std::vector<const KeyRecord*>& keys) {
+  // start, once the counts are in (finish_database_work).
+  auto defer = [&](const std::vector<const KeyRecord*>& keys,
+                   DatabaseWorker::Task task = nullptr) {
     std::vector<std::pair<std::string, std::string>> ids;
     for (const KeyRecord* k : keys) ids.emplace_back(format_key_id(k->id), k->name);
     c.waiting = true;
     c.waiting_body = body;
-    counter_->submit(c.serial, std::move(ids));
-    log_debug("admin " + op + " from peer " + peer + " waits for row counts");
+    db_worker_->submit(c.serial, std::move(ids), std::move(task));
+    log_debug("admin " + op + " from peer " + peer + " waits for the databases");
+  };
+  // The task's value on the second pass; its failure as Error(Io) (logged,
+  // the peer is told to look at the log, as before).
+  auto task_value = [&]() -> json {
+    if (!counts->error.empty()) throw Error(Errc::Io, counts->error);
+    return counts->value;
   };
   auto audit_admin = [&](const std::string& outcome) {
     if (logged || op == "list" || op == "show" || op == "status" || op == "jobs" ||
@@ -1033,10 +1055,18 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
         throw Error(Errc::InvalidArgument,
                     "batch_blocks must be 1 to 65536 and throttle_ms 0 to 600000");
       }
-      result = {{"jobs", create_jobs(config_.databases, name, batch_blocks, throttle_ms)}};
+      if (!counts) {
+        return defer({}, [name, batch_blocks, throttle_ms](const std::vector<std::string>& dbs) {
+          return create_jobs(dbs, name, batch_blocks, throttle_ms);
+        });
+      }
+      result = {{"jobs", task_value()}};
       jobs_->wake();
     } else if (op == "jobs") {
-      result = {{"jobs", list_jobs(config_.databases)}};
+      if (!counts) {
+        return defer({}, [](const std::vector<std::string>& dbs) { return list_jobs(dbs); });
+      }
+      result = {{"jobs", task_value()}};
     } else if (op == "references") {
       std::string name = name_arg();
       const KeyRecord* key = store_.find(name);
@@ -1114,8 +1144,8 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
   queue(c, wire::encode_admin_result(result.dump(-1, ' ', false, json::error_handler_t::replace)));
 }
 
-void Server::finish_counts() {
-  for (auto& [serial, counts] : counter_->take_done()) {
+void Server::finish_database_work() {
+  for (auto& [serial, counts] : db_worker_->take_done()) {
     auto it = std::find_if(connections_.begin(), connections_.end(),
                            [serial = serial](const auto& c) { return c->serial == serial; });
     if (it == connections_.end() || !(*it)->waiting) continue;
@@ -1134,7 +1164,15 @@ void Server::finish_counts() {
       for (const char* field : {"name", "version", "force"}) {
         if (request.is_object() && request.contains(field)) entry[field] = request[field];
       }
-      if (entry["op"] != "status" && entry["op"] != "references") audit(std::move(entry));
+      if (entry["op"] == "reencrypt" && counts.error.empty()) {
+        // The jobs exist now: they run, and the log says so.
+        entry["result"] = "ok";
+        entry["peer_gone"] = true;
+        jobs_->wake();
+      }
+      if (entry["op"] != "status" && entry["op"] != "references" && entry["op"] != "jobs") {
+        audit(std::move(entry));
+      }
       log_info("peer " + peer_text(c.uid, c.pid) +
                " left before its row counts arrived; its request was dropped");
       c.dead = true;
@@ -1277,7 +1315,7 @@ int Server::run() {
       }
       if (fds[1].revents & POLLIN) accept_all();
     }
-    finish_counts();
+    finish_database_work();
     // ... then their audit entries are written and fdatasynced once, and the
     // head replaced once, and only then do the replies (keys) go out.
     if (audit_) audit_->commit();
@@ -1306,7 +1344,7 @@ int Server::run() {
 #endif
   connections_.clear();
   stopping_ = true;
-  counter_.reset();  // a count in progress ends within --count-timeout-ms
+  db_worker_.reset();  // a count in progress ends within --count-timeout-ms
   jobs_.reset();  // stops the worker; an unfinished batch rolls back
   flush_store(true);
   audit({{"event", "stop"}});

@@ -72,11 +72,14 @@ struct ServerConfig {
 // given, a connect_timeout. Throws InvalidArgument when conninfo does not parse.
 std::string with_statement_timeout(const std::string& conninfo, int timeout_ms);
 
-// Row counts for the keys an admin op asked about (key id -> counts), or why
-// counting failed (key id -> message).
-struct RowCounts {
+// What the database thread found for an admin op: row counts for the keys it
+// asked about (key id -> counts) or why counting failed (key id -> message);
+// or the value of another database task (jobs, reencrypt) or its error.
+struct DatabaseResults {
   std::map<std::string, std::vector<ReferenceCount>> rows;
   std::map<std::string, std::string> errors;
+  nlohmann::json value;
+  std::string error;  // the task failed (empty: it did not)
 };
 
 // Installs SIGTERM/SIGINT/SIGHUP handlers that only write to a self-pipe and
@@ -112,14 +115,15 @@ class Server {
   void handle_readable(Connection& c);
   void handle_writable(Connection& c);
   void handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& body);
-  // counts: null on the first pass; an op that needs row counts then hands
-  // them to the counting thread and returns without a reply. When they
-  // arrive the request is handled again from the start (re-validated
-  // against the store as it is then) with counts set.
+  // counts: null on the first pass; an op that needs the databases (row
+  // counts, jobs, reencrypt) then hands the work to the database thread and
+  // returns without a reply. When the results arrive the request is handled
+  // again from the start (re-validated against the store as it is then)
+  // with counts set, and the work is not repeated.
   void handle_admin(Connection& c, const std::vector<uint8_t>& body,
-                    const RowCounts* counts = nullptr);
+                    const DatabaseResults* counts = nullptr);
   void process_frames(Connection& c);
-  void finish_counts();
+  void finish_database_work();
   // After each commit: key replies go out, or (failing closed) are replaced
   // by Failures when an audit write failed since the last release.
   void release_key_replies();
@@ -149,9 +153,9 @@ class Server {
   std::unique_ptr<AuditLog> audit_;
   std::unique_ptr<JobRunner> jobs_;
   void publish_keys();
-  nlohmann::json references_of(const KeyRecord& key, const RowCounts& counts) const;
-  class Counter;
-  std::unique_ptr<Counter> counter_;
+  nlohmann::json references_of(const KeyRecord& key, const DatabaseResults& counts) const;
+  class DatabaseWorker;
+  std::unique_ptr<DatabaseWorker> db_worker_;
   uint64_t next_serial_ = 1;
 };
 

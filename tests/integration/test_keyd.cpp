@@ -519,13 +519,19 @@ TEST_CASE("row counting runs off keyd's loop: fetches are served while a table i
     }
   };
 
-  SECTION("the destroy waits for the count, then is refused with the rows") {
+  // A destroy that waits for its count behind the lock.
+  auto pending_destroy = [&] {
     hold_lock();
-    const auto start = Clock::now();
     auto destroy = std::async(std::launch::async, [&] {
       return sandbox.keyctl({"destroy", "ck", "--version", "1"});
     });
     std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    return destroy;
+  };
+
+  SECTION("the destroy waits for the count, then is refused with the rows") {
+    const auto start = Clock::now();
+    auto destroy = pending_destroy();
     fetches_are_prompt();
     CHECK(destroy.wait_for(std::chrono::milliseconds(0)) == std::future_status::timeout);
     locker.value("COMMIT");
@@ -535,8 +541,7 @@ TEST_CASE("row counting runs off keyd's loop: fetches are served while a table i
     CHECK(contains(r.output, "still used by 3 rows"));
     CHECK(seconds_since(start) < 4.0);  // answered when the lock went, not at the timeout
 
-    // Re-validated when the count arrives: rows re-encrypted meanwhile are not
-    // counted twice, and the destroy goes through.
+    // Once no row uses version 1, the destroy goes through.
     PgConn fresh(sandbox.conninfo());
     fresh.value("UPDATE t SET v = colcrypt.rewrap(v)");
     CommandResult ok = sandbox.keyctl({"destroy", "ck", "--version", "1"});
@@ -545,13 +550,21 @@ TEST_CASE("row counting runs off keyd's loop: fetches are served while a table i
     CHECK(fresh.value("SELECT string_agg(colcrypt.decrypt_field(v), ',' ORDER BY id) FROM t") ==
           "r1,r2,r3");
   }
+  SECTION("the store is checked again when the count arrives") {
+    PgConn fresh(sandbox.conninfo());
+    fresh.value("UPDATE t SET v = colcrypt.rewrap(v)");
+    auto destroy = pending_destroy();
+    // Meanwhile another admin destroys the version (forced: no count).
+    REQUIRE(sandbox.keyctl({"destroy", "ck", "--version", "1", "--force"}).exit_code == 0);
+    locker.value("COMMIT");
+    CommandResult r = destroy.get();
+    INFO(r.output);
+    CHECK(r.exit_code == 1);
+    CHECK(contains(r.output, "version 1 of key 'ck' is already destroyed"));
+  }
   SECTION("a count that cannot finish ends at --count-timeout-ms with a clear error") {
-    hold_lock();
     const auto start = Clock::now();
-    auto destroy = std::async(std::launch::async, [&] {
-      return sandbox.keyctl({"destroy", "ck", "--version", "1"});
-    });
-    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    auto destroy = pending_destroy();
     fetches_are_prompt();
     CommandResult r = destroy.get();
     const double waited = seconds_since(start);
