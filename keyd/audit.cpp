@@ -79,6 +79,15 @@ std::string audit_entry_mac(ByteView key, const std::string& previous_mac,
   return hex(hmac_sha256(key, ByteView::of(data)));
 }
 
+json audit_verdict_json(const AuditVerdict& verdict, const std::string& path) {
+  return {{"ok", verdict.ok},
+          {"entries", verdict.entries},
+          {"log", path},
+          {"problem", verdict.ok ? json(nullptr) : json(verdict.problem)},
+          {"gaps", verdict.gaps},
+          {"lost", verdict.lost}};
+}
+
 AuditLog::AuditLog(std::string path, SecretBytes mac_key)
     : path_(std::move(path)), key_(std::move(mac_key)) {
   fd_ = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
@@ -141,6 +150,7 @@ AuditLog::~AuditLog() {
     sync();
     ::close(fd_);
   }
+  if (head_fd_ >= 0) ::close(head_fd_);
 }
 
 void AuditLog::append(json event) {
@@ -163,9 +173,22 @@ bool AuditLog::write_batch() {
   if (!write_all(fd_, batch_)) {
     int err = errno;
     write_failures_ += pending_entries_;
-    log_error("cannot append to audit log " + path_ + ": " + errno_text(err) + "; entries " +
-              std::to_string(committed_seq_ + 1) + " to " + std::to_string(seq_) +
-              " are lost and the chain goes on from entry " + std::to_string(committed_seq_));
+    ++loss_events_;
+    last_failure_ = errno_text(err);
+    // The entries of this batch are lost, but not the gap entry heading it.
+    const uint64_t lost = pending_entries_ - (gap_entry_pending_ ? 1 : 0);
+    if (!gap_open_) {
+      gap_open_ = true;
+      gap_after_seq_ = committed_seq_;
+      gap_since_ = now_seconds();
+      log_error("cannot append to audit log " + path_ + ": " + last_failure_ +
+                "; entries after entry " + std::to_string(committed_seq_) +
+                " are lost until it is writable again, and the loss will be recorded in it "
+                "(an audit_gap entry)");
+    } else {
+      log_debug("audit log " + path_ + " still not writable: " + last_failure_);
+    }
+    gap_lost_ += lost;
     // No partial line: later entries must still parse and chain.
     if (sized && ::ftruncate(fd_, st.st_size) != 0) {
       log_error("cannot cut audit log " + path_ + " back to its last whole entry");
@@ -174,7 +197,24 @@ bool AuditLog::write_batch() {
     last_mac_ = committed_mac_;
     batch_.clear();
     pending_entries_ = 0;
+    // The next batch starts with the record of the loss (retried every commit).
+    gap_entry_pending_ = false;
+    append({{"event", "audit_gap"},
+            {"lost", gap_lost_},
+            {"after_seq", gap_after_seq_},
+            {"reason", last_failure_},
+            {"since", format_timestamp(gap_since_)}});
+    gap_entry_pending_ = true;
     return false;
+  }
+  if (gap_entry_pending_) {
+    log_warning("audit log " + path_ + " is writable again; recorded the loss of " +
+                std::to_string(gap_lost_) + " entries after entry " +
+                std::to_string(gap_after_seq_) + " (audit_gap entry " +
+                std::to_string(committed_seq_ + 1) + ")");
+    gap_open_ = false;
+    gap_entry_pending_ = false;
+    gap_lost_ = 0;
   }
   batch_.clear();
   pending_entries_ = 0;
@@ -183,6 +223,8 @@ bool AuditLog::write_batch() {
   if (::fdatasync(fd_) != 0) {
     int err = errno;
     ++write_failures_;
+    ++loss_events_;
+    last_failure_ = "fdatasync: " + errno_text(err);
     log_error("cannot fdatasync audit log " + path_ + ": " + errno_text(err));
     return false;
   }
@@ -192,9 +234,9 @@ bool AuditLog::write_batch() {
 bool AuditLog::commit() {
   if (batch_.empty()) return true;
   const bool written = write_batch();
-  // After a failed write the head names the last entry that is in the file.
-  const bool head = write_head(false);
-  return written && head;
+  // The head names the last entry that is in the file.
+  write_head(false);
+  return written;
 }
 
 void AuditLog::sync() {
@@ -212,18 +254,41 @@ void AuditLog::sync() {
 }
 
 bool AuditLog::write_head(bool durable) {
-  json head = {
-      {"seq", seq_}, {"mac", last_mac_}, {"head_mac", head_mac(key_.view(), seq_, last_mac_)}};
-  const std::string tmp = path_ + ".head.tmp";
+  // Committed entries only: after a failed write, batch_ holds an unwritten
+  // audit_gap entry that seq_ already counts.
+  json head = {{"seq", committed_seq_},
+               {"mac", committed_mac_},
+               {"head_mac", head_mac(key_.view(), committed_seq_, committed_mac_)}};
   const std::string dst = path_ + ".head";
-  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
-  bool ok = fd >= 0 && write_all(fd, head.dump() + "\n") && (!durable || ::fdatasync(fd) == 0);
-  int err = errno;
-  if (fd >= 0 && ::close(fd) != 0 && ok) {
-    ok = false;
-    err = errno;
+  // One fixed-size record rewritten in place with one pwrite() (the padding
+  // is JSON whitespace): a crash of keyd leaves the old or the new record,
+  // never a mix, and a commit costs no open, close or rename.
+  std::string record = head.dump();
+  if (record.size() >= kHeadRecordSize) {
+    ++write_failures_;
+    log_error("audit head record for " + dst + " is too long");
+    return false;
   }
-  if (ok && ::rename(tmp.c_str(), dst.c_str()) != 0) {
+  record.resize(kHeadRecordSize - 1, ' ');
+  record += '\n';
+  if (head_fd_ < 0) {
+    head_fd_ = ::open(dst.c_str(), O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    head_dir_synced_ = false;
+    if (head_fd_ >= 0) {
+      // A head written by an older keyd (rename, shorter) or its temp file.
+      struct stat st {};
+      if (::fstat(head_fd_, &st) == 0 && st.st_size > static_cast<off_t>(kHeadRecordSize)) {
+        if (::ftruncate(head_fd_, kHeadRecordSize) != 0) {
+          log_warning("cannot cut audit head " + dst + " to its record size");
+        }
+      }
+      ::unlink((dst + ".tmp").c_str());
+    }
+  }
+  bool ok = head_fd_ >= 0 && ::pwrite(head_fd_, record.data(), record.size(), 0) ==
+                                 static_cast<ssize_t>(record.size());
+  int err = errno;
+  if (ok && durable && ::fdatasync(head_fd_) != 0) {
     ok = false;
     err = errno;
   }
@@ -232,8 +297,8 @@ bool AuditLog::write_head(bool durable) {
     log_error("cannot write audit head " + dst + ": " + errno_text(err));
     return false;
   }
-  if (durable) {
-    // The rename is durable once the directory is.
+  if (durable && !head_dir_synced_) {
+    // The head file's directory entry is durable once the directory is.
     const auto slash = dst.find_last_of('/');
     const std::string dir =
         slash == std::string::npos ? "." : (slash == 0 ? "/" : dst.substr(0, slash));
@@ -246,6 +311,7 @@ bool AuditLog::write_head(bool durable) {
       return false;
     }
     ::close(dfd);
+    head_dir_synced_ = true;
   }
   return true;
 }
@@ -331,6 +397,15 @@ AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
       verdict.problem = "entry " + std::to_string(seq) +
                         " does not authenticate (modified, or an entry before it was removed)";
       return verdict;
+    }
+    if (entry.value("event", "") == "audit_gap") {
+      const uint64_t lost = entry.value("lost", uint64_t{0});
+      verdict.lost += lost;
+      verdict.gaps.push_back("entry " + std::to_string(seq) + ": " + std::to_string(lost) +
+                             " entries after entry " +
+                             std::to_string(entry.value("after_seq", uint64_t{0})) +
+                             " were never written (" + entry.value("reason", "?") + ", since " +
+                             entry.value("since", "?") + ")");
     }
     if (entry.value("event", "") == "audit-chain-break" && break_problem.empty()) {
       break_problem =

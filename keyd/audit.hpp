@@ -7,14 +7,22 @@
 //   "mac": hex HMAC-SHA256(K, mac(n-1) || "\n" || canonical JSON of the entry without "mac")
 // with mac(0) = "" and K = HKDF-SHA256(KEK, info "colcrypt-audit-mac-v1"), so
 // only a holder of the master secret can write or check a chain. A sidecar
-// file PATH.head holds the last seq and mac, itself MACed, replaced
-// atomically (rename) after every batch of appends: it exposes a truncated
-// tail (a removed last entry re-chains nothing, but the head still names it).
+// file PATH.head holds the last seq and mac, itself MACed, rewritten in place
+// (one pwrite of a fixed-size record, padded with spaces) after every batch
+// of appends and fdatasynced at sync(): it exposes a truncated tail (a
+// removed last entry re-chains nothing, but the head still names it).
 //
 // Group commit: append() chains an entry in memory; commit() writes every
 // entry appended since the last commit with one write(), fdatasyncs the log
 // once and replaces the head once. keyd's poll loop commits once per
 // iteration, before it sends any reply (docs/rotation.md, "Audit trail").
+//
+// A batch that cannot be written (disk full, EIO, EFBIG) is dropped and the
+// file cut back to its last whole entry, so the chain stays verifiable; the
+// loss is then recorded IN the chain: the first entry of the next batch is
+//   {"event":"audit_gap","lost":N,"after_seq":S,"reason":"...","since":"..."}
+// (N entries that would have followed entry S were never written), retried
+// on every commit until it lands. verify() reports gaps apart from tampering.
 //
 // A failed unlock happens before keyd has K: it is written, unauthenticated,
 // to PATH.pending and moved into the chain by the next successful start.
@@ -22,18 +30,29 @@
 #include <cstdint>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "core/secure_memory.hpp"
 
 namespace colcrypt::keyd {
 
 constexpr const char* kAuditFileName = "audit.log";
+// Size of PATH.head: one JSON object padded with spaces, then a newline.
+constexpr size_t kHeadRecordSize = 256;
 
 struct AuditVerdict {
-  bool ok = false;
+  bool ok = false;       // the chain and the head verify (gaps or not)
   uint64_t entries = 0;  // entries whose MAC verified before the first problem
   std::string problem;   // empty when ok
+  // audit_gap entries in the (authentic) chain: keyd lost entries it could
+  // not write. Their descriptions and the total lost.
+  std::vector<std::string> gaps;
+  uint64_t lost = 0;
 };
+
+// The admin protocol's "audit-verify" reply: {"ok","entries","log","problem",
+// "gaps":[...],"lost"}.
+nlohmann::json audit_verdict_json(const AuditVerdict& verdict, const std::string& path);
 
 class AuditLog {
  public:
@@ -55,7 +74,9 @@ class AuditLog {
   // never thrown (keyd keeps serving), and counted in write_failures(); a
   // batch that could not be written is dropped from the chain (the file is
   // cut back to its last whole entry) so that later entries still chain.
-  // Returns false when the batch is not known to be on disk.
+  // Returns false when the batch is not known to be on disk (write or
+  // fdatasync failed); a failed head replacement is logged and counted but
+  // does not make it false (the entries are durable).
   bool commit();
   // commit(), then the log and the head are made durable (the head with a
   // synced temp file and directory): after admin actions, on the flush tick
@@ -67,6 +88,13 @@ class AuditLog {
   const std::string& path() const { return path_; }
   uint64_t last_seq() const { return seq_; }
   uint64_t write_failures() const { return write_failures_; }
+  // Batches that were not written or not synced, since the start: keyd's
+  // poll loop withholds key replies when this moved (fail closed).
+  uint64_t loss_events() const { return loss_events_; }
+  // False from a failed write until its audit_gap entry is in the file.
+  bool writable() const { return !gap_open_; }
+  uint64_t lost_entries() const { return gap_lost_; }  // in the open gap
+  const std::string& last_failure() const { return last_failure_; }
 
   // Checks the whole chain and the head. Needs K (the KEK's HKDF).
   static AuditVerdict verify(const std::string& path, ByteView mac_key);
@@ -82,6 +110,8 @@ class AuditLog {
   std::string path_;
   SecretBytes key_;
   int fd_ = -1;
+  int head_fd_ = -1;  // PATH.head, opened by the first write_head()
+  bool head_dir_synced_ = false;
   uint64_t seq_ = 0;            // last entry chained (committed or pending)
   std::string last_mac_;        // its mac
   uint64_t committed_seq_ = 0;  // last entry written by commit()
@@ -89,6 +119,14 @@ class AuditLog {
   std::string batch_;  // lines appended since the last commit
   size_t pending_entries_ = 0;
   uint64_t write_failures_ = 0;
+  uint64_t loss_events_ = 0;
+  std::string last_failure_;
+  // The open gap: entries lost since the last successful write.
+  bool gap_open_ = false;
+  bool gap_entry_pending_ = false;  // batch_ starts with its audit_gap entry
+  uint64_t gap_lost_ = 0;
+  uint64_t gap_after_seq_ = 0;
+  int64_t gap_since_ = 0;
 };
 
 // The entry MAC, exposed for the unit tests.

@@ -255,8 +255,9 @@ wire::KeyGrantReply Client::fetch_primary_block(std::string_view name, uint32_t 
   return reply;
 }
 
-wire::KeyReply Client::fetch_version(const KeyId& id, uint32_t version) {
-  wire::Frame frame = exchange(wire::encode_fetch_version(id, version));
+wire::KeyReply Client::fetch_version(const KeyId& id, uint32_t version,
+                                     wire::FetchPurpose purpose) {
+  wire::Frame frame = exchange(wire::encode_fetch_version(id, version, purpose));
   wire::KeyReply reply = expect_key(frame);
   if (reply.id != id || reply.version != version) {
     throw Error(Errc::ProtocolError, "colcrypt-keyd answered with a different key");

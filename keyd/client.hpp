@@ -32,7 +32,10 @@ class Client {
   explicit Client(ClientOptions options);
 
   wire::KeyReply fetch_primary(std::string_view name);
-  wire::KeyReply fetch_version(const KeyId& id, uint32_t version);
+  // purpose other than Decrypt tells keyd the version keys deterministic
+  // values or blind indexes (FetchVersionFor; keyd records it).
+  wire::KeyReply fetch_version(const KeyId& id, uint32_t version,
+                               wire::FetchPurpose purpose = wire::FetchPurpose::Decrypt);
   // The primary version with a block of up to `wanted` encryptions charged
   // to it by keyd (the caller must not encrypt more than reply.granted values).
   wire::KeyGrantReply fetch_primary_block(std::string_view name, uint32_t wanted);

@@ -1,5 +1,7 @@
 // colcrypt-keyctl: the admin client of colcrypt-keyd.
-// Exit codes: 0 ok, 1 keyd answered with an error, 2 usage, 3 cannot reach keyd.
+// Exit codes: 0 ok, 1 keyd answered with an error (or the audit log failed
+// verification), 2 usage, 3 cannot reach keyd, 4 the audit log verified but
+// records lost entries (audit_gap). docs/operations.md.
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -12,7 +14,10 @@
 #include <vector>
 
 #include "core/error.hpp"
+#include "keyd/audit.hpp"
 #include "keyd/client.hpp"
+#include "keyd/master_secret.hpp"
+#include "keyd/store.hpp"
 
 namespace {
 
@@ -22,6 +27,11 @@ constexpr int kExitOk = 0;
 constexpr int kExitKeydError = 1;
 constexpr int kExitUsage = 2;
 constexpr int kExitUnreachable = 3;
+constexpr int kExitAuditGaps = 4;
+// disable, destroy, status, jobs and reencrypt wait for keyd's database
+// thread (at most its --count-timeout-ms per request, default 30 s): a longer
+// default wait.
+constexpr int kCountingTimeoutMs = 60000;
 constexpr const char* kDefaultSocket = "/run/colcrypt/keyd.sock";
 
 std::string text_or(const json& j, const char* field, const char* if_null = "never") {
@@ -50,7 +60,43 @@ void print_key(const json& k) {
     std::printf("  %-6s%-14s%-22s%s uses\n", text_or(v, "version").c_str(),
                 text_or(v, "state").c_str(), text_or(v, "created_at").c_str(),
                 text_or(v, "usage_count", "0").c_str());
+    for (const auto& [field, what] : {std::pair{"deterministic", "deterministic values"},
+                                      std::pair{"blind_index", "blind indexes"}}) {
+      if (!v.contains(field)) continue;
+      std::printf("        keys %s (first %s, last %s): disable/destroy need --force\n", what,
+                  text_or(v[field], "first_used").c_str(),
+                  text_or(v[field], "last_used").c_str());
+    }
   }
+}
+
+// "det+blind", "det", "blind" or "-": what a version keys besides rows.
+std::string pins_of(const json& v) {
+  std::string out;
+  if (v.contains("deterministic")) out = "det";
+  if (v.contains("blind_index")) out += out.empty() ? "blind" : "+blind";
+  return out.empty() ? "-" : out;
+}
+
+// Prints a verdict (keyd's or the offline one) and returns the exit code.
+int report_verdict(const json& reply) {
+  if (!reply.value("ok", false)) {
+    std::fprintf(stderr, "colcrypt-keyctl: error: audit log %s FAILED verification: %s\n",
+                 text_or(reply, "log").c_str(), text_or(reply, "problem", "?").c_str());
+    return kExitKeydError;
+  }
+  const json gaps = reply.value("gaps", json::array());
+  if (!gaps.empty()) {
+    std::printf("audit log %s verified (%s entries, chain and head intact) but it records %s "
+                "lost entries:\n",
+                text_or(reply, "log").c_str(), text_or(reply, "entries").c_str(),
+                text_or(reply, "lost", "?").c_str());
+    for (const auto& g : gaps) std::printf("  gap at %s\n", g.get<std::string>().c_str());
+    return kExitAuditGaps;
+  }
+  std::printf("audit log %s verified: %s entries, chain and head intact\n",
+              text_or(reply, "log").c_str(), text_or(reply, "entries").c_str());
+  return kExitOk;
 }
 
 void print_table(const std::vector<std::vector<std::string>>& rows) {
@@ -95,8 +141,12 @@ void print_status(const json& s) {
   const json keys = s.value("keys", json::array());
   if (keys.empty()) return;
   const bool counted = s.value("databases", 0) > 0;
+  if (!s.value("audit_writable", true)) {
+    std::printf("AUDIT LOG NOT WRITABLE: %s entries lost so far (see keyd's log)\n",
+                text_or(s, "audit_lost_entries", "?").c_str());
+  }
   std::vector<std::vector<std::string>> rows = {
-      {"KEY", "VERSION", "STATE", "USES", "CREATED", counted ? "ROWS" : ""}};
+      {"KEY", "VERSION", "STATE", "USES", "CREATED", "KEYS", counted ? "ROWS" : ""}};
   for (const auto& k : keys) {
     for (const auto& v : k.value("versions", json::array())) {
       std::string referenced;
@@ -107,7 +157,8 @@ void print_status(const json& s) {
             k.value("references", json::object()).value(text_or(v, "version"), int64_t{0}));
       }
       rows.push_back({text_or(k, "name"), text_or(v, "version"), text_or(v, "state"),
-                      text_or(v, "usage_count", "0"), text_or(v, "created_at"), referenced});
+                      text_or(v, "usage_count", "0"), text_or(v, "created_at"), pins_of(v),
+                      referenced});
     }
   }
   std::printf("\n");
@@ -217,13 +268,58 @@ int main(int argc, char** argv) {
   jobs->add_flag("--wait", wait, "wait until no job is pending or running");
   auto* audit = app.add_subcommand("audit", "audit log");
   audit->require_subcommand(1);
-  audit->add_subcommand("verify", "ask keyd to verify the audit log's MAC chain");
+  auto* verify = audit->add_subcommand(
+      "verify",
+      "verify the audit log's MAC chain: by keyd, or offline with --store (keyd not needed)");
+  std::string store_dir;
+  std::string audit_log;
+  std::string master_key_file;
+  std::string password_file;
+  verify->add_option("--store", store_dir,
+                     "verify offline: read this key store with the master secret instead of "
+                     "asking keyd");
+  verify->add_option("--audit-log", audit_log, "with --store: the log (default: STORE/audit.log)");
+  verify->add_option("--master-key-file", master_key_file,
+                     "with --store: the store's 32-byte master key file");
+  verify->add_option("--password-file", password_file,
+                     "with --store: a file holding the master password (else "
+                     "$ENCRYPTION_MASTER_PASSWORD, else asked on the terminal)");
 
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help
     return fail(kExitUsage, std::string(e.what()) + " (see colcrypt-keyctl --help)");
+  }
+
+  if (!store_dir.empty() || !audit_log.empty() || !master_key_file.empty() ||
+      !password_file.empty()) {
+    if (store_dir.empty()) {
+      return fail(kExitUsage, "--audit-log, --master-key-file and --password-file need --store");
+    }
+    // Offline: the audit MAC key derived from the store exactly as keyd does.
+    try {
+      std::optional<colcrypt::keyd::MasterSecret> env_password =
+          colcrypt::keyd::take_password_from_env();
+      colcrypt::keyd::MasterSecret secret = colcrypt::keyd::choose_master_secret(
+          master_key_file, password_file, env_password,
+          "Master password for key store " + store_dir + ": ", false);
+      const colcrypt::keyd::KeyStore store =
+          colcrypt::keyd::KeyStore::open_read_only(store_dir, secret);
+      const std::string path =
+          audit_log.empty() ? store_dir + "/" + colcrypt::keyd::kAuditFileName : audit_log;
+      const json reply = colcrypt::keyd::audit_verdict_json(
+          colcrypt::keyd::AuditLog::verify(path, store.audit_mac_key().view()), path);
+      if (raw_json) {
+        std::printf("%s\n", reply.dump(2).c_str());
+        return reply.value("ok", false) ? (reply["gaps"].empty() ? kExitOk : kExitAuditGaps)
+                                        : kExitKeydError;
+      }
+      return report_verdict(reply);
+    } catch (const colcrypt::Error& e) {
+      if (e.code() == colcrypt::Errc::InvalidArgument) return fail(kExitUsage, e.what());
+      return fail(kExitKeydError, std::string("cannot verify offline: ") + e.what());
+    }
   }
 
   if (socket.empty()) {
@@ -255,6 +351,14 @@ int main(int argc, char** argv) {
   colcrypt::keyd::ClientOptions options;
   options.socket_path = socket;
   options.timeout_ms = timeout_ms;
+  if (app.get_option("--timeout-ms")->count() == 0 &&
+      ((command == "disable" || command == "destroy") && !force)) {
+    options.timeout_ms = kCountingTimeoutMs;
+  }
+  if (app.get_option("--timeout-ms")->count() == 0 &&
+      (command == "status" || command == "jobs" || command == "reencrypt")) {
+    options.timeout_ms = kCountingTimeoutMs;
+  }
   std::string reply_text;
   try {
     colcrypt::keyd::Client client(options);
@@ -278,6 +382,11 @@ int main(int argc, char** argv) {
   }
   if (raw_json) {
     std::printf("%s\n", reply.dump(2).c_str());
+    if (command == "audit-verify") {
+      return reply.value("ok", false)
+                 ? (reply.value("gaps", json::array()).empty() ? kExitOk : kExitAuditGaps)
+                 : kExitKeydError;
+    }
     return kExitOk;
   }
   if (command == "create") {
@@ -348,12 +457,7 @@ int main(int argc, char** argv) {
       if (wait && j.value("state", "") == "failed") return fail(kExitKeydError, "a job failed");
     }
   } else if (command == "audit-verify") {
-    if (!reply.value("ok", false)) {
-      return fail(kExitKeydError, "audit log " + text_or(reply, "log") +
-                                      " FAILED verification: " + text_or(reply, "problem", "?"));
-    }
-    std::printf("audit log %s verified: %s entries, chain and head intact\n",
-                text_or(reply, "log").c_str(), text_or(reply, "entries").c_str());
+    return report_verdict(reply);
   } else if (command == "list") {
     print_list(reply);
   } else {

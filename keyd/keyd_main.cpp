@@ -132,35 +132,14 @@ struct Options {
   std::vector<std::string> databases;
   int job_poll_interval_ms = 2000;
   int64_t retire_grace_s = wire::kMaxKeyCacheTtlSeconds;
+  int count_timeout_ms = 30000;
+  std::string audit_failure = "refuse";
 };
 
 bool parse_on_off(const std::string& text, const char* what) {
   if (text == "on" || text == "true" || text == "1" || text == "yes") return true;
   if (text == "off" || text == "false" || text == "0" || text == "no") return false;
   throw UsageError(std::string(what) + " must be on or off");
-}
-
-MasterSecret obtain_master_secret(const Options& o, std::optional<MasterSecret>& env_password,
-                                  const std::string& store_dir, bool new_store) {
-  if (!o.password_file.empty() && !o.master_key_file.empty()) {
-    throw UsageError("--password-file and --master-key-file exclude each other");
-  }
-  if (!o.master_key_file.empty()) return read_master_key_file(o.master_key_file);
-  if (!o.password_file.empty()) return read_password_file(o.password_file);
-  if (env_password) {
-    MasterSecret secret = std::move(*env_password);
-    env_password.reset();
-    return secret;
-  }
-  if (::isatty(STDIN_FILENO)) {
-    return prompt_password(
-        (new_store ? "New master password for key store " : "Master password for key store ") +
-            store_dir + ": ",
-        new_store);
-  }
-  throw UsageError(
-      "no master secret: use --master-key-file, --password-file or ENCRYPTION_MASTER_PASSWORD "
-      "(or run on a terminal to be asked)");
 }
 
 int run(const Options& o, std::optional<MasterSecret>& env_password) {
@@ -214,6 +193,12 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
   config.databases = o.databases;
   config.job_poll_interval_ms = o.job_poll_interval_ms;
   config.retire_grace_s = o.retire_grace_s;
+  config.count_timeout_ms = o.count_timeout_ms;
+  if (o.audit_failure != "refuse" && o.audit_failure != "serve") {
+    throw UsageError("--audit-failure must be refuse or serve");
+  }
+  config.audit_fail_closed = o.audit_failure == "refuse";
+  for (const auto& d : config.databases) with_statement_timeout(d, config.count_timeout_ms);
   uint64_t max_uses = kDefaultMaxUsesPerVersion;
   if (o.max_uses_per_version) {
     max_uses = *o.max_uses_per_version;
@@ -232,7 +217,11 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
   claim_socket_path(config.socket_path);
 
   const bool existing = KeyStore::exists(store_dir);
-  MasterSecret secret = obtain_master_secret(o, env_password, store_dir, !existing);
+  MasterSecret secret = choose_master_secret(
+      o.master_key_file, o.password_file, env_password,
+      (existing ? "Master password for key store " : "New master password for key store ") +
+          store_dir + ": ",
+      !existing);
   std::optional<KeyStore> store;
   if (existing) {
     try {
@@ -380,6 +369,14 @@ int main(int argc, char** argv) {
                  "destroyed without --force (default 86400, the largest "
                  "colcrypt.key_cache_ttl; never set it below the TTL in use)")
       ->check(CLI::Range(int64_t{0}, int64_t{10} * 365 * 86400));
+  app.add_option("--count-timeout-ms", o.count_timeout_ms,
+                 "longest a count of the rows using a key may take (disable/destroy checks, "
+                 "references, status); a locked table makes it fail clearly (default 30000)")
+      ->check(CLI::Range(100, 3600000));
+  app.add_option("--audit-failure", o.audit_failure,
+                 "refuse (default): while the audit log cannot be written, key fetches get an "
+                 "error instead of a key; serve: hand keys out anyway (the loss is recorded "
+                 "as an audit_gap entry once the log is writable)");
   app.add_flag("--sql-rotate", o.sql_rotate,
                "let fetch-allowed peers (the database) ask for a rotation "
                "(colcrypt.rotate_key); nothing else");

@@ -170,4 +170,24 @@ MasterSecret prompt_password(const std::string& prompt, bool confirm) {
   return secret;
 }
 
+MasterSecret choose_master_secret(const std::string& master_key_file,
+                                  const std::string& password_file,
+                                  std::optional<MasterSecret>& env_password,
+                                  const std::string& prompt, bool confirm) {
+  if (!password_file.empty() && !master_key_file.empty()) {
+    throw Error(Errc::InvalidArgument, "--password-file and --master-key-file exclude each other");
+  }
+  if (!master_key_file.empty()) return read_master_key_file(master_key_file);
+  if (!password_file.empty()) return read_password_file(password_file);
+  if (env_password) {
+    MasterSecret secret = std::move(*env_password);
+    env_password.reset();
+    return secret;
+  }
+  if (::isatty(STDIN_FILENO)) return prompt_password(prompt, confirm);
+  throw Error(Errc::InvalidArgument,
+              std::string("no master secret: use --master-key-file, --password-file or ") +
+                  kPasswordEnvVar + " (or run on a terminal to be asked)");
+}
+
 }  // namespace colcrypt::keyd

@@ -26,4 +26,14 @@ void scrub_password_env();
 // Throws InvalidArgument when the answers differ or are empty.
 MasterSecret prompt_password(const std::string& prompt, bool confirm);
 
+// The one choice of source, shared by colcrypt-keyd and colcrypt-keyctl's
+// offline audit verify: --master-key-file, else --password-file, else the
+// password taken from ENCRYPTION_MASTER_PASSWORD (env_password, consumed),
+// else a prompt when stdin is a terminal. Throws InvalidArgument when both
+// files are given or no source exists.
+MasterSecret choose_master_secret(const std::string& master_key_file,
+                                  const std::string& password_file,
+                                  std::optional<MasterSecret>& env_password,
+                                  const std::string& prompt, bool confirm);
+
 }  // namespace colcrypt::keyd

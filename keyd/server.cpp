@@ -6,15 +6,21 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <libpq-fe.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 #include <cerrno>
 #include <csignal>
 #include <cstring>
 #include <ctime>
 #include <deque>
+#include <functional>
+#include <utility>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -110,12 +116,23 @@ int64_t now_seconds() { return static_cast<int64_t>(std::time(nullptr)); }
 }  // namespace
 
 struct Server::Connection {
+  struct Outgoing {
+    SecretBytes frame;
+    // A key reply whose audit entry is not yet committed: sent only after the
+    // commit (and, failing closed, replaced by a Failure if it fails).
+    bool key = false;
+  };
   int fd = -1;
   uid_t uid = 0;
   pid_t pid = 0;
+  uint64_t serial = 0;  // identifies the connection to a pending count
   wire::FrameReader reader;
-  std::deque<SecretBytes> out;  // whole frames; key replies are secret
-  size_t out_offset = 0;        // bytes of out.front() already written
+  std::deque<Outgoing> out;  // whole frames
+  size_t out_offset = 0;     // bytes of out.front() already written
+  // An admin request waits for row counts (Server::DatabaseWorker): no further
+  // frame is read and no idle timeout applies until it is answered.
+  std::vector<uint8_t> waiting_body;
+  bool waiting = false;
   bool read_closed = false;
   bool dead = false;
   Clock::time_point last_activity;
@@ -136,6 +153,9 @@ void install_signal_handlers() {
   ignore.sa_handler = SIG_IGN;
   sigemptyset(&ignore.sa_mask);
   ::sigaction(SIGPIPE, &ignore, nullptr);
+  // A file size limit makes the write fail with EFBIG (the audit log then
+  // records a gap) instead of killing keyd.
+  ::sigaction(SIGXFSZ, &ignore, nullptr);
 }
 
 bool shutdown_requested() { return g_stop; }
@@ -177,6 +197,145 @@ void claim_socket_path(const std::string& path) {
   log_info("removed stale socket " + path);
 }
 
+std::string with_statement_timeout(const std::string& conninfo, int timeout_ms) {
+  char* err = nullptr;
+  PQconninfoOption* parsed = PQconninfoParse(conninfo.c_str(), &err);
+  if (!parsed) {
+    std::string why = err ? err : "out of memory";
+    if (err) PQfreemem(err);
+    while (!why.empty() && why.back() == '\n') why.pop_back();
+    throw Error(Errc::InvalidArgument, "invalid --database connection string: " + why);
+  }
+  auto quote = [](const std::string& v) {
+    std::string q = "'";
+    for (char ch : v) {
+      if (ch == '\'' || ch == '\\') q += '\\';
+      q += ch;
+    }
+    return q + "'";
+  };
+  const std::string timeout = "-c statement_timeout=" + std::to_string(timeout_ms);
+  std::string out;
+  bool options = false;
+  bool connect_timeout = false;
+  for (PQconninfoOption* o = parsed; o->keyword; ++o) {
+    if (!o->val) continue;
+    std::string value = o->val;
+    const std::string keyword = o->keyword;
+    if (keyword == "options") {
+      value += (value.empty() ? "" : " ") + timeout;
+      options = true;
+    }
+    connect_timeout = connect_timeout || keyword == "connect_timeout";
+    out += (out.empty() ? "" : " ") + keyword + "=" + quote(value);
+  }
+  PQconninfoFree(parsed);
+  if (!options) out += (out.empty() ? "" : " ") + std::string("options=") + quote(timeout);
+  if (!connect_timeout) {
+    out += " connect_timeout=" + std::to_string(std::max(2, (timeout_ms + 999) / 1000));
+  }
+  return out;
+}
+
+// Talks to the databases on a thread of its own: counts rows per key
+// (count_references can take seconds on big tables, and waits for as long as
+// a table is locked), creates and lists rotation jobs. The poll loop keeps
+// serving key fetches meanwhile. Every connection has the statement_timeout
+// (and a connect_timeout). Requests are served in order; each result wakes
+// the loop through the signal pipe.
+class Server::DatabaseWorker {
+ public:
+  DatabaseWorker(const std::vector<std::string>& databases, int timeout_ms) : timeout_ms_(timeout_ms) {
+    for (const auto& d : databases) {
+      try {
+        databases_.push_back(with_statement_timeout(d, timeout_ms));
+      } catch (const Error& e) {
+        log_warning(std::string(e.what()) + "; counting uses it unchanged (no timeout)");
+        databases_.push_back(d);
+      }
+    }
+  }
+  ~DatabaseWorker() {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      stop_ = true;
+    }
+    wake_.notify_all();
+    if (thread_.joinable()) thread_.join();  // a count in progress ends within the timeout
+  }
+  using Task = std::function<json(const std::vector<std::string>& databases)>;
+  // Counts the rows of `keys` (id, name); or, when task is set, runs it.
+  void submit(uint64_t serial, std::vector<std::pair<std::string, std::string>> keys,
+              Task task = nullptr) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      requests_.push_back({serial, std::move(keys), std::move(task)});
+      if (!thread_.joinable()) thread_ = std::thread([this] { work(); });
+    }
+    wake_.notify_all();
+  }
+  std::vector<std::pair<uint64_t, DatabaseResults>> take_done() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return std::exchange(done_, {});
+  }
+
+ private:
+  struct Request {
+    uint64_t serial;
+    std::vector<std::pair<std::string, std::string>> keys;  // (id, name)
+    Task task;
+  };
+  void work() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    for (;;) {
+      wake_.wait(lock, [this] { return stop_ || !requests_.empty(); });
+      if (stop_) return;
+      Request request = std::move(requests_.front());
+      requests_.pop_front();
+      lock.unlock();
+      DatabaseResults counts;
+      if (request.task) {
+        try {
+          counts.value = request.task(databases_);
+        } catch (const std::exception& e) {
+          counts.error = e.what();
+        }
+      }
+      for (const auto& [id, name] : request.keys) {
+        const auto start = Clock::now();
+        try {
+          counts.rows[id] = count_references(databases_, id);
+        } catch (const std::exception& e) {
+          const std::string what = e.what();
+          const bool timed_out =
+              what.find("statement timeout") != std::string::npos ||
+              Clock::now() - start >= std::chrono::milliseconds(timeout_ms_);
+          counts.errors[id] =
+              timed_out ? "counting the rows that use key '" + name +
+                              "' did not finish within --count-timeout-ms (" +
+                              std::to_string(timeout_ms_) +
+                              " ms): a table with an encrypted column may be locked (LOCK "
+                              "TABLE, ALTER TABLE, VACUUM FULL) or very large. Try again "
+                              "later, raise --count-timeout-ms, or pass --force"
+                        : what;
+        }
+      }
+      lock.lock();
+      done_.emplace_back(request.serial, std::move(counts));
+      wake_loop('c');
+    }
+  }
+
+  std::vector<std::string> databases_;
+  int timeout_ms_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::deque<Request> requests_;
+  std::vector<std::pair<uint64_t, DatabaseResults>> done_;
+  bool stop_ = false;
+  std::thread thread_;  // started by the first request
+};
+
 Server::Server(ServerConfig config, KeyStore store)
     : config_(std::move(config)),
       store_(std::move(store)),
@@ -191,6 +350,7 @@ Server::Server(ServerConfig config, KeyStore store)
   audit_ = std::make_unique<AuditLog>(config_.audit_log_path, store_.audit_mac_key());
   audit({{"event", "unlock"}, {"store", store_.dir()}, {"keys", store_.keys().size()}});
   jobs_ = std::make_unique<JobRunner>(config_.databases, config_.job_poll_interval_ms);
+  db_worker_ = std::make_unique<DatabaseWorker>(config_.databases, config_.count_timeout_ms);
   publish_keys();
 }
 
@@ -201,10 +361,22 @@ void Server::publish_keys() {
 }
 
 // {"versions": {"1": rows, ...}, "columns": [{"database","column","version","rows"}]}
-json Server::references_of(const KeyRecord& key) {
+// Throws the counting error (clear text for a timeout: InvalidArgument, which
+// reaches the admin client; Io for anything else, whose details go to the log).
+json Server::references_of(const KeyRecord& key, const DatabaseResults& counts) const {
+  const std::string id = format_key_id(key.id);
+  if (auto e = counts.errors.find(id); e != counts.errors.end()) {
+    throw Error(e->second.rfind("counting the rows", 0) == 0 ? Errc::InvalidArgument : Errc::Io,
+                e->second);
+  }
+  auto found = counts.rows.find(id);
+  if (found == counts.rows.end()) {
+    throw Error(Errc::InvalidArgument,
+                "key '" + key.name + "' was created while rows were counted; ask again");
+  }
   json versions = json::object();
   json columns = json::array();
-  for (const auto& r : count_references(config_.databases, format_key_id(key.id))) {
+  for (const auto& r : found->second) {
     const std::string v = std::to_string(r.version);
     versions[v] = versions.value(v, int64_t{0}) + r.rows;
     columns.push_back(
@@ -374,10 +546,13 @@ void Server::remove_socket() {
   }
 }
 
-void Server::queue(Connection& c, SecretBytes frame) { c.out.push_back(std::move(frame)); }
+// Frames in secret memory are key replies: held until their audit entry is committed.
+void Server::queue(Connection& c, SecretBytes frame) {
+  c.out.push_back({std::move(frame), true});
+}
 
 void Server::queue(Connection& c, const std::vector<uint8_t>& frame) {
-  c.out.emplace_back(ByteView(frame));
+  c.out.push_back({SecretBytes(ByteView(frame)), false});
 }
 
 void Server::accept_all() {
@@ -422,6 +597,7 @@ void Server::accept_all() {
     c->fd = fd;
     c->uid = cred.uid;
     c->pid = cred.pid;
+    c->serial = next_serial_++;
     c->last_activity = Clock::now();
     if (log_level() >= LogLevel::Debug) log_debug("accepted peer " + peer_text(c->uid, c->pid));
     connections_.push_back(std::move(c));
@@ -461,8 +637,15 @@ void Server::handle_readable(Connection& c) {
     c.dead = true;
     return;
   }
+  process_frames(c);
+}
+
+void Server::process_frames(Connection& c) {
   try {
-    while (auto frame = c.reader.next()) {
+    // A request waiting for row counts holds back the frames after it.
+    while (!c.waiting) {
+      auto frame = c.reader.next();
+      if (!frame) break;
       handle_frame(c, static_cast<uint8_t>(frame->type), frame->body);
       secure_zero(frame->body.data(), frame->body.size());
     }
@@ -555,16 +738,25 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
                   std::to_string(reply.version) + " (" + std::to_string(grant.granted) + " uses)");
         return;
       }
-      case wire::MsgType::FetchVersion: {
+      case wire::MsgType::FetchVersion:
+      case wire::MsgType::FetchVersionFor: {
         KeyId id{};
         uint32_t version = 0;
-        wire::decode_fetch_version(ByteView(body), id, version);
+        auto purpose = wire::FetchPurpose::Decrypt;
+        if (static_cast<wire::MsgType>(type) == wire::MsgType::FetchVersion) {
+          wire::decode_fetch_version(ByteView(body), id, version);
+        } else {
+          wire::decode_fetch_version_for(ByteView(body), id, version, purpose);
+        }
         json entry = {{"event", "fetch"},
                       {"op", "version"},
                       {"uid", c.uid},
                       {"pid", c.pid},
                       {"key_id", format_key_id(id)},
                       {"version", version}};
+        if (purpose != wire::FetchPurpose::Decrypt) {
+          entry["purpose"] = wire::fetch_purpose_name(purpose);
+        }
         const KeyRecord* key = store_.find(id);
         if (!key) {
           entry["result"] = "KeyNotFound";
@@ -586,6 +778,39 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
           return fail(wire::FailureCode::KeyUnavailable, "key '" + key->name + "' version " +
                                                              std::to_string(version) + " is " +
                                                              wire::key_state_name(v->state));
+        }
+        const std::string name = key->name;
+        if (purpose != wire::FetchPurpose::Decrypt) {
+          // The version now keys values no row count can see: keyd must
+          // remember it (on disk) before the first such key leaves.
+          bool first = false;
+          try {
+            first = store_.record_derivation(id, version, purpose, now_seconds());
+          } catch (const Error& e) {
+            entry["result"] = errc_name(e.code());
+            audit(entry);
+            log_error("cannot record that version " + std::to_string(version) + " of key '" +
+                      name + "' keys " + wire::fetch_purpose_name(purpose) + " values: " +
+                      e.what());
+            return fail(wire::FailureCode::Internal,
+                        "colcrypt-keyd could not record this use of key '" + name +
+                            "' (see its log)");
+          }
+          if (first) {
+            audit({{"event", "derivation-pinned"},
+                   {"key", name},
+                   {"key_id", format_key_id(id)},
+                   {"version", version},
+                   {"purpose", wire::fetch_purpose_name(purpose)},
+                   {"uid", c.uid},
+                   {"pid", c.pid}});
+            log_info("version " + std::to_string(version) + " of key '" + name + "' now keys " +
+                     (purpose == wire::FetchPurpose::BlindIndex ? "blind indexes"
+                                                                 : "deterministic values") +
+                     ": disabling or destroying it needs --force");
+          }
+          key = store_.find(id);  // record_derivation may have replaced the records
+          v = key->find_version(version);
         }
         wire::KeyReply reply;
         reply.id = key->id;
@@ -660,7 +885,8 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
   }
 }
 
-void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
+void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
+                          const DatabaseResults* counts) {
   const std::string peer = peer_text(c.uid, c.pid);
   json request;
   try {
@@ -672,6 +898,23 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
   json result;
   std::string op;
   bool logged = false;  // rotate_and_audit writes its own entry
+  // Hands the request to the counting thread; it is handled again, from the
+  // start, once the counts are in (finish_database_work).
+  auto defer = [&](const std::vector<const KeyRecord*>& keys,
+                   DatabaseWorker::Task task = nullptr) {
+    std::vector<std::pair<std::string, std::string>> ids;
+    for (const KeyRecord* k : keys) ids.emplace_back(format_key_id(k->id), k->name);
+    c.waiting = true;
+    c.waiting_body = body;
+    db_worker_->submit(c.serial, std::move(ids), std::move(task));
+    log_debug("admin " + op + " from peer " + peer + " waits for the databases");
+  };
+  // The task's value on the second pass; its failure as Error(Io) (logged,
+  // the peer is told to look at the log, as before).
+  auto task_value = [&]() -> json {
+    if (!counts->error.empty()) throw Error(Errc::Io, counts->error);
+    return counts->value;
+  };
   auto audit_admin = [&](const std::string& outcome) {
     if (logged || op == "list" || op == "show" || op == "status" || op == "jobs" ||
         op == "references") {
@@ -769,13 +1012,18 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
                           std::to_string(version) + " of key '" + name + "'; pass --force to " +
                           op + " it anyway");
         }
+        // A pinned version is refused before counting (and checked again after).
+        KeyStore::check_derivation_pin(*current, version, op, false);
+        if (!counts) return defer({current});
         int64_t rows = 0;
         std::string where;
-        for (const auto& r : count_references(config_.databases, format_key_id(current->id))) {
-          if (r.version != version) continue;
-          rows += r.rows;
-          where += std::string(where.empty() ? "" : ", ") + r.database + ":" + r.column + " (" +
-                   std::to_string(r.rows) + ")";
+        const json references = references_of(*current, *counts);
+        for (const auto& r : references["columns"]) {
+          if (r["version"].get<uint32_t>() != version) continue;
+          rows += r["rows"].get<int64_t>();
+          where += std::string(where.empty() ? "" : ", ") + r["database"].get<std::string>() +
+                   ":" + r["column"].get<std::string>() + " (" +
+                   std::to_string(r["rows"].get<int64_t>()) + ")";
         }
         if (rows > 0) {
           throw Error(Errc::InvalidArgument,
@@ -807,24 +1055,40 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
         throw Error(Errc::InvalidArgument,
                     "batch_blocks must be 1 to 65536 and throttle_ms 0 to 600000");
       }
-      result = {{"jobs", create_jobs(config_.databases, name, batch_blocks, throttle_ms)}};
+      if (!counts) {
+        return defer({}, [name, batch_blocks, throttle_ms](const std::vector<std::string>& dbs) {
+          return create_jobs(dbs, name, batch_blocks, throttle_ms);
+        });
+      }
+      result = {{"jobs", task_value()}};
       jobs_->wake();
     } else if (op == "jobs") {
-      result = {{"jobs", list_jobs(config_.databases)}};
+      if (!counts) {
+        return defer({}, [](const std::vector<std::string>& dbs) { return list_jobs(dbs); });
+      }
+      result = {{"jobs", task_value()}};
     } else if (op == "references") {
       std::string name = name_arg();
       const KeyRecord* key = store_.find(name);
       if (!key) throw Error(Errc::KeyNotFound, "key '" + name + "' not found");
-      result = references_of(*key);
+      if (!config_.databases.empty() && !counts) return defer({key});
+      result = config_.databases.empty()
+                   ? json{{"versions", json::object()}, {"columns", json::array()}}
+                   : references_of(*key, *counts);
       result["name"] = name;
+      result["pinned"] = json::object();
+      for (const auto& v : key->versions) {
+        if (v.keys_derived_values()) {
+          result["pinned"][std::to_string(v.version)] = {
+              {"deterministic", v.deterministic.first_used.has_value()},
+              {"blind_index", v.blind_index.first_used.has_value()}};
+        }
+      }
     } else if (op == "audit-verify") {
       if (audit_) audit_->sync();
       AuditVerdict verdict =
           AuditLog::verify(config_.audit_log_path, store_.audit_mac_key().view());
-      result = {{"ok", verdict.ok},
-                {"entries", verdict.entries},
-                {"log", config_.audit_log_path},
-                {"problem", verdict.ok ? json(nullptr) : json(verdict.problem)}};
+      result = audit_verdict_json(verdict, config_.audit_log_path);
     } else if (op == "status") {
       auto uptime =
           std::chrono::duration_cast<std::chrono::seconds>(Clock::now() - started_).count();
@@ -842,12 +1106,16 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
       for (const auto& k : store_.keys()) keys.push_back(&k);
       std::sort(keys.begin(), keys.end(),
                 [](const KeyRecord* a, const KeyRecord* b) { return a->name < b->name; });
+      const bool count = !config_.databases.empty() && request.value("references", true);
+      if (count && !counts && !keys.empty()) return defer(keys);
+      result["audit_writable"] = audit_ ? audit_->writable() : true;
+      result["audit_lost_entries"] = audit_ ? audit_->lost_entries() : 0;
       json list = json::array();
       for (const KeyRecord* k : keys) {
         json kj = key_metadata_json(*k);
-        if (!config_.databases.empty() && request.value("references", true)) {
+        if (count) {
           try {
-            kj["references"] = references_of(*k)["versions"];
+            kj["references"] = references_of(*k, *counts)["versions"];
           } catch (const Error& e) {
             kj["references_error"] = e.what();
           }
@@ -876,9 +1144,73 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body) {
   queue(c, wire::encode_admin_result(result.dump(-1, ' ', false, json::error_handler_t::replace)));
 }
 
+void Server::finish_database_work() {
+  for (auto& [serial, counts] : db_worker_->take_done()) {
+    auto it = std::find_if(connections_.begin(), connections_.end(),
+                           [serial = serial](const auto& c) { return c->serial == serial; });
+    if (it == connections_.end() || !(*it)->waiting) continue;
+    Connection& c = **it;
+    c.waiting = false;
+    const std::vector<uint8_t> body = std::move(c.waiting_body);
+    c.waiting_body.clear();
+    if (c.dead || c.read_closed) {
+      // The peer gave up waiting (keyctl's --timeout-ms): nothing is done for it.
+      json request = json::parse(body.begin(), body.end(), nullptr, false);
+      json entry = {{"event", "admin"},
+                    {"op", request.is_object() ? request.value("op", "?") : "?"},
+                    {"uid", c.uid},
+                    {"pid", c.pid},
+                    {"result", "abandoned"}};
+      for (const char* field : {"name", "version", "force"}) {
+        if (request.is_object() && request.contains(field)) entry[field] = request[field];
+      }
+      if (entry["op"] == "reencrypt" && counts.error.empty()) {
+        // The jobs exist now: they run, and the log says so.
+        entry["result"] = "ok";
+        entry["peer_gone"] = true;
+        jobs_->wake();
+      }
+      if (entry["op"] != "status" && entry["op"] != "references" && entry["op"] != "jobs") {
+        audit(std::move(entry));
+      }
+      log_info("peer " + peer_text(c.uid, c.pid) +
+               " left before its row counts arrived; its request was dropped");
+      c.dead = true;
+      continue;
+    }
+    handle_admin(c, body, &counts);
+    process_frames(c);  // what the peer sent meanwhile
+  }
+}
+
+void Server::release_key_replies() {
+  const uint64_t losses = audit_ ? audit_->loss_events() : 0;
+  const bool lost = losses != audit_losses_seen_;
+  audit_losses_seen_ = losses;
+  size_t withheld = 0;
+  for (auto& c : connections_) {
+    for (auto& o : c->out) {
+      if (!o.key) continue;
+      o.key = false;
+      if (lost && config_.audit_fail_closed) {
+        o.frame = SecretBytes(ByteView(wire::encode_failure(
+            wire::FailureCode::Internal,
+            "colcrypt-keyd cannot write its audit log (" + audit_->last_failure() +
+                "), so it hands out no keys until the log is writable again (see its log; "
+                "--audit-failure serve would serve them unaudited)")));
+        ++withheld;
+      }
+    }
+  }
+  if (withheld > 0) {
+    log_error("withheld " + std::to_string(withheld) +
+              " key replies: their audit entries could not be written");
+  }
+}
+
 void Server::handle_writable(Connection& c) {
-  while (!c.out.empty()) {
-    SecretBytes& front = c.out.front();
+  while (!c.out.empty() && !c.out.front().key) {
+    SecretBytes& front = c.out.front().frame;
     ssize_t n =
         ::send(c.fd, front.data() + c.out_offset, front.size() - c.out_offset, MSG_NOSIGNAL);
     if (n < 0) {
@@ -942,9 +1274,11 @@ int Server::run() {
     auto next_deadline = now + std::chrono::hours(1);
     for (const auto& c : connections_) {
       short events = 0;
-      if (c->out.empty() && !c->read_closed) events |= POLLIN;
+      if (c->out.empty() && !c->read_closed && !c->waiting) events |= POLLIN;
       if (!c->out.empty()) events |= POLLOUT;
-      fds.push_back({c->fd, events, 0});
+      // A dead peer still waiting for its row counts is not polled (it hung up).
+      fds.push_back({c->dead ? -1 : c->fd, events, 0});
+      if (c->waiting) continue;  // no idle timeout while keyd counts
       next_deadline = std::min(
           next_deadline, c->last_activity + std::chrono::milliseconds(config_.idle_timeout_ms));
     }
@@ -981,23 +1315,25 @@ int Server::run() {
       }
       if (fds[1].revents & POLLIN) accept_all();
     }
+    finish_database_work();
     // ... then their audit entries are written and fdatasynced once, and the
     // head replaced once, and only then do the replies (keys) go out.
     if (audit_) audit_->commit();
+    release_key_replies();
     for (auto& c : connections_) {
       if (!c->dead && !c->out.empty()) handle_writable(*c);
       if (c->read_closed && c->out.empty()) c->dead = true;
     }
     now = Clock::now();
     for (auto& c : connections_) {
-      if (!c->dead &&
+      if (!c->dead && !c->waiting &&
           now - c->last_activity >= std::chrono::milliseconds(config_.idle_timeout_ms)) {
         log_debug("closing idle connection of peer " + peer_text(c->uid, c->pid));
         c->dead = true;
       }
     }
     connections_.erase(std::remove_if(connections_.begin(), connections_.end(),
-                                      [](const auto& c) { return c->dead; }),
+                                      [](const auto& c) { return c->dead && !c->waiting; }),
                        connections_.end());
     flush_store(false);
     run_scheduler(false);
@@ -1008,6 +1344,7 @@ int Server::run() {
 #endif
   connections_.clear();
   stopping_ = true;
+  db_worker_.reset();  // a count in progress ends within --count-timeout-ms
   jobs_.reset();  // stops the worker; an unfinished batch rolls back
   flush_store(true);
   audit({{"event", "stop"}});

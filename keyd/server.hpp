@@ -4,6 +4,7 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -55,6 +56,30 @@ struct ServerConfig {
   // primary for up to colcrypt.key_cache_ttl seconds (whose maximum is the
   // default). docs/rotation.md.
   int64_t retire_grace_s = wire::kMaxKeyCacheTtlSeconds;
+  // Bound on counting the rows that use a key (disable/destroy checks,
+  // "references", "status"): statement_timeout of the counting connections.
+  // Counting runs on a worker thread; the poll loop keeps serving meanwhile.
+  int count_timeout_ms = 30000;
+  // Fail closed: a key reply whose audit entry could not be written is not
+  // sent; the peer gets a Failure instead (docs/operations.md, "Audit log").
+  // false (--audit-failure serve): keys go out, the loss is recorded later as
+  // an audit_gap entry.
+  bool audit_fail_closed = true;
+};
+
+// conninfo (key=value or URI) as a key=value string whose sessions have
+// statement_timeout = timeout_ms (added to any "options" given) and, unless
+// given, a connect_timeout. Throws InvalidArgument when conninfo does not parse.
+std::string with_statement_timeout(const std::string& conninfo, int timeout_ms);
+
+// What the database thread found for an admin op: row counts for the keys it
+// asked about (key id -> counts) or why counting failed (key id -> message);
+// or the value of another database task (jobs, reencrypt) or its error.
+struct DatabaseResults {
+  std::map<std::string, std::vector<ReferenceCount>> rows;
+  std::map<std::string, std::string> errors;
+  nlohmann::json value;
+  std::string error;  // the task failed (empty: it did not)
 };
 
 // Installs SIGTERM/SIGINT/SIGHUP handlers that only write to a self-pipe and
@@ -90,7 +115,19 @@ class Server {
   void handle_readable(Connection& c);
   void handle_writable(Connection& c);
   void handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& body);
-  void handle_admin(Connection& c, const std::vector<uint8_t>& body);
+  // counts: null on the first pass; an op that needs the databases (row
+  // counts, jobs, reencrypt) then hands the work to the database thread and
+  // returns without a reply. When the results arrive the request is handled
+  // again from the start (re-validated against the store as it is then)
+  // with counts set, and the work is not repeated.
+  void handle_admin(Connection& c, const std::vector<uint8_t>& body,
+                    const DatabaseResults* counts = nullptr);
+  void process_frames(Connection& c);
+  void finish_database_work();
+  // After each commit: key replies go out, or (failing closed) are replaced
+  // by Failures when an audit write failed since the last release.
+  void release_key_replies();
+  uint64_t audit_losses_seen_ = 0;
   void queue(Connection& c, SecretBytes frame);
   void queue(Connection& c, const std::vector<uint8_t>& frame);
   void drain_signals();
@@ -116,7 +153,10 @@ class Server {
   std::unique_ptr<AuditLog> audit_;
   std::unique_ptr<JobRunner> jobs_;
   void publish_keys();
-  nlohmann::json references_of(const KeyRecord& key);
+  nlohmann::json references_of(const KeyRecord& key, const DatabaseResults& counts) const;
+  class DatabaseWorker;
+  std::unique_ptr<DatabaseWorker> db_worker_;
+  uint64_t next_serial_ = 1;
 };
 
 }  // namespace colcrypt::keyd

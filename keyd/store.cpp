@@ -251,6 +251,12 @@ KeyRecord parse_key(const std::string& path, const json& j) {
     if (jv.contains("retired_at")) {
       v.retired_at = parse_time_field(path, jv.at("retired_at"), true);
     }
+    for (auto [field, use] : {std::pair{"deterministic", &v.deterministic},
+                              std::pair{"blind_index", &v.blind_index}}) {
+      if (!jv.contains(field)) continue;
+      use->first_used = parse_time_field(path, jv.at(field).at("first_used"), false);
+      use->last_used = parse_time_field(path, jv.at(field).at("last_used"), false);
+    }
     if (v.state == wire::KeyState::Destroyed) {
       if (!jv.at("wrapped").is_null()) {
         corrupt(path, "destroyed version of key '" + k.name + "' still has key bytes");
@@ -352,6 +358,13 @@ json key_metadata_json(const KeyRecord& k) {
                {"usage_count", v.usage_count}};
     if (v.destroyed_at) jv["destroyed_at"] = format_timestamp(*v.destroyed_at);
     if (v.retired_at) jv["retired_at"] = format_timestamp(*v.retired_at);
+    for (auto [field, use] : {std::pair{"deterministic", &v.deterministic},
+                              std::pair{"blind_index", &v.blind_index}}) {
+      if (use->first_used) {
+        jv[field] = {{"first_used", format_timestamp(*use->first_used)},
+                     {"last_used", format_timestamp(use->last_used.value_or(*use->first_used))}};
+      }
+    }
     versions.push_back(std::move(jv));
   }
   return {{"id", format_key_id(k.id)},
@@ -521,13 +534,23 @@ KeyStore KeyStore::create(const std::string& dir, const MasterSecret& secret,
 }
 
 KeyStore KeyStore::open(const std::string& dir, const MasterSecret& secret) {
-  check_private(dir, true);
+  return open_impl(dir, secret, false);
+}
+
+KeyStore KeyStore::open_read_only(const std::string& dir, const MasterSecret& secret) {
+  return open_impl(dir, secret, true);
+}
+
+KeyStore KeyStore::open_impl(const std::string& dir, const MasterSecret& secret, bool read_only) {
   KeyStore store;
   store.dir_ = dir;
-  store.lock_fd_ = open_and_lock_dir(dir);
-  remove_stale_temp(dir);
+  if (!read_only) {
+    check_private(dir, true);
+    store.lock_fd_ = open_and_lock_dir(dir);
+    remove_stale_temp(dir);
+  }
   const std::string path = store.file_path();
-  check_private(path, false);
+  if (!read_only) check_private(path, false);
   const std::string raw = read_file(path);
 
   json doc;
@@ -804,6 +827,69 @@ void KeyStore::check_retire_grace(const KeyRecord& key, uint32_t version, std::s
                   std::to_string(wait) + " s), or pass --force");
 }
 
+void KeyStore::check_derivation_pin(const KeyRecord& key, uint32_t version,
+                                    std::string_view action, bool force) {
+  if (force) return;
+  const KeyVersion* v = key.find_version(version);
+  if (!v || !v->keys_derived_values() || v->state == wire::KeyState::Destroyed) return;
+  std::string what;
+  std::string used;
+  if (v->deterministic.first_used) {
+    what = "deterministic values (colcrypt.encrypt_deterministic)";
+    used = "deterministic values since " + format_timestamp(*v->deterministic.first_used) +
+           ", last " + format_timestamp(v->deterministic.last_used.value_or(*v->deterministic.first_used));
+  }
+  if (v->blind_index.first_used) {
+    what += std::string(what.empty() ? "" : " and ") + "blind indexes (colcrypt.blind_index)";
+    used += std::string(used.empty() ? "" : "; ") + "blind indexes since " +
+            format_timestamp(*v->blind_index.first_used) + ", last " +
+            format_timestamp(v->blind_index.last_used.value_or(*v->blind_index.first_used));
+  }
+  const std::string v_text = "version " + std::to_string(version) + " of key '" + key.name + "'";
+  throw Error(Errc::InvalidArgument,
+              v_text + " keys " + what + " (" + used + "): they are always keyed from version " +
+                  std::to_string(version) + ", rotation jobs do not re-encrypt them and no row " +
+                  "count sees them, so " + (action == "disable" ? "disabling" : "destroying") +
+                  " it makes all " + what +
+                  " of key '" + key.name + "' unusable" +
+                  (action == "disable" ? " until it is enabled again" : " for ever") +
+                  ". Keep this version (it encrypts nothing new), or first move those values to "
+                  "another key (decrypt and re-encrypt them, rebuild the blind indexes), then "
+                  "pass --force");
+}
+
+bool KeyStore::record_derivation(const KeyId& id, uint32_t version, wire::FetchPurpose purpose,
+                                 int64_t now) {
+  for (size_t ki = 0; ki < keys_.size(); ++ki) {
+    if (keys_[ki].id != id) continue;
+    for (size_t vi = 0; vi < keys_[ki].versions.size(); ++vi) {
+      KeyVersion& v = keys_[ki].versions[vi];
+      if (v.version != version) continue;
+      DerivationUse& use =
+          purpose == wire::FetchPurpose::BlindIndex ? v.blind_index : v.deterministic;
+      if (use.first_used) {
+        use.last_used = now;
+        dirty_ = true;
+        return false;
+      }
+      // The first use is on disk before any value keyed from it can exist.
+      std::vector<KeyRecord> next = keys_;
+      DerivationUse& fresh = purpose == wire::FetchPurpose::BlindIndex
+                                 ? next[ki].versions[vi].blind_index
+                                 : next[ki].versions[vi].deterministic;
+      fresh.first_used = now;
+      fresh.last_used = now;
+      save(next);
+      keys_ = std::move(next);
+      dirty_ = false;
+      return true;
+    }
+    break;
+  }
+  throw Error(Errc::KeyNotFound,
+              "key " + format_key_id(id) + " has no version " + std::to_string(version));
+}
+
 const KeyRecord& KeyStore::disable_version(std::string_view name, uint32_t version,
                                            const RetireGrace& grace) {
   std::vector<KeyRecord> next = keys_;
@@ -814,6 +900,7 @@ const KeyRecord& KeyStore::disable_version(std::string_view name, uint32_t versi
                 "version " + std::to_string(version) + " of key '" + k.name + "' is destroyed");
   }
   check_retire_grace(k, version, "disable", grace);
+  check_derivation_pin(k, version, "disable", grace.force);
   v.state = wire::KeyState::Disabled;
   const size_t index = static_cast<size_t>(&k - next.data());
   save(next);
@@ -848,6 +935,7 @@ const KeyRecord& KeyStore::destroy_version(std::string_view name, uint32_t versi
                                            "' is already destroyed");
   }
   check_retire_grace(k, version, "destroy", grace);
+  check_derivation_pin(k, version, "destroy", grace.force);
   v.state = wire::KeyState::Destroyed;
   v.destroyed_at = now_seconds();
   secure_zero(v.wrapped.data(), v.wrapped.size());

@@ -46,6 +46,15 @@ struct MasterSecret {
   SecretBytes bytes;  // the password, or the 32 raw bytes of the key file
 };
 
+// When a version was first and last fetched to key deterministic values or
+// blind indexes (wire::FetchPurpose). Such values are always keyed from
+// version 1 and no row count can find them, so keyd remembers it: disabling
+// or destroying a version with a recorded use needs --force.
+struct DerivationUse {
+  std::optional<int64_t> first_used;  // on disk before the first such fetch is answered
+  std::optional<int64_t> last_used;   // kept in memory, written by flush()
+};
+
 struct KeyVersion {
   uint32_t version = 0;
   wire::KeyState state = wire::KeyState::Active;
@@ -62,6 +71,11 @@ struct KeyVersion {
   // written before this field existed: a retired version gets its successor's
   // created_at (the instant of the rotation that retired it).
   std::optional<int64_t> retired_at;
+  DerivationUse deterministic;  // colcrypt.encrypt_deterministic and its decryption
+  DerivationUse blind_index;    // colcrypt.blind_index
+  bool keys_derived_values() const {
+    return deterministic.first_used.has_value() || blind_index.first_used.has_value();
+  }
 };
 
 struct KeyRecord {
@@ -116,6 +130,11 @@ class KeyStore {
   // Opens an existing store. Throws InsecurePermissions, StoreCorrupt,
   // WrongMasterKey, StoreInUse or Io.
   static KeyStore open(const std::string& dir, const MasterSecret& secret);
+  // Opens an existing store for reading only (colcrypt-keyctl's offline
+  // audit verify): no lock (a running keyd may hold it), no cleanup, no
+  // ownership or mode check; the same checks of content and master secret.
+  // Must never be written (flush, mutations).
+  static KeyStore open_read_only(const std::string& dir, const MasterSecret& secret);
   // Initializes a new store in a missing or empty directory (created 0700).
   // pbkdf2_iterations applies to password-protected stores only.
   static KeyStore create(const std::string& dir, const MasterSecret& secret,
@@ -168,6 +187,21 @@ class KeyStore {
   static void check_retire_grace(const KeyRecord& key, uint32_t version, std::string_view action,
                                  const RetireGrace& grace);
 
+  // Throws InvalidArgument, saying what breaks and how to proceed, when
+  // `version` of `key` has keyed deterministic values or blind indexes (a
+  // recorded DerivationUse) and force is false. `action`: "disable"/"destroy".
+  static void check_derivation_pin(const KeyRecord& key, uint32_t version, std::string_view action,
+                                   bool force);
+
+  // Records that a backend fetched `version` of key `id` for `purpose`
+  // (Deterministic or BlindIndex). The first such use of a version is
+  // written to disk before this returns (throws when it cannot be: the
+  // caller must then refuse the fetch); later ones update last_used in
+  // memory. Returns true for the first use. KeyNotFound for an unknown key
+  // or version.
+  bool record_derivation(const KeyId& id, uint32_t version, wire::FetchPurpose purpose,
+                         int64_t now);
+
   // Charges up to `wanted` encryptions to the primary version of `name` and
   // returns what was granted (at least 1). wanted 0 is a lookup: the primary
   // version, granted 0, nothing charged or saved, never a rotation. A version never gets more than
@@ -199,6 +233,7 @@ class KeyStore {
 
  private:
   KeyStore() = default;
+  static KeyStore open_impl(const std::string& dir, const MasterSecret& secret, bool read_only);
   void save(const std::vector<KeyRecord>& keys);  // atomic write of the whole store
 
   std::string dir_;

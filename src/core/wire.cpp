@@ -176,12 +176,16 @@ std::vector<uint8_t> encode_fetch_primary(std::string_view name) {
   return frame;
 }
 
-std::vector<uint8_t> encode_fetch_version(const KeyId& id, uint32_t version) {
-  const size_t body = kKeyIdSize + 4;
+std::vector<uint8_t> encode_fetch_version(const KeyId& id, uint32_t version,
+                                          FetchPurpose purpose) {
+  const bool plain = purpose == FetchPurpose::Decrypt;
+  const size_t body = kKeyIdSize + 4 + (plain ? 0 : 1);
   std::vector<uint8_t> frame(checked_frame_size(body));
-  Writer w = start_frame(frame.data(), MsgType::FetchVersion, body);
+  Writer w = start_frame(frame.data(), plain ? MsgType::FetchVersion : MsgType::FetchVersionFor,
+                         body);
   w.bytes(id.data(), id.size());
   w.u32(version);
+  if (!plain) w.u8(static_cast<uint8_t>(purpose));
   return frame;
 }
 
@@ -240,6 +244,30 @@ void decode_fetch_version(ByteView body, KeyId& id, uint32_t& version) {
   std::memcpy(id.data(), r.take(kKeyIdSize), kKeyIdSize);
   version = r.u32();
   r.finish();
+}
+
+void decode_fetch_version_for(ByteView body, KeyId& id, uint32_t& version, FetchPurpose& purpose) {
+  Reader r(body);
+  std::memcpy(id.data(), r.take(kKeyIdSize), kKeyIdSize);
+  version = r.u32();
+  const uint8_t p = r.u8();
+  r.finish();
+  if (p != static_cast<uint8_t>(FetchPurpose::Deterministic) &&
+      p != static_cast<uint8_t>(FetchPurpose::BlindIndex)) {
+    protocol_error("unknown fetch purpose");
+  }
+  purpose = static_cast<FetchPurpose>(p);
+}
+
+const char* fetch_purpose_name(FetchPurpose p) {
+  switch (p) {
+    case FetchPurpose::Deterministic:
+      return "deterministic";
+    case FetchPurpose::BlindIndex:
+      return "blind_index";
+    default:
+      return "decrypt";
+  }
 }
 
 KeyReply decode_key_reply(ByteView body) {

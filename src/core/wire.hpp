@@ -32,6 +32,11 @@ enum class MsgType : uint8_t {
   // block of encryptions charged to it; docs/protocol.md, issue 3). wanted 0
   // is a lookup that will not encrypt: the key, granted 0, nothing charged.
   FetchPrimaryBlock = 0x03,
+  // body: id[16], u32 version, u8 FetchPurpose -> Key. FetchVersion for a
+  // derivation: the backend will key deterministic values (AES-SIV) or blind
+  // indexes from this version, and keyd records that the version is pinned
+  // (docs/protocol.md, docs/rotation.md). Plain decryption uses FetchVersion.
+  FetchVersionFor = 0x04,
   Admin = 0x10,  // body: JSON request         -> AdminResult
   // body: str key name, str privilege, str role, str database -> Ack. The
   // extension reports a use of a key that it denied to a role, for keyd's log.
@@ -52,6 +57,14 @@ enum class FailureCode : uint16_t {
   KeyUnavailable = 5,  // version exists but is disabled / destroyed
   AlreadyExists = 6,
 };
+
+// Why a backend fetches a version with FetchVersionFor.
+enum class FetchPurpose : uint8_t {
+  Decrypt = 0,        // never sent in FetchVersionFor (that is FetchVersion)
+  Deterministic = 1,  // AES-SIV values: colcrypt.encrypt_deterministic and its decryption
+  BlindIndex = 2,     // colcrypt.blind_index
+};
+const char* fetch_purpose_name(FetchPurpose p);  // "decrypt", "deterministic", "blind_index"
 
 enum class KeyState : uint8_t { Active = 1, DecryptOnly = 2, Disabled = 3, Destroyed = 4 };
 const char* key_state_name(KeyState s);
@@ -90,7 +103,10 @@ SecretBytes encode_key_grant(const KeyReply& reply, uint32_t granted);
 
 std::vector<uint8_t> encode_fetch_primary(std::string_view name);
 std::vector<uint8_t> encode_fetch_primary_block(std::string_view name, uint32_t wanted);
-std::vector<uint8_t> encode_fetch_version(const KeyId& id, uint32_t version);
+// purpose Decrypt: a FetchVersion frame (understood by every keyd); any other
+// purpose: a FetchVersionFor frame.
+std::vector<uint8_t> encode_fetch_version(const KeyId& id, uint32_t version,
+                                          FetchPurpose purpose = FetchPurpose::Decrypt);
 std::vector<uint8_t> encode_admin(std::string_view json);
 std::vector<uint8_t> encode_admin_result(std::string_view json);
 std::vector<uint8_t> encode_failure(FailureCode code, std::string_view message);
@@ -100,6 +116,9 @@ std::vector<uint8_t> encode_ack();
 // Body decoders; each throws Errc::ProtocolError on short, long or invalid bodies.
 std::string decode_fetch_primary(ByteView body);
 void decode_fetch_version(ByteView body, KeyId& id, uint32_t& version);
+// A FetchVersionFor body; a purpose other than Deterministic or BlindIndex
+// is a ProtocolError.
+void decode_fetch_version_for(ByteView body, KeyId& id, uint32_t& version, FetchPurpose& purpose);
 std::string decode_fetch_primary_block(ByteView body, uint32_t& wanted);  // wanted 0: a lookup
 KeyReply decode_key_reply(ByteView body);
 KeyGrantReply decode_key_grant(ByteView body);

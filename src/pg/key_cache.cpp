@@ -64,7 +64,13 @@ struct KeyEntry {
   SecretBytes blind_key;  // HKDF of the key bytes for blind indexes (key_cache.hpp)
   SecretBytes siv_key;    // HKDF of the key bytes for deterministic values
   SecretBytes version_key;  // the key bytes: derived-key values (algorithm 3) derive from them
+  // Bits (1 << wire::FetchPurpose) of the purposes keyd was told of when it
+  // served this entry: the first deterministic or blind-index use of a cached
+  // version fetches it again with its purpose, so that keyd always knows.
+  unsigned reported = 0;
 };
+
+unsigned purpose_bit(wire::FetchPurpose p) { return 1u << static_cast<unsigned>(p); }
 
 // Opens with the version key, or with the per-context key of a derived-key
 // value (core/envelope.hpp derive_value_key).
@@ -165,27 +171,36 @@ class WaitReport {
 
 class KeyCache {
  public:
-  // The key for an envelope header's (id, version).
-  KeyEntry& by_version(const KeydSettings& s, const VersionRef& ref) {
+  // The key for an envelope header's (id, version). purpose: what the key is
+  // for; keyd records deterministic and blind-index uses (wire::FetchPurpose).
+  KeyEntry& by_version(const KeydSettings& s, const VersionRef& ref,
+                       wire::FetchPurpose purpose = wire::FetchPurpose::Decrypt) {
     const int64_t now = now_ms();
+    const unsigned bit = purpose == wire::FetchPurpose::Decrypt ? 0 : purpose_bit(purpose);
     if (last_ != nullptr && last_->first == ref &&
-        fresh(last_->second.fetched_ms, s.cache_ttl_s, now))
+        fresh(last_->second.fetched_ms, s.cache_ttl_s, now) && (last_->second.reported & bit) == bit)
       return last_->second;
     auto it = keys_.find(ref);
+    unsigned reported = bit;
     if (it != keys_.end() && fresh(it->second.fetched_ms, s.cache_ttl_s, now)) {
-      last_ = &*it;
-      return it->second;
+      if ((it->second.reported & bit) == bit) {
+        last_ = &*it;
+        return it->second;
+      }
+      reported |= it->second.reported;
     }
     const std::string what = describe(ref);
-    wire::KeyReply reply =
-        fetch(s, what, [&](keyd::Client& c) { return c.fetch_version(ref.id, ref.version); });
+    wire::KeyReply reply = fetch(
+        s, what, [&](keyd::Client& c) { return c.fetch_version(ref.id, ref.version, purpose); });
     if (reply.id != ref.id || reply.version != ref.version)
       throw SqlError(Errc::ProtocolError, "invalid reply from colcrypt-keyd for " + what,
                      "keyd answered with a different key or version");
     if (reply.state == wire::KeyState::Disabled || reply.state == wire::KeyState::Destroyed)
       throw SqlError(Errc::KeyUnavailable, what + " is not available",
                      std::string("the version is ") + wire::key_state_name(reply.state));
-    return store(std::move(reply), s.cache_ttl_s, now);
+    KeyEntry& entry = store(std::move(reply), s.cache_ttl_s, now);
+    entry.reported = reported;
+    return entry;
   }
 
   // The primary version of a named key; consume: one encryption is taken
@@ -423,7 +438,7 @@ void encrypt_deterministic(const KeydSettings& settings, std::string_view key_na
   VersionRef ref;
   cache().primary(settings, key_name, ref);
   ref.version = 1;  // the first version: equal plaintexts stay equal across rotations
-  KeyEntry& entry = cache().by_version(settings, ref);
+  KeyEntry& entry = cache().by_version(settings, ref, wire::FetchPurpose::Deterministic);
   out[0] = 1;
   out[1] = 2;
   out[2] = static_cast<uint8_t>(payload);
@@ -445,7 +460,8 @@ void encrypt_deterministic(const KeydSettings& settings, std::string_view key_na
 size_t deterministic_key_name(const KeydSettings& settings, ByteView value, char (&out)[64]) {
   CallScope scope(settings);
   check_deterministic(value);
-  const KeyEntry& entry = cache().by_version(settings, deterministic_ref(value));
+  const KeyEntry& entry =
+      cache().by_version(settings, deterministic_ref(value), wire::FetchPurpose::Deterministic);
   if (!valid_key_name(entry.name) || entry.name.size() >= sizeof out)
     throw SqlError(Errc::ProtocolError, "invalid reply from colcrypt-keyd",
                    "the key name is not a valid key name");
@@ -458,7 +474,8 @@ void decrypt_deterministic(const KeydSettings& settings, ByteView value, ByteVie
                            uint8_t* out) {
   CallScope scope(settings);
   check_deterministic(value);
-  KeyEntry& entry = cache().by_version(settings, deterministic_ref(value));
+  KeyEntry& entry =
+      cache().by_version(settings, deterministic_ref(value), wire::FetchPurpose::Deterministic);
   const size_t n = value.size - kDeterministicOverhead;
   SecretBytes data(n + 1);
   std::string aad(reinterpret_cast<const char*>(value.data), kDetHeader);
@@ -490,7 +507,8 @@ void blind_index(const KeydSettings& settings, std::string_view key_name, ByteVi
   CallScope scope(settings);
   VersionRef ref;
   cache().primary(settings, key_name, ref);
-  KeyEntry& first = cache().by_version(settings, VersionRef{ref.id, 1});
+  KeyEntry& first =
+      cache().by_version(settings, VersionRef{ref.id, 1}, wire::FetchPurpose::BlindIndex);
   const std::array<uint8_t, 32> mac = hmac_sha256(first.blind_key.view(), data);
   std::memcpy(out, mac.data(), kBlindIndexSize);
 }

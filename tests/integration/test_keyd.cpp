@@ -2,6 +2,7 @@
 // peer allowlists, refusals at startup (exit codes), hangs under
 // statement_timeout and cancel, and keyctl's JSON output.
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -40,6 +41,25 @@ json keyctl_json(const Sandbox& sandbox, const std::vector<std::string>& args) {
 
 double seconds_since(Clock::time_point start) {
   return std::chrono::duration<double>(Clock::now() - start).count();
+}
+
+// keyd flags for the tests that disable or destroy right after a rotation.
+Sandbox::Options counting_options(const std::string& extra = "") {
+  Sandbox::Options o;
+  o.env = {{"SANDBOX_KEYD_ARGS", "--database @DATABASE@ --retire-grace-seconds 0 " + extra}};
+  return o;
+}
+
+// A key fetch straight from keyd's socket, as a backend's cache miss makes it.
+colcrypt::keyd::Client keyd_client(const Sandbox& sandbox) {
+  colcrypt::keyd::ClientOptions o;
+  o.socket_path = sandbox.keyd_socket();
+  o.timeout_ms = 5000;
+  return colcrypt::keyd::Client(o);
+}
+
+bool contains(const std::string& text, const std::string& part) {
+  return text.find(part) != std::string::npos;
 }
 
 }  // namespace
@@ -411,4 +431,267 @@ TEST_CASE("keyctl --json output parses and matches what Postgres sees", "[keyd][
   CHECK(sandbox.keyctl({"no-such-command"}).exit_code == 2);
   CHECK(run_command({COLCRYPT_KEYCTL_BIN, "--socket", sandbox.dir() + "/nowhere.sock", "list"})
             .exit_code == 3);
+}
+
+TEST_CASE("a version that keyed deterministic values or blind indexes is pinned by keyd",
+          "[keyd][pin]") {
+  Sandbox sandbox(counting_options());
+  sandbox.create_extension();
+  for (const char* k : {"pk", "cached", "free"}) sandbox.create_key(k);
+  {
+    PgConn conn(sandbox.conninfo());
+    conn.value("SELECT colcrypt.blind_index('alice', 'pk')");
+    conn.value("SELECT colcrypt.encrypt_deterministic('alice', 'pk')");
+    // Version 1 of "cached" is already in this backend's cache (fetched to
+    // decrypt) when the blind index first needs it: keyd must still hear of it.
+    CHECK(conn.value("SELECT colcrypt.decrypt_field(colcrypt.encrypt_field('x', 'cached'))") ==
+          "x");
+    conn.value("SELECT colcrypt.blind_index('x', 'cached')");
+    conn.value("SELECT colcrypt.encrypt_field('y', 'free')");
+  }
+  for (const char* k : {"pk", "cached", "free"}) {
+    REQUIRE(sandbox.keyctl({"rotate", k}).exit_code == 0);
+  }
+  sandbox.must("keyd-stop");  // the record is on disk, not only in keyd's memory
+  sandbox.must("keyd-start", counting_options().env);
+
+  CommandResult destroy = sandbox.keyctl({"destroy", "pk", "--version", "1"});
+  INFO(destroy.output);
+  CHECK(destroy.exit_code == 1);
+  CHECK(contains(destroy.output,
+                 "all deterministic values (colcrypt.encrypt_deterministic) and blind indexes "
+                 "(colcrypt.blind_index) of key 'pk' unusable for ever"));
+  CHECK(contains(destroy.output, "--force"));
+  CommandResult disable = sandbox.keyctl({"disable", "cached", "--version", "1"});
+  INFO(disable.output);
+  CHECK(disable.exit_code == 1);
+  CHECK(contains(disable.output,
+                 "blind indexes (colcrypt.blind_index) of key 'cached' unusable until it is "
+                 "enabled again"));
+  // A version that only encrypted rows is not pinned.
+  CHECK(sandbox.keyctl({"destroy", "free", "--version", "1"}).exit_code == 0);
+
+  // show and status say it; the audit log recorded it.
+  CommandResult show = sandbox.keyctl({"show", "pk"});
+  CHECK(contains(show.output, "keys deterministic values (first "));
+  CHECK(contains(show.output, "keys blind indexes (first "));
+  CommandResult status = sandbox.keyctl({"status"});
+  INFO(status.output);
+  CHECK(contains(status.output, "det+blind"));
+  const std::string audit = read_file(sandbox.store_dir() + "/audit.log");
+  CHECK(contains(audit, "\"event\":\"derivation-pinned\""));
+  CHECK(contains(audit, "\"purpose\":\"blind_index\""));
+  CHECK(contains(audit, "\"purpose\":\"deterministic\""));
+
+  // --force still works, and then blind indexes of the key fail clearly.
+  REQUIRE(sandbox.keyctl({"destroy", "pk", "--version", "1", "--force"}).exit_code == 0);
+  PgConn fresh(sandbox.conninfo());
+  CHECK(fresh.exec("SELECT colcrypt.blind_index('alice', 'pk')").sqlstate == "55000");
+}
+
+TEST_CASE("row counting runs off keyd's loop: fetches are served while a table is locked",
+          "[keyd][count]") {
+  Sandbox sandbox(counting_options("--count-timeout-ms 4000"));
+  sandbox.create_extension();
+  sandbox.create_key("ck");
+  PgConn setup(sandbox.conninfo());
+  setup.value("CREATE TABLE t (id int, v colcrypt.encrypted)");
+  setup.value("INSERT INTO t SELECT g, colcrypt.encrypt_field('r' || g, 'ck') "
+              "FROM generate_series(1, 3) g");
+  REQUIRE(sandbox.keyctl({"rotate", "ck"}).exit_code == 0);
+
+  PgConn locker(sandbox.conninfo());
+  auto hold_lock = [&] {
+    locker.value("BEGIN");
+    locker.value("LOCK TABLE t IN ACCESS EXCLUSIVE MODE");
+  };
+  // Fetches while the count waits for the lock: each within 1 s.
+  auto fetches_are_prompt = [&] {
+    for (int i = 0; i < 5; ++i) {
+      const auto start = Clock::now();
+      keyd_client(sandbox).fetch_primary_block("ck", 0);
+      CHECK(seconds_since(start) < 1.0);
+      const auto sql_start = Clock::now();
+      PgConn backend(sandbox.conninfo());  // a new backend: a cache miss
+      CHECK(backend.value("SELECT colcrypt.decrypt_field(colcrypt.encrypt_field('z', 'ck'))") ==
+            "z");
+      CHECK(seconds_since(sql_start) < 1.0);
+    }
+  };
+
+  // A destroy that waits for its count behind the lock.
+  auto pending_destroy = [&] {
+    hold_lock();
+    auto destroy = std::async(std::launch::async, [&] {
+      return sandbox.keyctl({"destroy", "ck", "--version", "1"});
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    return destroy;
+  };
+
+  SECTION("the destroy waits for the count, then is refused with the rows") {
+    const auto start = Clock::now();
+    auto destroy = pending_destroy();
+    fetches_are_prompt();
+    CHECK(destroy.wait_for(std::chrono::milliseconds(0)) == std::future_status::timeout);
+    locker.value("COMMIT");
+    CommandResult r = destroy.get();
+    INFO(r.output);
+    CHECK(r.exit_code == 1);
+    CHECK(contains(r.output, "still used by 3 rows"));
+    CHECK(seconds_since(start) < 4.0);  // answered when the lock went, not at the timeout
+
+    // Once no row uses version 1, the destroy goes through.
+    PgConn fresh(sandbox.conninfo());
+    fresh.value("UPDATE t SET v = colcrypt.rewrap(v)");
+    CommandResult ok = sandbox.keyctl({"destroy", "ck", "--version", "1"});
+    INFO(ok.output);
+    CHECK(ok.exit_code == 0);
+    CHECK(fresh.value("SELECT string_agg(colcrypt.decrypt_field(v), ',' ORDER BY id) FROM t") ==
+          "r1,r2,r3");
+  }
+  SECTION("the store is checked again when the count arrives") {
+    PgConn fresh(sandbox.conninfo());
+    fresh.value("UPDATE t SET v = colcrypt.rewrap(v)");
+    auto destroy = pending_destroy();
+    // Meanwhile another admin destroys the version (forced: no count).
+    REQUIRE(sandbox.keyctl({"destroy", "ck", "--version", "1", "--force"}).exit_code == 0);
+    locker.value("COMMIT");
+    CommandResult r = destroy.get();
+    INFO(r.output);
+    CHECK(r.exit_code == 1);
+    CHECK(contains(r.output, "version 1 of key 'ck' is already destroyed"));
+  }
+  SECTION("a count that cannot finish ends at --count-timeout-ms with a clear error") {
+    const auto start = Clock::now();
+    auto destroy = pending_destroy();
+    fetches_are_prompt();
+    CommandResult r = destroy.get();
+    const double waited = seconds_since(start);
+    INFO(r.output);
+    CHECK(r.exit_code == 1);
+    CHECK(contains(r.output, "did not finish within --count-timeout-ms (4000 ms)"));
+    CHECK(contains(r.output, "locked"));
+    CHECK(waited >= 3.5);
+    CHECK(waited < 10.0);
+    locker.value("COMMIT");
+    // The version is untouched.
+    CHECK(keyctl_json(sandbox, {"show", "ck"})["versions"][0]["state"] == "decrypt-only");
+  }
+}
+
+// RLIMIT_FSIZE set on the running keyd: its audit appends fail with EFBIG (a
+// real write failure; keyd ignores SIGXFSZ). Returns false when prlimit is
+// not available here.
+bool limit_file_size(pid_t pid, rlim_t bytes) {
+  rlimit limit{bytes, RLIM_INFINITY};
+  return ::prlimit(pid, RLIMIT_FSIZE, &limit, nullptr) == 0;
+}
+
+TEST_CASE("a failed audit write: fetches refused (fail closed), then an audit_gap entry",
+          "[keyd][audit-gap]") {
+  Sandbox::Options options;
+  options.with_postgres = false;
+  Sandbox sandbox(options);
+  sandbox.create_key("ak");
+  for (int i = 0; i < 100; ++i) keyd_client(sandbox).fetch_primary_block("ak", 0);
+  const std::string log_path = sandbox.store_dir() + "/audit.log";
+  const pid_t pid = sandbox.keyd_pid();
+  if (!limit_file_size(pid, read_file(log_path).size())) {
+    WARN("prlimit(RLIMIT_FSIZE) is not available here: skipping the audit write failure test");
+    return;
+  }
+  // Fail closed: no key leaves while its audit entry cannot be written.
+  for (int i = 0; i < 3; ++i) {
+    try {
+      keyd_client(sandbox).fetch_primary_block("ak", 0);
+      FAIL("keyd handed out a key it could not audit");
+    } catch (const colcrypt::Error& e) {
+      INFO(e.what());
+      CHECK(e.code() == colcrypt::Errc::Internal);
+      CHECK(contains(e.what(), "cannot write its audit log (File too large)"));
+    }
+  }
+  CHECK(contains(sandbox.keyctl({"status"}).output, "AUDIT LOG NOT WRITABLE"));
+  REQUIRE(limit_file_size(pid, RLIM_INFINITY));
+  keyd_client(sandbox).fetch_primary_block("ak", 0);  // writable again: served
+
+  CommandResult verify = sandbox.keyctl({"audit", "verify"});
+  INFO(verify.output);
+  CHECK(verify.exit_code == 4);  // intact chain, but entries were lost
+  CHECK(contains(verify.output, "lost entries"));
+  CHECK(contains(verify.output, "File too large"));
+  CommandResult as_json = sandbox.keyctl({"--json", "audit", "verify"});
+  CHECK(as_json.exit_code == 4);
+  const json verdict = json::parse(as_json.output);
+  CHECK(verdict["ok"] == true);
+  CHECK(verdict["lost"].get<int>() >= 3);  // the refused fetches' entries at least
+  CHECK(verdict["gaps"].size() == 1);
+  // Offline, from the store and the master secret, the same verdict.
+  CommandResult offline = sandbox.keyctl(
+      {"audit", "verify", "--store", sandbox.store_dir(), "--password-file",
+       sandbox.dir() + "/master-password"});
+  INFO(offline.output);
+  CHECK(offline.exit_code == 4);
+
+  // --audit-failure serve: keys go out unaudited, the gap is recorded all the same.
+  sandbox.must("keyd-stop");
+  sandbox.must("keyd-start", {{"SANDBOX_KEYD_ARGS", "--audit-failure serve"}});
+  const pid_t serving = sandbox.keyd_pid();
+  REQUIRE(limit_file_size(serving, read_file(log_path).size()));
+  keyd_client(sandbox).fetch_primary_block("ak", 0);
+  REQUIRE(limit_file_size(serving, RLIM_INFINITY));
+  keyd_client(sandbox).fetch_primary_block("ak", 0);
+  const json served = json::parse(sandbox.keyctl({"--json", "audit", "verify"}).output);
+  CHECK(served["gaps"].size() == 2);
+}
+
+TEST_CASE("keyctl audit verify offline: the store and the master secret, no keyd",
+          "[keyd][offline-verify]") {
+  Sandbox::Options options;
+  options.with_postgres = false;
+  Sandbox sandbox(options);
+  sandbox.create_key("ok");
+  const std::string password_file = sandbox.dir() + "/master-password";
+  auto offline = [&](const std::vector<std::string>& extra, const Env& env = {}) {
+    std::vector<std::string> args = {"audit", "verify", "--store", sandbox.store_dir()};
+    args.insert(args.end(), extra.begin(), extra.end());
+    return sandbox.keyctl(args, env);
+  };
+  // While keyd runs (and holds the store's lock) ...
+  CommandResult running = offline({"--password-file", password_file});
+  INFO(running.output);
+  CHECK(running.exit_code == 0);
+  CHECK(contains(running.output, "chain and head intact"));
+  // ... and once it is down; the password may also come from the environment.
+  sandbox.must("keyd-stop");
+  CHECK(offline({"--password-file", password_file}).exit_code == 0);
+  CHECK(offline({}, {{"ENCRYPTION_MASTER_PASSWORD", read_file(password_file).substr(
+                                                        0, read_file(password_file).size() - 1)}})
+            .exit_code == 0);
+  // A wrong secret cannot verify anything; no secret at all is a usage error.
+  const std::string wrong = sandbox.dir() + "/wrong-password";
+  {
+    std::ofstream out(wrong);
+    out << "not the password\n";
+  }
+  ::chmod(wrong.c_str(), 0600);
+  CommandResult bad = offline({"--password-file", wrong});
+  CHECK(bad.exit_code == 1);
+  CHECK(contains(bad.output, "wrong master password"));
+  CHECK(offline({}).exit_code == 2);
+  // Tampering is caught, exit 1 as with keyd's own verify.
+  const std::string log_path = sandbox.store_dir() + "/audit.log";
+  std::string log = read_file(log_path);
+  const size_t at = log.find("\"event\":\"admin\"");
+  REQUIRE(at != std::string::npos);
+  log.replace(at, 17, "\"event\":\"admiN\"");
+  {
+    std::ofstream out(log_path, std::ios::trunc);
+    out << log;
+  }
+  CommandResult tampered = offline({"--password-file", password_file});
+  INFO(tampered.output);
+  CHECK(tampered.exit_code == 1);
+  CHECK(contains(tampered.output, "FAILED verification"));
 }

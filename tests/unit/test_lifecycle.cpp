@@ -1,6 +1,9 @@
 // Key lifecycle (issue 3): the version state machine, usage caps with block
 // grants, rotation due dates, and the audit log's MAC chain.
+#include <signal.h>
 #include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
@@ -15,6 +18,7 @@
 #include "core/error.hpp"
 #include "keyd/audit.hpp"
 #include "keyd/log.hpp"
+#include "keyd/server.hpp"
 #include "keyd/store.hpp"
 
 using namespace colcrypt;
@@ -483,4 +487,150 @@ TEST_CASE("audit log: group commit writes a batch at once; an uncommitted batch 
   CHECK(v.ok);
   CHECK(v.entries == 5);
   CHECK(log_is_chained_in_order(lines_of(slurp(dir.audit()))));
+}
+
+TEST_CASE("lifecycle: a version that keyed derived values is pinned", "[keystore][lifecycle]") {
+  LifecycleDir dir;
+  const RetireGrace no_grace{static_cast<int64_t>(std::time(nullptr)), 0, false};
+  const RetireGrace forced{static_cast<int64_t>(std::time(nullptr)), 0, true};
+  KeyId id{};
+  {
+    KeyStore store = KeyStore::create(dir.store(), pw("pw"), 1000);
+    id = store.create_key("k", {}).id;
+    store.create_key("plain", {});
+    // The first use is on disk at once; later ones only move last_used.
+    CHECK(store.record_derivation(id, 1, wire::FetchPurpose::BlindIndex, 1000));
+    CHECK_FALSE(store.record_derivation(id, 1, wire::FetchPurpose::BlindIndex, 2000));
+    CHECK(store.record_derivation(id, 1, wire::FetchPurpose::Deterministic, 1500));
+    CHECK(code_of([&] { store.record_derivation(id, 9, wire::FetchPurpose::BlindIndex, 1); }) ==
+          Errc::KeyNotFound);
+    // No flush: the crash case. The first uses must survive it.
+  }
+  KeyStore store = KeyStore::open(dir.store(), pw("pw"));
+  const KeyVersion& v1 = store.find("k")->versions[0];
+  REQUIRE(v1.blind_index.first_used);
+  CHECK(*v1.blind_index.first_used == 1000);
+  REQUIRE(v1.deterministic.first_used);
+  CHECK(*v1.deterministic.first_used == 1500);
+  CHECK(v1.keys_derived_values());
+  CHECK_FALSE(store.find("plain")->versions[0].keys_derived_values());
+  // The admin view (keyctl show) carries it.
+  json meta = key_metadata_json(*store.find("k"));
+  CHECK(meta["versions"][0]["blind_index"]["first_used"] == format_timestamp(1000));
+  CHECK(meta["versions"][0]["deterministic"]["last_used"] == format_timestamp(1500));
+
+  store.rotate_key("k");
+  store.rotate_key("plain");
+  // Disable and destroy of the pinned version are refused, saying what breaks.
+  std::string message;
+  try {
+    store.destroy_version("k", 1, no_grace);
+  } catch (const Error& e) {
+    CHECK(e.code() == Errc::InvalidArgument);
+    message = e.what();
+  }
+  CHECK(message.find("deterministic values (colcrypt.encrypt_deterministic) and blind indexes "
+                     "(colcrypt.blind_index) of key 'k' unusable") != std::string::npos);
+  CHECK(message.find("--force") != std::string::npos);
+  CHECK(code_of([&] { store.disable_version("k", 1, no_grace); }) == Errc::InvalidArgument);
+  CHECK(store.find("k")->versions[0].state == wire::KeyState::DecryptOnly);
+  // A version without such uses is not pinned; --force overrides the pin.
+  CHECK(store.disable_version("plain", 1, no_grace).versions[0].state ==
+        wire::KeyState::Disabled);
+  CHECK(store.destroy_version("k", 1, forced).versions[0].state == wire::KeyState::Destroyed);
+}
+
+TEST_CASE("keyd: counting connections get a statement_timeout", "[keyd][count]") {
+  CHECK(with_statement_timeout("dbname=app port=5433", 1500) ==
+        "dbname='app' port='5433' options='-c statement_timeout=1500' connect_timeout=2");
+  // Options given are kept; a URI becomes key=value; quotes are escaped.
+  CHECK(with_statement_timeout("postgresql://u@h:5/db?options=-c%20work_mem%3D8MB", 30000) ==
+        "user='u' dbname='db' host='h' port='5' options='-c work_mem=8MB -c "
+        "statement_timeout=30000' connect_timeout=30");
+  CHECK(with_statement_timeout("dbname='it\\'s' connect_timeout=7", 100) ==
+        "connect_timeout='7' dbname='it\\'s' options='-c statement_timeout=100'");
+  CHECK(code_of([] { with_statement_timeout("dbname=", 1); }) != Errc::InvalidArgument);
+  CHECK(code_of([] { with_statement_timeout("nonsense", 1); }) == Errc::InvalidArgument);
+}
+
+// Writes fail with EFBIG past RLIMIT_FSIZE (SIGXFSZ ignored): a real write
+// failure, in this process only.
+class FileSizeLimit {
+ public:
+  explicit FileSizeLimit(rlim_t bytes) {
+    ::signal(SIGXFSZ, SIG_IGN);
+    ::getrlimit(RLIMIT_FSIZE, &saved_);
+    rlimit limited = saved_;
+    limited.rlim_cur = bytes;
+    ::setrlimit(RLIMIT_FSIZE, &limited);
+  }
+  ~FileSizeLimit() { ::setrlimit(RLIMIT_FSIZE, &saved_); }
+
+ private:
+  rlimit saved_{};
+};
+
+TEST_CASE("audit log: a failed append leaves an audit_gap entry that verify reports",
+          "[lifecycle][audit]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  AuditLog log(dir.audit(), SecretBytes(key.view()));
+  for (int i = 0; i < 3; ++i) log.append({{"event", "fetch"}, {"n", i}});
+  REQUIRE(log.commit());
+  const uint64_t written = log.last_seq();
+  const auto size = static_cast<rlim_t>(std::filesystem::file_size(dir.audit()));
+  {
+    FileSizeLimit limit(size);
+    for (int i = 0; i < 4; ++i) log.append({{"event", "fetch"}, {"lost", i}});
+    CHECK_FALSE(log.commit());
+    CHECK_FALSE(log.writable());
+    CHECK(log.last_failure() == std::strerror(EFBIG));
+    log.append({{"event", "fetch"}, {"lost", 4}});
+    CHECK_FALSE(log.commit());  // still failing: 5 lost in all, one gap
+    CHECK(log.loss_events() == 2);
+    CHECK(log.lost_entries() == 5);
+    // Nothing partial was left behind, and what is there still verifies.
+    CHECK(std::filesystem::file_size(dir.audit()) == size);
+    CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
+  }
+  log.append({{"event", "fetch"}, {"after", true}});
+  REQUIRE(log.commit());
+  CHECK(log.writable());
+  const std::vector<std::string> lines = lines_of(slurp(dir.audit()));
+  REQUIRE(lines.size() == written + 2);
+  json gap = json::parse(lines[written]);
+  CHECK(gap["event"] == "audit_gap");
+  CHECK(gap["lost"] == 5);
+  CHECK(gap["after_seq"] == written);
+  CHECK(gap["reason"] == std::strerror(EFBIG));
+  CHECK(json::parse(lines.back())["after"] == true);
+  // The chain is intact (no tampering) but the loss is reported.
+  AuditVerdict v = AuditLog::verify(dir.audit(), key.view());
+  CHECK(v.ok);
+  CHECK(v.lost == 5);
+  REQUIRE(v.gaps.size() == 1);
+  CHECK(v.gaps[0].find("5 entries after entry " + std::to_string(written)) != std::string::npos);
+  json reply = audit_verdict_json(v, dir.audit());
+  CHECK(reply["lost"] == 5);
+  CHECK(reply["gaps"].size() == 1);
+}
+
+TEST_CASE("audit log: the head is one fixed-size record rewritten in place", "[lifecycle][audit]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  AuditLog log(dir.audit(), SecretBytes(key.view()));
+  const std::string head = dir.audit() + ".head";
+  struct stat before {};
+  REQUIRE(::stat(head.c_str(), &before) == 0);
+  for (int i = 0; i < 3; ++i) {
+    log.append({{"event", "fetch"}, {"n", i}});
+    REQUIRE(log.commit());
+  }
+  struct stat after {};
+  REQUIRE(::stat(head.c_str(), &after) == 0);
+  CHECK(after.st_ino == before.st_ino);  // no temp file renamed over it per commit
+  CHECK(static_cast<size_t>(after.st_size) == kHeadRecordSize);
+  CHECK(json::parse(slurp(head))["seq"] == log.last_seq());
+  CHECK_FALSE(std::filesystem::exists(head + ".tmp"));
+  CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
 }

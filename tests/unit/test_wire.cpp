@@ -94,6 +94,44 @@ TEST_CASE("fetch version encodes byte for byte", "[wire]") {
   });
 }
 
+TEST_CASE("fetch version for a derivation encodes byte for byte", "[wire]") {
+  // Plain decryption stays a FetchVersion frame (what every keyd understands).
+  REQUIRE(encode_fetch_version(kId, 7, FetchPurpose::Decrypt) == encode_fetch_version(kId, 7));
+  const auto frame = encode_fetch_version(kId, 1, FetchPurpose::BlindIndex);
+  REQUIRE(hex(frame) ==
+          "00000016"
+          "04"
+          "0102030405060708090a0b0c0d0e0f10"
+          "00000001"
+          "02");
+  const Frame f = only_frame(frame);
+  REQUIRE(f.type == MsgType::FetchVersionFor);
+  KeyId id{};
+  uint32_t version = 0;
+  FetchPurpose purpose = FetchPurpose::Decrypt;
+  decode_fetch_version_for(f.body, id, version, purpose);
+  REQUIRE(id == kId);
+  REQUIRE(version == 1);
+  REQUIRE(purpose == FetchPurpose::BlindIndex);
+  const auto det = only_frame(encode_fetch_version(kId, 1, FetchPurpose::Deterministic));
+  decode_fetch_version_for(det.body, id, version, purpose);
+  REQUIRE(purpose == FetchPurpose::Deterministic);
+  REQUIRE(std::string(fetch_purpose_name(purpose)) == "deterministic");
+  require_exact_body(f.body, [](ByteView b) {
+    KeyId i{};
+    uint32_t v = 0;
+    FetchPurpose p{};
+    decode_fetch_version_for(b, i, v, p);
+    return v;
+  });
+  // A purpose this side does not know (or Decrypt, which has its own frame) is refused.
+  for (uint8_t bad : {0, 3, 0xff}) {
+    std::vector<uint8_t> body(f.body.begin(), f.body.end());
+    body.back() = bad;
+    REQUIRE_THROWS_AS(decode_fetch_version_for(ByteView(body), id, version, purpose), Error);
+  }
+}
+
 TEST_CASE("key reply encodes byte for byte in secret memory", "[wire]") {
   const KeyReply reply = sample_key_reply();
   const SecretBytes frame = encode_key_reply(reply);
