@@ -23,6 +23,7 @@ extern "C" {
 #include "catalog/namespace.h"
 #include "catalog/pg_inherits.h"
 #include "catalog/pg_class.h"
+#include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "executor/spi.h"
 #include "fmgr.h"
@@ -385,10 +386,12 @@ bool guard_functions(Oid& type, Oid& check) {
   type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid, CStringGetDatum("encrypted"),
                          ObjectIdGetDatum(ns));
   if (!OidIsValid(type)) return false;
+  // A catalog lookup, not LookupFuncName: that checks USAGE on the schema, and
+  // a role without it (a table owner outside colcrypt_user) could then write
+  // to no table at all.
   Oid argtypes[1] = {type};
-  check = LookupFuncName(
-      list_make2(makeString(pstrdup("colcrypt")), makeString(pstrdup("require_sealed"))), 1,
-      argtypes, true);
+  check = GetSysCacheOid3(PROCNAMEARGSNSP, Anum_pg_proc_oid, CStringGetDatum("require_sealed"),
+                          PointerGetDatum(buildoidvector(argtypes, 1)), ObjectIdGetDatum(ns));
   return OidIsValid(check);
 }
 
