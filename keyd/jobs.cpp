@@ -25,8 +25,9 @@ std::unique_ptr<pqxx::connection> connect(const std::string& conninfo) {
   // and no policy function runs as keyd's role.
   // Only pg_catalog on the search path: no function or operator of a table
   // owner's schema can stand in for a built-in one in keyd's statements.
-  t.exec("SET application_name = 'colcrypt-keyd'; SET row_security = off;"
-         " SET search_path = pg_catalog, pg_temp; SET client_min_messages = warning");
+  t.exec(
+      "SET application_name = 'colcrypt-keyd'; SET row_security = off;"
+      " SET search_path = pg_catalog, pg_temp; SET client_min_messages = warning");
   return conn;
 }
 
@@ -209,11 +210,10 @@ class Job {
       const bool matview = c[5].as<std::string>() == "m";
       const bool countable = shape == "value" || shape == "array" || shape == "json";
       const bool populated = c[7].as<bool>();
-      const int64_t rows =
-          countable && populated
-              ? count_old(t, t.quote_name(schema) + "." + t.quote_name(table), shape, column,
-                          key_id_, target_)
-              : 0;
+      const int64_t rows = countable && populated
+                               ? count_old(t, t.quote_name(schema) + "." + t.quote_name(table),
+                                           shape, column, key_id_, target_)
+                               : 0;
       std::string kind = matview ? "matview" : shape, note;
       if (matview) {
         note = "materialized view: REFRESH MATERIALIZED VIEW once its base tables are done";
@@ -234,11 +234,11 @@ class Job {
           " (job_id, relid, attnum, schema_name, table_name, column_name, kind, rows_total,"
           "  rows_skipped, note, state)"
           " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::bigint, $9::bigint, $10::text,"
-          "         CASE WHEN $8::bigint = 0 OR $10::text IS NOT NULL THEN 'done' ELSE 'pending' END)"
+          "         CASE WHEN $8::bigint = 0 OR $10::text IS NOT NULL THEN 'done' ELSE 'pending' "
+          "END)"
           " ON CONFLICT DO NOTHING",
-          id_, c[0].as<int64_t>(), c[1].as<int>(), schema, table, column, kind,
-          reported ? 0 : rows, reported ? rows : 0,
-          reported ? std::optional<std::string>(note) : std::nullopt);
+          id_, c[0].as<int64_t>(), c[1].as<int>(), schema, table, column, kind, reported ? 0 : rows,
+          reported ? rows : 0, reported ? std::optional<std::string>(note) : std::nullopt);
     }
     t.exec_params(
         "UPDATE colcrypt.rotation_jobs SET state = 'running', key_id = $2::uuid,"
@@ -322,9 +322,12 @@ class Job {
     const std::string table = p.qualified(t);
     const std::string col = t.quote_name(p.column);
     const std::string batch = batch_table(t, p);
-    const std::string rewrap =
-        p.shape == "array" ? "colcrypt.rewrap_array(v::colcrypt.encrypted[], $5)"
-                           : "colcrypt.rewrap(v, $5)";
+    // The value of expression x rewrapped with the context in parameter $n.
+    auto rewrap = [&](const std::string& x, int n) {
+      return (p.shape == "array" ? "colcrypt.rewrap_array(" + x + "::colcrypt.encrypted[], $"
+                                 : "colcrypt.rewrap(" + x + ", $") +
+             std::to_string(n) + ")";
+    };
     const std::string range = "ctid >= $3::tid AND ctid < $4::tid";
     const std::string select_old = "SELECT ctid AS tid, " + col + " AS v FROM ONLY " + table +
                                    " WHERE " + range + " AND " + old_predicate(p.shape, col);
@@ -332,15 +335,16 @@ class Job {
                                batch + " AS b WHERE t.ctid = b.tid";
     BatchResult out;
     if (!row_by_row) {
-      pqxx::result rewrapped = t.exec_params(
-          "WITH locked AS (" + select_old + " FOR UPDATE SKIP LOCKED) INSERT INTO " + batch +
-              " SELECT tid, " + rewrap + " FROM locked",
-          key_id_, target_, tid(block), tid(end), p.context);
+      pqxx::result rewrapped =
+          t.exec_params("WITH locked AS (" + select_old + " FOR UPDATE SKIP LOCKED) INSERT INTO " +
+                            batch + " SELECT tid, " + rewrap("v", 5) + " FROM locked",
+                        key_id_, target_, tid(block), tid(end), p.context);
       const int64_t n = static_cast<int64_t>(rewrapped.affected_rows());
       if (n == 0) return out;
-      out.done = as_owner(t, relid,
-                          update + " AND t.ctid >= " + t.quote(tid(block)) +
-                              "::tid AND t.ctid < " + t.quote(tid(end)) + "::tid");
+      // A TID scan of the batch's rows (a row locked after a concurrent
+      // update may have moved out of the block range).
+      out.done =
+          as_owner(t, relid, update + " AND t.ctid = ANY(ARRAY(SELECT tid FROM " + batch + "))");
       out.skipped = n - out.done;
       if (out.skipped > 0) out.first_error = "the table's triggers or policies kept rows unchanged";
       return out;
@@ -353,12 +357,12 @@ class Job {
       // A savepoint per row: a row that fails rolls back alone.
       t.exec("SAVEPOINT colcrypt_row");
       try {
-        t.exec_params("INSERT INTO " + batch + " SELECT tid, " + rewrap + " FROM (" +
-                          select_old + ") x WHERE tid = $6::tid",
-                      key_id_, target_, tid(block), tid(end), p.context, at);
+        t.exec_params("INSERT INTO " + batch + " SELECT ctid, " + rewrap(col, 1) + " FROM ONLY " +
+                          table + " WHERE ctid = $2::tid",
+                      p.context, at);
         const int64_t updated = as_owner(
-            t, relid, update + " AND t.ctid = " + t.quote(at) + "::tid AND b.tid = " + t.quote(at) +
-                          "::tid");
+            t, relid,
+            update + " AND t.ctid = " + t.quote(at) + "::tid AND b.tid = " + t.quote(at) + "::tid");
         t.exec("RELEASE SAVEPOINT colcrypt_row");
         if (updated == 1) {
           ++out.done;
@@ -404,7 +408,8 @@ class Job {
       // Dropped (or no longer encrypted): nothing of it is left to do.
       t.exec_params(
           "UPDATE colcrypt.rotation_job_columns SET state = 'done', rows_skipped = 0"
-          " WHERE " + key_args,
+          " WHERE " +
+              key_args,
           id_, relid, attnum);
       t.commit();
       return true;
@@ -414,7 +419,8 @@ class Job {
         p.column != next[0][8].as<std::string>()) {
       t.exec_params(
           "UPDATE colcrypt.rotation_job_columns SET schema_name = $4, table_name = $5,"
-          " column_name = $6 WHERE " + key_args,
+          " column_name = $6 WHERE " +
+              key_args,
           id_, relid, attnum, p.schema, p.table, p.column);
     }
     if (block >= p.blocks) {
@@ -425,14 +431,16 @@ class Job {
       if (left == 0 || (pass_done == 0 && skipped > 0 && left <= skipped)) {
         t.exec_params(
             "UPDATE colcrypt.rotation_job_columns SET state = 'done', rows_skipped = $4"
-            " WHERE " + key_args,
+            " WHERE " +
+                key_args,
             id_, relid, attnum, left);
         t.commit();
         return true;
       }
       t.exec_params(
           "UPDATE colcrypt.rotation_job_columns SET next_block = 0, pass = pass + 1,"
-          " pass_done = 0, rows_skipped = 0 WHERE " + key_args,
+          " pass_done = 0, rows_skipped = 0 WHERE " +
+              key_args,
           id_, relid, attnum);
       t.exec_params(
           "UPDATE colcrypt.rotation_jobs SET passes = greatest(passes, $2), updated_at = now()"
@@ -447,7 +455,8 @@ class Job {
     t.exec_params(
         "UPDATE colcrypt.rotation_job_columns SET next_block = $4, state = 'running',"
         " rows_done = rows_done + $5, pass_done = pass_done + $5,"
-        " rows_skipped = rows_skipped + $6, note = coalesce(note, $7) WHERE " + key_args,
+        " rows_skipped = rows_skipped + $6, note = coalesce(note, $7) WHERE " +
+            key_args,
         id_, relid, attnum, end, r.done, r.skipped,
         r.first_error.empty() ? std::nullopt : std::optional<std::string>(r.first_error));
     t.exec_params(
@@ -489,8 +498,8 @@ class Job {
         " updated_at = now(), last_error = coalesce($2, last_error) WHERE job_id = $1",
         id_, summary);
     t.commit();
-    log_info("rotation job " + std::to_string(id_) + " in database " + conn_.dbname() +
-             " is done" + (summary ? ": " + *summary : ""));
+    log_info("rotation job " + std::to_string(id_) + " in database " + conn_.dbname() + " is done" +
+             (summary ? ": " + *summary : ""));
     return false;
   }
   void record_error(const std::string& message, bool give_up) {
@@ -539,8 +548,8 @@ std::vector<ReferenceCount> count_references(const std::vector<std::string>& dat
           "SELECT column_name, version, values_count FROM colcrypt.key_references($1::uuid)",
           key_id);
       for (const auto& row : r) {
-        out.push_back({dbname, row[0].as<std::string>(), row[1].as<uint32_t>(),
-                       row[2].as<int64_t>()});
+        out.push_back(
+            {dbname, row[0].as<std::string>(), row[1].as<uint32_t>(), row[2].as<int64_t>()});
       }
     } catch (const std::exception& e) {
       throw Error(Errc::Io,

@@ -244,11 +244,11 @@ extern "C" Datum colcrypt_as_table_owner(PG_FUNCTION_ARGS) {
   GetUserIdAndSecContext(&saved_user, &saved_context);
   // On error the (sub)transaction's abort restores the user, the security
   // context and the settings.
-  SetUserIdAndSecContext(owner, saved_context | SECURITY_LOCAL_USERID_CHANGE |
-                                    SECURITY_RESTRICTED_OPERATION);
+  SetUserIdAndSecContext(
+      owner, saved_context | SECURITY_LOCAL_USERID_CHANGE | SECURITY_RESTRICTED_OPERATION);
   const int nest_level = NewGUCNestLevel();
-  (void)set_config_option("row_security", "on", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE,
-                          true, 0, false);
+  (void)set_config_option("row_security", "on", PGC_USERSET, PGC_S_SESSION, GUC_ACTION_SAVE, true,
+                          0, false);
   (void)set_config_option("search_path", "\"$user\", public", PGC_USERSET, PGC_S_SESSION,
                           GUC_ACTION_SAVE, true, 0, false);
   if (SPI_connect() != SPI_OK_CONNECT)

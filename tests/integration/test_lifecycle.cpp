@@ -716,8 +716,9 @@ TEST_CASE("references and jobs see domains, arrays, JSON values and materialized
   conn.value("CREATE TABLE docs (id int, doc jsonb)");
   conn.value("CREATE TABLE parent (id int, v colcrypt.encrypted)");
   conn.value("CREATE TABLE child () INHERITS (parent)");
-  conn.value("INSERT INTO plain VALUES (1, colcrypt.encrypt_field('p1', 'wide')),"
-             " (2, colcrypt.encrypt_field('p2', 'wide'))");
+  conn.value(
+      "INSERT INTO plain VALUES (1, colcrypt.encrypt_field('p1', 'wide')),"
+      " (2, colcrypt.encrypt_field('p2', 'wide'))");
   conn.value("INSERT INTO dom VALUES (1, 'secret-d')");
   conn.value(
       "INSERT INTO arr VALUES (1, ARRAY[[colcrypt.encrypt_field('a', 'wide'), NULL],"
@@ -725,7 +726,8 @@ TEST_CASE("references and jobs see domains, arrays, JSON values and materialized
   conn.value("INSERT INTO arrdom VALUES (1, ARRAY['x1', 'x2']::d1[])");
   conn.value(
       "INSERT INTO docs VALUES (1, colcrypt.encrypt_json("
-      "'{\"a\": {\"ssn\": \"1\"}, \"list\": [{\"ssn\": \"2\"}, {\"ssn\": \"3\"}], \"n\": \"colcrypt:x\"}',"
+      "'{\"a\": {\"ssn\": \"1\"}, \"list\": [{\"ssn\": \"2\"}, {\"ssn\": \"3\"}], \"n\": "
+      "\"colcrypt:x\"}',"
       " 'wide', ARRAY['a.ssn', 'list.ssn']))");
   conn.value("INSERT INTO parent VALUES (1, colcrypt.encrypt_field('pa', 'wide'))");
   conn.value("INSERT INTO child VALUES (2, colcrypt.encrypt_field('ch', 'wide'))");
@@ -744,9 +746,9 @@ TEST_CASE("references and jobs see domains, arrays, JSON values and materialized
   INFO(refused.output);
   CHECK(refused.exit_code == 1);
   CHECK(refused.output.find("still used by 15 rows") != std::string::npos);
-  for (const char* column : {"public.dom.v (1)", "public.arr.v (3)", "public.arrdom.v (2)",
-                             "public.docs.doc (3)", "public.parent.v (1)", "public.child.v (1)",
-                             "public.mv.v (2)"}) {
+  for (const char* column :
+       {"public.dom.v (1)", "public.arr.v (3)", "public.arrdom.v (2)", "public.docs.doc (3)",
+        "public.parent.v (1)", "public.child.v (1)", "public.mv.v (2)"}) {
     CHECK(refused.output.find(column) != std::string::npos);
   }
 
@@ -758,7 +760,7 @@ TEST_CASE("references and jobs see domains, arrays, JSON values and materialized
   json job = finished_job(sandbox);
   INFO(job.dump());
   CHECK(job["state"] == "done");
-  CHECK(job["rows_done"] == 7);  // plain 2, dom 1, arr 1, arrdom 1, parent 1, child 1
+  CHECK(job["rows_done"] == 7);     // plain 2, dom 1, arr 1, arrdom 1, parent 1, child 1
   CHECK(job["rows_skipped"] == 3);  // docs 1 row, mv 2 rows
   const std::string last_error = job["last_error"].get<std::string>();
   CHECK(last_error.find("3 rows in 2 columns") != std::string::npos);
@@ -812,8 +814,9 @@ TEST_CASE("re-encryption job: the owner's code runs as the owner, never as keyd'
   conn.value("CREATE ROLE app");
   conn.value("CREATE TABLE seen (who text, what text)");
   conn.value("ALTER TABLE seen OWNER TO app");
-  conn.value("CREATE TABLE owned (id int PRIMARY KEY, v colcrypt.encrypted('own'),"
-             " w colcrypt.encrypted)");
+  conn.value(
+      "CREATE TABLE owned (id int PRIMARY KEY, v colcrypt.encrypted('own'),"
+      " w colcrypt.encrypted)");
   conn.value(
       "INSERT INTO owned SELECT g, 'o' || g, colcrypt.encrypt_field('w' || g, 'own')"
       " FROM generate_series(1, 50) g");
@@ -822,7 +825,8 @@ TEST_CASE("re-encryption job: the owner's code runs as the owner, never as keyd'
       "CREATE FUNCTION record_user() RETURNS trigger LANGUAGE plpgsql AS $$"
       " BEGIN INSERT INTO seen VALUES (current_user, 'trigger'); RETURN NEW; END $$");
   conn.value("ALTER FUNCTION record_user() OWNER TO app");
-  conn.value("CREATE TRIGGER rec BEFORE UPDATE ON owned FOR EACH ROW EXECUTE FUNCTION record_user()");
+  conn.value(
+      "CREATE TRIGGER rec BEFORE UPDATE ON owned FOR EACH ROW EXECUTE FUNCTION record_user()");
   // A deferred constraint trigger fires at the end of the batch, still as the owner.
   conn.value(
       "CREATE CONSTRAINT TRIGGER rec_deferred AFTER UPDATE ON owned DEFERRABLE INITIALLY DEFERRED"
@@ -866,8 +870,9 @@ TEST_CASE("re-encryption job: rows that cannot be re-encrypted are skipped and r
       "INSERT INTO s SELECT g, colcrypt.encrypt_field('s' || g, 'sk') FROM generate_series(1, 200) "
       "g");
   // Two rows sealed with a context the job cannot know: rewrap fails (39000).
-  conn.value("UPDATE s SET v = colcrypt.encrypt_field('ctx' || id, 'sk', 'tenant:' || id)"
-             " WHERE id IN (17, 150)");
+  conn.value(
+      "UPDATE s SET v = colcrypt.encrypt_field('ctx' || id, 'sk', 'tenant:' || id)"
+      " WHERE id IN (17, 150)");
   REQUIRE(sandbox.keyctl({"rotate", "sk"}).exit_code == 0);
   CommandResult r = sandbox.keyctl({"reencrypt", "sk", "--wait"});
   INFO(r.output);
