@@ -83,6 +83,7 @@ std::string sqlstate_of(const pqxx::sql_error& e) {
 struct Place {
   std::string schema, table, column, shape, context, batch_type;
   int typmod = -1;
+  bool keyd_owns = false;  // the table's owner is keyd's own role
   int64_t blocks = 0;
   std::string qualified(pqxx::transaction_base& t) const {
     return t.quote_name(schema) + "." + t.quote_name(table);
@@ -259,6 +260,7 @@ class Job {
     pqxx::result r = t.exec_params(
         "SELECT n.nspname, c.relname, a.attname, colcrypt._value_shape(a.atttypid),"
         "       x.typmod, colcrypt._column_context(x.typmod),"
+        "       c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user),"
         "       pg_catalog.format_type(CASE WHEN colcrypt._value_shape(a.atttypid) = 'array'"
         "                                   THEN 'colcrypt.encrypted[]'::regtype"
         "                                   ELSE 'colcrypt.encrypted'::regtype END, x.typmod),"
@@ -279,8 +281,9 @@ class Job {
     if (p.shape != "value" && p.shape != "array") return std::nullopt;
     p.typmod = r[0][4].as<int>();
     p.context = r[0][5].is_null() ? "" : r[0][5].as<std::string>();
-    p.batch_type = r[0][6].as<std::string>();
-    p.blocks = r[0][7].as<int64_t>();
+    p.keyd_owns = r[0][6].as<bool>();
+    p.batch_type = r[0][7].as<std::string>();
+    p.blocks = r[0][8].as<int64_t>();
     return p;
   }
 
@@ -316,12 +319,12 @@ class Job {
 
   // One batch: as keyd's role, lock the block range's rows under older
   // versions (SKIP LOCKED) and rewrap their values into the batch table
-  // inside the backend; then, as the owner, UPDATE the rows from it.
+  // inside the backend; then, as the owner, UPDATE the rows from it. When
+  // keyd's role is the owner, one UPDATE does both.
   BatchResult batch(pqxx::transaction_base& t, int64_t relid, const Place& p, int64_t block,
                     int64_t end, bool row_by_row) {
     const std::string table = p.qualified(t);
     const std::string col = t.quote_name(p.column);
-    const std::string batch = batch_table(t, p);
     // The value of expression x rewrapped with the context in parameter $n.
     auto rewrap = [&](const std::string& x, int n) {
       return (p.shape == "array" ? "colcrypt.rewrap_array(" + x + "::colcrypt.encrypted[], $"
@@ -331,9 +334,25 @@ class Job {
     const std::string range = "ctid >= $3::tid AND ctid < $4::tid";
     const std::string select_old = "SELECT ctid AS tid, " + col + " AS v FROM ONLY " + table +
                                    " WHERE " + range + " AND " + old_predicate(p.shape, col);
+    // keyd's role owns the table: its code runs as its owner anyway, so one
+    // statement rewraps and updates, without a batch table.
+    const bool direct = p.keyd_owns;
+    const std::string batch = direct ? "" : batch_table(t, p);
     const std::string update = "UPDATE ONLY " + table + " AS t SET " + col + " = b.v FROM " +
                                batch + " AS b WHERE t.ctid = b.tid";
     BatchResult out;
+    if (!row_by_row && direct) {
+      pqxx::result r = t.exec_params(
+          "WITH locked AS (" + select_old + " FOR UPDATE SKIP LOCKED), updated AS (UPDATE ONLY " +
+              table + " SET " + col + " = " + rewrap(col, 5) +
+              " WHERE ctid = ANY(ARRAY(SELECT tid FROM locked)) RETURNING 1)"
+              " SELECT (SELECT count(*) FROM locked), (SELECT count(*) FROM updated)",
+          key_id_, target_, tid(block), tid(end), p.context);
+      out.done = r[0][1].as<int64_t>();
+      out.skipped = r[0][0].as<int64_t>() - out.done;
+      if (out.skipped > 0) out.first_error = "the table's triggers or policies kept rows unchanged";
+      return out;
+    }
     if (!row_by_row) {
       pqxx::result rewrapped =
           t.exec_params("WITH locked AS (" + select_old + " FOR UPDATE SKIP LOCKED) INSERT INTO " +
@@ -357,12 +376,21 @@ class Job {
       // A savepoint per row: a row that fails rolls back alone.
       t.exec("SAVEPOINT colcrypt_row");
       try {
-        t.exec_params("INSERT INTO " + batch + " SELECT ctid, " + rewrap(col, 1) + " FROM ONLY " +
-                          table + " WHERE ctid = $2::tid",
-                      p.context, at);
-        const int64_t updated = as_owner(
-            t, relid,
-            update + " AND t.ctid = " + t.quote(at) + "::tid AND b.tid = " + t.quote(at) + "::tid");
+        int64_t updated = 0;
+        if (direct) {
+          updated =
+              static_cast<int64_t>(t.exec_params("UPDATE ONLY " + table + " SET " + col + " = " +
+                                                     rewrap(col, 1) + " WHERE ctid = $2::tid",
+                                                 p.context, at)
+                                       .affected_rows());
+        } else {
+          t.exec_params("INSERT INTO " + batch + " SELECT ctid, " + rewrap(col, 1) + " FROM ONLY " +
+                            table + " WHERE ctid = $2::tid",
+                        p.context, at);
+          updated = as_owner(t, relid,
+                             update + " AND t.ctid = " + t.quote(at) +
+                                 "::tid AND b.tid = " + t.quote(at) + "::tid");
+        }
         t.exec("RELEASE SAVEPOINT colcrypt_row");
         if (updated == 1) {
           ++out.done;

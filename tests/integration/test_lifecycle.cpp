@@ -732,6 +732,12 @@ TEST_CASE("references and jobs see domains, arrays, JSON values and materialized
   conn.value("INSERT INTO parent VALUES (1, colcrypt.encrypt_field('pa', 'wide'))");
   conn.value("INSERT INTO child VALUES (2, colcrypt.encrypt_field('ch', 'wide'))");
   conn.value("CREATE MATERIALIZED VIEW mv AS SELECT id, v FROM plain");
+  // Tables of another owner take the job's batch-table path (the others, of
+  // keyd's own role, one UPDATE each).
+  conn.value("CREATE ROLE other_owner");
+  for (const char* table : {"dom", "arr", "arrdom"}) {
+    conn.value(std::string("ALTER TABLE ") + table + " OWNER TO other_owner");
+  }
   // Other sessions' temporary tables are not seen (nor counted).
   PgConn other(sandbox.conninfo());
   other.value("CREATE TEMP TABLE tmp (v colcrypt.encrypted)");
