@@ -235,8 +235,8 @@ class Job {
           " (job_id, relid, attnum, schema_name, table_name, column_name, kind, rows_total,"
           "  rows_skipped, note, state)"
           " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::bigint, $9::bigint, $10::text,"
-          "         CASE WHEN $8::bigint = 0 OR $10::text IS NOT NULL THEN 'done' ELSE 'pending' "
-          "END)"
+          "         CASE WHEN $8::bigint = 0 OR $10::text IS NOT NULL"
+          "              THEN 'done' ELSE 'pending' END)"
           " ON CONFLICT DO NOTHING",
           id_, c[0].as<int64_t>(), c[1].as<int>(), schema, table, column, kind, reported ? 0 : rows,
           reported ? rows : 0, reported ? std::optional<std::string>(note) : std::nullopt);
