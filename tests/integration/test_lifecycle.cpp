@@ -846,6 +846,18 @@ TEST_CASE("re-encryption job: the owner's code runs as the owner, never as keyd'
       " BEGIN RESET ROLE; INSERT INTO seen VALUES (current_user, 'grab'); RETURN NEW; END $$");
   conn.value("ALTER FUNCTION grab() OWNER TO app");
   conn.value("CREATE TRIGGER grab BEFORE UPDATE ON grabby FOR EACH ROW EXECUTE FUNCTION grab()");
+  // An owner's trigger that keeps a row unchanged: the row is skipped, the
+  // job still ends.
+  conn.value("CREATE TABLE kept (id int, v colcrypt.encrypted)");
+  conn.value(
+      "INSERT INTO kept SELECT g, colcrypt.encrypt_field('k' || g, 'own')"
+      " FROM generate_series(1, 5) g");
+  conn.value("ALTER TABLE kept OWNER TO app");
+  conn.value(
+      "CREATE FUNCTION keep3() RETURNS trigger LANGUAGE plpgsql AS $$"
+      " BEGIN IF OLD.id = 3 THEN RETURN NULL; END IF; RETURN NEW; END $$");
+  conn.value("ALTER FUNCTION keep3() OWNER TO app");
+  conn.value("CREATE TRIGGER keep3 BEFORE UPDATE ON kept FOR EACH ROW EXECUTE FUNCTION keep3()");
   REQUIRE(sandbox.keyctl({"rotate", "own"}).exit_code == 0);
   CommandResult r = sandbox.keyctl({"reencrypt", "own", "--wait"});
   INFO(r.output);
@@ -853,9 +865,15 @@ TEST_CASE("re-encryption job: the owner's code runs as the owner, never as keyd'
   json job = finished_job(sandbox);
   INFO(job.dump());
   CHECK(job["state"] == "done");
-  CHECK(job["rows_done"] == 100);
-  CHECK(job["rows_skipped"] == 1);
+  CHECK(job["rows_done"] == 104);
+  CHECK(job["rows_skipped"] == 2);
+  CHECK(job["last_error"].get<std::string>().find("2 rows in 2 columns") != std::string::npos);
   CHECK(job["last_error"].get<std::string>().find("public.grabby.v") != std::string::npos);
+  CHECK(conn.value("SELECT rows_skipped || ': ' || note FROM colcrypt.rotation_job_columns"
+                   " WHERE table_name = 'kept'") ==
+        "1: the table's triggers or policies kept rows unchanged");
+  CHECK(conn.value("SELECT string_agg(id::text, ',' ORDER BY id) FROM kept"
+                   " WHERE colcrypt.key_version(v) = 1") == "3");
   CHECK(conn.value("SELECT string_agg(DISTINCT who, ',') FROM seen") == "app");
   CHECK(conn.value("SELECT count(*) FROM seen WHERE what = 'trigger'") == "200");
   CHECK(conn.value("SELECT count(*) FROM seen WHERE what = 'grab'") == "0");
