@@ -634,6 +634,194 @@ CREATE FUNCTION colcrypt.rotate_key(text)
     AS 'MODULE_PATHNAME', 'colcrypt_rotate_key'
     LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
 
+-- colcrypt.rewrap_array(values encrypted[] [, context]): each element
+-- rewrapped as above (NULL elements stay NULL), the dimensions and bounds
+-- kept. A name of its own: an overload would make rewrap(NULL) ambiguous.
+CREATE FUNCTION colcrypt.rewrap_array(colcrypt.encrypted[])
+    RETURNS colcrypt.encrypted[]
+    AS 'MODULE_PATHNAME', 'colcrypt_rewrap_array'
+    LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+CREATE FUNCTION colcrypt.rewrap_array(colcrypt.encrypted[], text)
+    RETURNS colcrypt.encrypted[]
+    AS 'MODULE_PATHNAME', 'colcrypt_rewrap_array'
+    LANGUAGE C VOLATILE STRICT PARALLEL SAFE;
+
+-- colcrypt.try_ciphertext(text): the value whose text form ("colcrypt:...")
+-- this is, or NULL when it is not one (never an error): how counts and jobs
+-- read the strings encrypt_json leaves in JSON documents.
+CREATE FUNCTION colcrypt.try_ciphertext(text)
+    RETURNS colcrypt.encrypted
+    AS 'MODULE_PATHNAME', 'colcrypt_try_ciphertext'
+    LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+-- Runs a command (a job's UPDATE) as the owner of a table, in a
+-- security-restricted operation like REFRESH MATERIALIZED VIEW: the owner's
+-- triggers and policies never run as the caller's role. Only members of the
+-- owner's role (superusers) may call it.
+CREATE FUNCTION colcrypt._as_table_owner(regclass, text)
+    RETURNS bigint
+    AS 'MODULE_PATHNAME', 'colcrypt_as_table_owner'
+    LANGUAGE C VOLATILE STRICT PARALLEL UNSAFE;
+
+-- The AAD context of the values of a key-bound column type (its typmod):
+-- what rewrap uses when it knows the column.
+CREATE FUNCTION colcrypt._column_context(integer)
+    RETURNS text
+    AS 'MODULE_PATHNAME', 'colcrypt_column_context'
+    LANGUAGE C STABLE STRICT PARALLEL SAFE;
+
+-- How colcrypt values live in a type: 'value' (colcrypt.encrypted or a
+-- domain over it, at any depth), 'array' (an array of those), 'json' (json,
+-- jsonb, domains and arrays of them: encrypt_json's "colcrypt:..." strings),
+-- 'composite' (a composite type holding any of these, at any depth: neither
+-- counted nor re-encrypted), or NULL (no colcrypt value can be in it).
+CREATE FUNCTION colcrypt._value_shape(typ oid)
+    RETURNS text
+    LANGUAGE plpgsql STABLE STRICT
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    t record;
+    inner_shape text;
+BEGIN
+    IF typ = 'colcrypt.encrypted'::regtype THEN
+        RETURN 'value';
+    ELSIF typ IN ('json'::regtype, 'jsonb'::regtype) THEN
+        RETURN 'json';
+    END IF;
+    SELECT typtype, typbasetype, typelem, typrelid, typsubscript INTO t
+      FROM pg_type WHERE oid = typ;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    ELSIF t.typtype = 'd' THEN
+        RETURN colcrypt._value_shape(t.typbasetype);
+    ELSIF t.typsubscript = 'array_subscript_handler'::regproc THEN
+        inner_shape := colcrypt._value_shape(t.typelem);
+        RETURN CASE inner_shape WHEN 'value' THEN 'array' ELSE inner_shape END;
+    ELSIF t.typtype = 'c' AND EXISTS (
+            SELECT FROM pg_attribute a
+             WHERE a.attrelid = t.typrelid AND a.attnum > 0 AND NOT a.attisdropped
+               AND colcrypt._value_shape(a.atttypid) IS NOT NULL) THEN
+        RETURN 'composite';
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+-- The typmod (key and binding) of the colcrypt.encrypted values in a column:
+-- the column's own, else the innermost domain's.
+CREATE FUNCTION colcrypt._value_typmod(typ oid, typmod integer)
+    RETURNS integer
+    LANGUAGE plpgsql STABLE STRICT
+    SET search_path = pg_catalog, pg_temp
+    AS $$
+DECLARE
+    t record;
+BEGIN
+    WHILE typmod < 0 LOOP
+        SELECT typtype, typbasetype, typtypmod, typelem, typsubscript INTO t
+          FROM pg_type WHERE oid = typ;
+        EXIT WHEN NOT FOUND;
+        IF t.typtype = 'd' THEN
+            typ := t.typbasetype;
+            typmod := t.typtypmod;
+        ELSIF t.typsubscript = 'array_subscript_handler'::regproc THEN
+            typ := t.typelem;
+        ELSE
+            EXIT;
+        END IF;
+    END LOOP;
+    RETURN typmod;
+END
+$$;
+
+-- Every column where values of colcrypt keys can live, one row per column of
+-- each table, partition, inheritance child, materialized view and foreign
+-- table (not views or partitioned parents: they store nothing; not temporary
+-- tables: other sessions' cannot be read). shape is _value_shape's, or
+-- 'foreign' for a foreign table (its rows live elsewhere); typmod and context
+-- are the key-bound type's for 'value' and 'array'.
+CREATE FUNCTION colcrypt.value_columns()
+    RETURNS TABLE (relid oid, attnum smallint, schema_name name, table_name name,
+                   column_name name, relkind "char", shape text, typmod integer,
+                   context text)
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+    BEGIN ATOMIC
+        SELECT s.relid, s.attnum, s.schema_name, s.table_name, s.column_name, s.relkind,
+               CASE WHEN s.relkind = 'f' THEN 'foreign' ELSE s.shape END,
+               s.typmod,
+               CASE WHEN s.shape IN ('value', 'array')
+                    THEN coalesce(colcrypt._column_context(s.typmod), '') END
+          FROM (SELECT c.oid AS relid, a.attnum, n.nspname AS schema_name,
+                       c.relname AS table_name, a.attname AS column_name, c.relkind,
+                       colcrypt._value_shape(a.atttypid) AS shape,
+                       colcrypt._value_typmod(a.atttypid, a.atttypmod) AS typmod
+                  FROM pg_attribute a
+                  JOIN pg_class c ON c.oid = a.attrelid
+                  JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE a.attnum > 0 AND NOT a.attisdropped
+                   AND c.relkind IN ('r', 'm', 'f') AND c.relpersistence <> 't'
+                   AND n.nspname NOT IN ('colcrypt', 'pg_catalog', 'information_schema')) s
+         WHERE s.shape IS NOT NULL
+         ORDER BY 3, 4, 5;
+    END;
+
+-- The jsonpath of the strings in a document that claim to be colcrypt values
+-- (as encrypt_json leaves them: "colcrypt:..." at any depth).
+CREATE FUNCTION colcrypt._json_value_path()
+    RETURNS jsonpath
+    LANGUAGE sql IMMUTABLE PARALLEL SAFE
+    RETURN 'strict $.** ? (@.type() == "string" && @ like_regex "^\\s*colcrypt:" flag "i")'::jsonpath;
+
+-- How many values of a key each column holds, per version. Materialized
+-- views are counted (a job cannot re-encrypt them: REFRESH them). A column
+-- whose values cannot be counted (a composite type holding colcrypt values, a
+-- foreign table) is an error naming it: keyd then refuses to disable or
+-- destroy unless --force. Inheritance children and partitions are each
+-- counted once (ONLY). Row-level security never filters the count: a table
+-- whose policies would apply to the caller is an error (42501).
+CREATE FUNCTION colcrypt.key_references(key_id uuid)
+    RETURNS TABLE (column_name text, shape text, version integer, values_count bigint)
+    LANGUAGE plpgsql STABLE STRICT
+    SET search_path = pg_catalog, pg_temp
+    SET row_security = off
+    AS $$
+DECLARE
+    c record;
+    source text;
+BEGIN
+    FOR c IN SELECT * FROM colcrypt.value_columns() LOOP
+        column_name := format('%s.%s.%s', c.schema_name, c.table_name, c.column_name);
+        shape := c.shape;
+        IF c.shape IN ('composite', 'foreign') THEN
+            RAISE EXCEPTION 'cannot count the colcrypt values of %', column_name
+                USING ERRCODE = '0A000',
+                      DETAIL = CASE c.shape
+                          WHEN 'composite' THEN 'Its type is a composite type that holds colcrypt values.'
+                          ELSE 'It is a column of a foreign table.' END,
+                      HINT = 'Count them by hand, then pass --force to disable or destroy.';
+        END IF;
+        CONTINUE WHEN c.relkind = 'm'
+            AND NOT (SELECT relispopulated FROM pg_class WHERE oid = c.relid);
+        source := CASE c.shape
+            WHEN 'value' THEN format('SELECT t.%I AS colcrypt_value FROM ONLY %I.%I AS t',
+                                     c.column_name, c.schema_name, c.table_name)
+            WHEN 'array' THEN format('SELECT u.u AS colcrypt_value FROM ONLY %I.%I AS t,'
+                                     ' unnest(t.%I::colcrypt.encrypted[]) AS u',
+                                     c.schema_name, c.table_name, c.column_name)
+            ELSE format('SELECT colcrypt.try_ciphertext(s.s #>> ''{}'') AS colcrypt_value'
+                        ' FROM ONLY %I.%I AS t, jsonb_path_query(to_jsonb(t.%I), %L) AS s',
+                        c.schema_name, c.table_name, c.column_name,
+                        colcrypt._json_value_path()) END;
+        RETURN QUERY EXECUTE format(
+            'SELECT %L::text, %L::text, colcrypt.key_version(v.colcrypt_value), count(*)'
+            ' FROM (%s) v WHERE colcrypt.key_id(v.colcrypt_value) = $1 GROUP BY 3 ORDER BY 3',
+            column_name, c.shape, source) USING key_id;
+    END LOOP;
+END
+$$;
+
 -- Re-encryption jobs: colcrypt-keyd (run with --database for this database)
 -- picks up pending jobs and runs them in batches of heap blocks, each batch
 -- its own transaction together with its progress row, so a job resumes where
@@ -659,18 +847,31 @@ CREATE TABLE colcrypt.rotation_jobs (
     last_error      text
 );
 
+-- One row per column of the job, by the table's OID and the column's attnum
+-- (a rename during the job changes only the names shown; a dropped table or
+-- column is done). kind is value_columns' shape, or 'matview'; a job
+-- re-encrypts 'value' and 'array' columns and reports the others (note).
+-- rows_skipped: rows of the current (or last) pass that could not be
+-- re-encrypted and still use an older version.
 CREATE TABLE colcrypt.rotation_job_columns (
     job_id          bigint NOT NULL REFERENCES colcrypt.rotation_jobs ON DELETE CASCADE,
+    relid           oid NOT NULL,
+    attnum          smallint NOT NULL,
     schema_name     name NOT NULL,
     table_name      name NOT NULL,
     column_name     name NOT NULL,
+    kind            text NOT NULL DEFAULT 'value'
+                    CHECK (kind IN ('value', 'array', 'json', 'matview', 'composite', 'foreign')),
     state           text NOT NULL DEFAULT 'pending'
                     CHECK (state IN ('pending', 'running', 'done')),
     next_block      bigint NOT NULL DEFAULT 0,   -- where the current pass resumes
     pass            integer NOT NULL DEFAULT 1,
     rows_total      bigint NOT NULL DEFAULT 0,
     rows_done       bigint NOT NULL DEFAULT 0,
-    PRIMARY KEY (job_id, schema_name, table_name, column_name)
+    pass_done       bigint NOT NULL DEFAULT 0,   -- rows re-encrypted in the current pass
+    rows_skipped    bigint NOT NULL DEFAULT 0,
+    note            text,                        -- the first cause of a skip, or why not re-encrypted
+    PRIMARY KEY (job_id, relid, attnum)
 );
 
 CREATE FUNCTION colcrypt.start_rotation_job(key_name text, batch_blocks integer DEFAULT 64,
@@ -705,7 +906,9 @@ SELECT j.job_id, j.key_name, j.target_version, j.state,
                                                         - j.started_at))::numeric, 1)
        END AS rows_per_second,
        j.passes, j.errors, j.last_error,
-       j.created_at, j.started_at, j.updated_at, j.finished_at, j.requested_by
+       j.created_at, j.started_at, j.updated_at, j.finished_at, j.requested_by,
+       coalesce((SELECT sum(c.rows_skipped) FROM colcrypt.rotation_job_columns c
+                  WHERE c.job_id = j.job_id), 0)::bigint AS rows_skipped
   FROM colcrypt.rotation_jobs j;
 
 REVOKE ALL ON colcrypt.rotation_jobs, colcrypt.rotation_job_columns, colcrypt.rotation_progress
@@ -713,6 +916,16 @@ REVOKE ALL ON colcrypt.rotation_jobs, colcrypt.rotation_job_columns, colcrypt.ro
 REVOKE EXECUTE ON FUNCTION
     colcrypt.rewrap(colcrypt.encrypted),
     colcrypt.rewrap(colcrypt.encrypted, text),
+    colcrypt.rewrap_array(colcrypt.encrypted[]),
+    colcrypt.rewrap_array(colcrypt.encrypted[], text),
+    colcrypt.try_ciphertext(text),
+    colcrypt._column_context(integer),
+    colcrypt._as_table_owner(regclass, text),
+    colcrypt._value_shape(oid),
+    colcrypt._value_typmod(oid, integer),
+    colcrypt.value_columns(),
+    colcrypt._json_value_path(),
+    colcrypt.key_references(uuid),
     colcrypt.rotate_key(text),
     colcrypt.start_rotation_job(text, integer, integer),
     colcrypt.cancel_rotation_job(bigint)
@@ -720,7 +933,10 @@ REVOKE EXECUTE ON FUNCTION
 -- rewrap checks the decrypt and encrypt privileges on the value's key itself.
 GRANT EXECUTE ON FUNCTION
     colcrypt.rewrap(colcrypt.encrypted),
-    colcrypt.rewrap(colcrypt.encrypted, text)
+    colcrypt.rewrap(colcrypt.encrypted, text),
+    colcrypt.rewrap_array(colcrypt.encrypted[]),
+    colcrypt.rewrap_array(colcrypt.encrypted[], text),
+    colcrypt.try_ciphertext(text)
     TO colcrypt_user;
 GRANT SELECT ON colcrypt.rotation_progress TO colcrypt_user;
 

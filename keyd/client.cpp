@@ -200,6 +200,8 @@ class Exchange {
       throw Error(Errc::AlreadyExists, message);
     case wire::FailureCode::BadRequest:
       throw Error(Errc::InvalidArgument, message);
+    case wire::FailureCode::Unavailable:
+      throw Error(Errc::Io, message);
     case wire::FailureCode::Internal:
       throw Error(Errc::Internal, message);
   }

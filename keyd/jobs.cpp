@@ -17,53 +17,22 @@ using nlohmann::json;
 constexpr int kLockClass = 0x63636a62;  // "ccjb"
 constexpr int kMaxConsecutiveErrors = 10;
 
-struct Column {
-  std::string schema, table, column;
-  std::string qualified(pqxx::transaction_base& t) const {
-    return t.quote_name(schema) + "." + t.quote_name(table);
-  }
-  std::string display() const { return schema + "." + table + "." + column; }
-};
-
 std::unique_ptr<pqxx::connection> connect(const std::string& conninfo) {
   auto conn = std::make_unique<pqxx::connection>(conninfo);
   pqxx::nontransaction t(*conn);
-  t.exec("SET application_name = 'colcrypt-keyd'");
+  // Row-level security never filters what keyd counts or selects: a table
+  // whose policies would apply to keyd's role is an error instead (42501),
+  // and no policy function runs as keyd's role.
+  // Only pg_catalog on the search path: no function or operator of a table
+  // owner's schema can stand in for a built-in one in keyd's statements.
+  t.exec(
+      "SET application_name = 'colcrypt-keyd'; SET row_security = off;"
+      " SET search_path = pg_catalog, pg_temp; SET client_min_messages = warning");
   return conn;
 }
 
 bool has_extension(pqxx::transaction_base& t) {
   return t.exec("SELECT to_regclass('colcrypt.rotation_jobs') IS NOT NULL")[0][0].as<bool>();
-}
-
-std::vector<Column> encrypted_columns(pqxx::transaction_base& t) {
-  std::vector<Column> out;
-  pqxx::result r = t.exec(
-      "SELECT n.nspname, c.relname, a.attname"
-      "  FROM pg_catalog.pg_attribute a"
-      "  JOIN pg_catalog.pg_class c ON c.oid = a.attrelid"
-      "  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
-      " WHERE a.atttypid = 'colcrypt.encrypted'::regtype AND a.attnum > 0"
-      "   AND NOT a.attisdropped AND c.relkind = 'r' AND n.nspname <> 'colcrypt'"
-      " ORDER BY 1, 2, 3");
-  for (const auto& row : r) {
-    out.push_back({row[0].as<std::string>(), row[1].as<std::string>(), row[2].as<std::string>()});
-  }
-  return out;
-}
-
-std::string where_old(pqxx::transaction_base& t, const Column& c) {
-  const std::string col = t.quote_name(c.column);
-  return "colcrypt.key_id(" + col + ") = $1::uuid AND colcrypt.key_version(" + col + ") < $2";
-}
-
-int64_t count_old(pqxx::transaction_base& t, const Column& c, const std::string& key_id,
-                  int target) {
-  return t
-      .exec_params("SELECT count(*) FROM ONLY " + c.qualified(t) + " WHERE " + where_old(t, c),
-                   key_id,
-                   target)[0][0]
-      .as<int64_t>();
 }
 
 void sleep_ms(int ms) { std::this_thread::sleep_for(std::chrono::milliseconds(ms)); }
@@ -78,6 +47,75 @@ std::string short_error(const std::exception& e) {
   return text;
 }
 
+// Errors worth retrying the whole batch for: keyd unreachable or too slow
+// (58000, 58030), lock and serialization conflicts (libpqxx throws those as
+// transaction_rollback, not sql_error: never skipped), cancellations and
+// shutdowns, lack of resources, and a table or column renamed or dropped
+// between the catalog lookup and the statement. Anything else that one row
+// raises (a value that does not decrypt, a malformed value, a constraint or
+// trigger of the table) is that row's: it is skipped.
+bool transient(const std::string& sqlstate) {
+  const std::string cls = sqlstate.substr(0, 2);
+  return sqlstate.empty() || cls == "58" || cls == "40" || cls == "57" || cls == "08" ||
+         cls == "53" || sqlstate == "55P03" || sqlstate == "42P01" || sqlstate == "42703";
+}
+
+// The SQLSTATE of an error. libpqxx 6 keeps it only for errors it has no
+// class for; the class tells the others (by its class's code when it stands
+// for several).
+std::string sqlstate_of(const pqxx::sql_error& e) {
+  if (!e.sqlstate().empty()) return e.sqlstate();
+  if (dynamic_cast<const pqxx::insufficient_privilege*>(&e)) return "42501";
+  if (dynamic_cast<const pqxx::undefined_table*>(&e)) return "42P01";
+  if (dynamic_cast<const pqxx::undefined_column*>(&e)) return "42703";
+  if (dynamic_cast<const pqxx::undefined_function*>(&e)) return "42883";
+  if (dynamic_cast<const pqxx::syntax_error*>(&e)) return "42601";
+  if (dynamic_cast<const pqxx::insufficient_resources*>(&e)) return "53000";
+  if (dynamic_cast<const pqxx::integrity_constraint_violation*>(&e)) return "23000";
+  if (dynamic_cast<const pqxx::data_exception*>(&e)) return "22000";
+  if (dynamic_cast<const pqxx::feature_not_supported*>(&e)) return "0A000";
+  if (dynamic_cast<const pqxx::plpgsql_raise*>(&e)) return "P0001";
+  if (dynamic_cast<const pqxx::plpgsql_error*>(&e)) return "P0000";
+  return "";  // unknown: retried as if transient
+}
+
+// The place of a job's column right now, looked up by OID and attnum.
+struct Place {
+  std::string schema, table, column, shape, context, batch_type;
+  int typmod = -1;
+  bool keyd_owns = false;  // the table's owner is keyd's own role
+  int64_t blocks = 0;
+  std::string qualified(pqxx::transaction_base& t) const {
+    return t.quote_name(schema) + "." + t.quote_name(table);
+  }
+  std::string display() const { return schema + "." + table + "." + column; }
+};
+
+// Values of the key under a version older than the target in column c of
+// the given shape ($1 key id, $2 target version).
+std::string old_predicate(const std::string& shape, const std::string& c) {
+  const std::string old = "colcrypt.key_id(e) = $1::uuid AND colcrypt.key_version(e) < $2";
+  if (shape == "value")
+    return "colcrypt.key_id(" + c + ") = $1::uuid AND colcrypt.key_version(" + c + ") < $2";
+  if (shape == "array")
+    return "EXISTS (SELECT FROM unnest(" + c + "::colcrypt.encrypted[]) AS e WHERE " + old + ")";
+  return "EXISTS (SELECT FROM jsonb_path_query(to_jsonb(" + c +
+         "), colcrypt._json_value_path()) AS s, colcrypt.try_ciphertext(s #>> '{}') AS e"
+         " WHERE " +
+         old + ")";
+}
+
+int64_t count_old(pqxx::transaction_base& t, const std::string& table, const std::string& shape,
+                  const std::string& column, const std::string& key_id, int target) {
+  return t
+      .exec_params("SELECT count(*) FROM ONLY " + table + " WHERE " +
+                       old_predicate(shape, t.quote_name(column)),
+                   key_id, target)[0][0]
+      .as<int64_t>();
+}
+
+std::string tid(int64_t block) { return "(" + std::to_string(block) + ",0)"; }
+
 class Job {
  public:
   Job(pqxx::connection& conn, int64_t id, const std::atomic<bool>& stop)
@@ -87,6 +125,7 @@ class Job {
   void run(const std::map<std::string, KeySnapshot>& keys) {
     if (!load()) return;
     int consecutive_errors = 0;
+    bool row_by_row = false;
     for (;;) {
       if (stop_) return;
       try {
@@ -94,20 +133,37 @@ class Job {
           if (!begin(keys)) return;
           continue;
         }
-        if (!step()) return;
+        if (!step(row_by_row)) return;
         consecutive_errors = 0;
+        row_by_row = false;
       } catch (const pqxx::broken_connection&) {
         throw;  // the runner reconnects; the job resumes from its progress rows
+      } catch (const pqxx::sql_error& e) {
+        // A batch that fails for one of its rows is done again row by row.
+        if (!row_by_row && !transient(sqlstate_of(e))) {
+          row_by_row = true;
+          continue;
+        }
+        row_by_row = false;
+        if (!failed(short_error(e), consecutive_errors)) return;
       } catch (const std::exception& e) {
-        ++consecutive_errors;
-        record_error(short_error(e), consecutive_errors >= kMaxConsecutiveErrors);
-        if (consecutive_errors >= kMaxConsecutiveErrors) return;
-        sleep_ms(std::min(30000, 500 * consecutive_errors));
+        row_by_row = false;
+        if (!failed(short_error(e), consecutive_errors)) return;
       }
     }
   }
 
  private:
+  // Records an error; false when the job gives up.
+  bool failed(const std::string& message, int& consecutive_errors) {
+    ++consecutive_errors;
+    const bool give_up = consecutive_errors >= kMaxConsecutiveErrors;
+    record_error(message, give_up);
+    if (give_up) return false;
+    sleep_ms(std::min(30000, 500 * consecutive_errors));
+    return true;
+  }
+
   bool load() {
     pqxx::work t(conn_);
     pqxx::result r = t.exec_params(
@@ -126,7 +182,10 @@ class Job {
   }
 
   // pending -> running: fixes key id and target version, lists the columns
-  // and counts their rows under older versions; one transaction.
+  // (colcrypt.value_columns) and counts their rows under older versions; one
+  // transaction. Columns a job cannot re-encrypt (materialized views, JSON
+  // values, composite types, foreign tables) are done at once, with their
+  // rows counted as skipped and a note saying what to do.
   bool begin(const std::map<std::string, KeySnapshot>& keys) {
     auto key = keys.find(key_name_);
     pqxx::work t(conn_);
@@ -142,16 +201,45 @@ class Job {
     key_id_ = key->second.id;
     target_ = static_cast<int>(key->second.primary_version);
     int64_t total = 0;
-    for (const Column& c : encrypted_columns(t)) {
-      const int64_t rows = count_old(t, c, key_id_, target_);
-      total += rows;
+    pqxx::result columns = t.exec(
+        "SELECT v.relid, v.attnum, v.schema_name, v.table_name, v.column_name, v.relkind,"
+        "       v.shape, c.relispopulated"
+        "  FROM colcrypt.value_columns() v JOIN pg_catalog.pg_class c ON c.oid = v.relid");
+    for (const auto& c : columns) {
+      const std::string schema = c[2].as<std::string>(), table = c[3].as<std::string>(),
+                        column = c[4].as<std::string>(), shape = c[6].as<std::string>();
+      const bool matview = c[5].as<std::string>() == "m";
+      const bool countable = shape == "value" || shape == "array" || shape == "json";
+      const bool populated = c[7].as<bool>();
+      const int64_t rows = countable && populated
+                               ? count_old(t, t.quote_name(schema) + "." + t.quote_name(table),
+                                           shape, column, key_id_, target_)
+                               : 0;
+      std::string kind = matview ? "matview" : shape, note;
+      if (matview) {
+        note = "materialized view: REFRESH MATERIALIZED VIEW once its base tables are done";
+      } else if (shape == "json") {
+        note =
+            "JSON values of colcrypt.encrypt_json are not re-encrypted by jobs:"
+            " re-encrypt them with colcrypt.decrypt_json and colcrypt.encrypt_json";
+      } else if (shape == "composite") {
+        note = "a composite type holding colcrypt values: neither counted nor re-encrypted";
+      } else if (shape == "foreign") {
+        note = "a foreign table: re-encrypt in the database that stores its rows";
+      }
+      const bool reported = !note.empty();
+      if (!reported) total += rows;
+      if (reported && rows == 0 && (shape == "json" || matview)) continue;  // nothing to say
       t.exec_params(
           "INSERT INTO colcrypt.rotation_job_columns"
-          " (job_id, schema_name, table_name, column_name, rows_total, state)"
-          " VALUES ($1, $2, $3, $4, $5::bigint,"
-          "         CASE WHEN $5::bigint = 0 THEN 'done' ELSE 'pending' END)"
+          " (job_id, relid, attnum, schema_name, table_name, column_name, kind, rows_total,"
+          "  rows_skipped, note, state)"
+          " VALUES ($1, $2, $3, $4, $5, $6, $7, $8::bigint, $9::bigint, $10::text,"
+          "         CASE WHEN $8::bigint = 0 OR $10::text IS NOT NULL"
+          "              THEN 'done' ELSE 'pending' END)"
           " ON CONFLICT DO NOTHING",
-          id_, c.schema, c.table, c.column, rows);
+          id_, c[0].as<int64_t>(), c[1].as<int>(), schema, table, column, kind, reported ? 0 : rows,
+          reported ? rows : 0, reported ? std::optional<std::string>(note) : std::nullopt);
     }
     t.exec_params(
         "UPDATE colcrypt.rotation_jobs SET state = 'running', key_id = $2::uuid,"
@@ -166,56 +254,222 @@ class Job {
     return true;
   }
 
+  // The column's table and column now (by OID and attnum), or nothing when
+  // either was dropped or the column no longer holds colcrypt values.
+  std::optional<Place> place_of(pqxx::transaction_base& t, int64_t relid, int attnum) {
+    pqxx::result r = t.exec_params(
+        "SELECT n.nspname, c.relname, a.attname, colcrypt._value_shape(a.atttypid),"
+        "       x.typmod, colcrypt._column_context(x.typmod),"
+        "       c.relowner = (SELECT oid FROM pg_catalog.pg_roles WHERE rolname = current_user),"
+        "       pg_catalog.format_type(CASE WHEN colcrypt._value_shape(a.atttypid) = 'array'"
+        "                                   THEN 'colcrypt.encrypted[]'::regtype"
+        "                                   ELSE 'colcrypt.encrypted'::regtype END, x.typmod),"
+        "       pg_catalog.pg_relation_size(c.oid) / current_setting('block_size')::bigint"
+        "  FROM pg_catalog.pg_class c"
+        "  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+        "  JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum = $2"
+        "  CROSS JOIN LATERAL (SELECT colcrypt._value_typmod(a.atttypid, a.atttypmod)"
+        "                      AS typmod) x"
+        " WHERE c.oid = $1 AND NOT a.attisdropped",
+        relid, attnum);
+    if (r.empty()) return std::nullopt;
+    Place p;
+    p.schema = r[0][0].as<std::string>();
+    p.table = r[0][1].as<std::string>();
+    p.column = r[0][2].as<std::string>();
+    p.shape = r[0][3].is_null() ? "" : r[0][3].as<std::string>();
+    if (p.shape != "value" && p.shape != "array") return std::nullopt;
+    p.typmod = r[0][4].as<int>();
+    p.context = r[0][5].is_null() ? "" : r[0][5].as<std::string>();
+    p.keyd_owns = r[0][6].as<bool>();
+    p.batch_type = r[0][7].as<std::string>();
+    p.blocks = r[0][8].as<int64_t>();
+    return p;
+  }
+
+  // The session's temporary table that carries one batch's new values from
+  // keyd's role to the owner's UPDATE, typed as the column's values (so the
+  // UPDATE needs no coercion that would check key privileges as the owner).
+  std::string batch_table(pqxx::transaction_base& t, const Place& p) {
+    const std::string name = std::string("colcrypt_batch_") + (p.shape == "array" ? "a" : "v") +
+                             (p.typmod < 0 ? "n" : std::to_string(p.typmod));
+    if (t.exec_params("SELECT to_regclass($1) IS NULL", "pg_temp." + name)[0][0].as<bool>()) {
+      // Only this session sees its temporary tables; the owner's role must
+      // read this one for its UPDATE.
+      t.exec("CREATE TEMPORARY TABLE " + name + " (tid tid, v " + p.batch_type +
+             ") ON COMMIT DELETE ROWS");
+      t.exec("GRANT SELECT ON pg_temp." + name + " TO PUBLIC");
+    }
+    return "pg_temp." + name;
+  }
+
+  // Runs sql as the table's owner, in a security-restricted operation
+  // (colcrypt._as_table_owner): its triggers, index expressions and
+  // row-level security policies never run as keyd's role. Returns the rows
+  // it changed.
+  int64_t as_owner(pqxx::transaction_base& t, int64_t relid, const std::string& sql) {
+    return t.exec_params("SELECT colcrypt._as_table_owner($1::oid::regclass, $2)", relid, sql)[0][0]
+        .as<int64_t>();
+  }
+
+  struct BatchResult {
+    int64_t done = 0, skipped = 0;
+    std::string first_error;
+  };
+
+  // One batch: as keyd's role, lock the block range's rows under older
+  // versions (SKIP LOCKED) and rewrap their values into the batch table
+  // inside the backend; then, as the owner, UPDATE the rows from it. When
+  // keyd's role is the owner, one UPDATE does both.
+  BatchResult batch(pqxx::transaction_base& t, int64_t relid, const Place& p, int64_t block,
+                    int64_t end, bool row_by_row) {
+    const std::string table = p.qualified(t);
+    const std::string col = t.quote_name(p.column);
+    // The value of expression x rewrapped with the context in parameter $n.
+    auto rewrap = [&](const std::string& x, int n) {
+      return (p.shape == "array" ? "colcrypt.rewrap_array(" + x + "::colcrypt.encrypted[], $"
+                                 : "colcrypt.rewrap(" + x + ", $") +
+             std::to_string(n) + ")";
+    };
+    const std::string range = "ctid >= $3::tid AND ctid < $4::tid";
+    const std::string select_old = "SELECT ctid AS tid, " + col + " AS v FROM ONLY " + table +
+                                   " WHERE " + range + " AND " + old_predicate(p.shape, col);
+    // keyd's role owns the table: its code runs as its owner anyway, so one
+    // statement rewraps and updates, without a batch table.
+    const bool direct = p.keyd_owns;
+    const std::string batch = direct ? "" : batch_table(t, p);
+    const std::string update = "UPDATE ONLY " + table + " AS t SET " + col + " = b.v FROM " +
+                               batch + " AS b WHERE t.ctid = b.tid";
+    BatchResult out;
+    if (!row_by_row && direct) {
+      pqxx::result r = t.exec_params(
+          "WITH locked AS (" + select_old + " FOR UPDATE SKIP LOCKED), updated AS (UPDATE ONLY " +
+              table + " SET " + col + " = " + rewrap(col, 5) +
+              " WHERE ctid = ANY(ARRAY(SELECT tid FROM locked)) RETURNING 1)"
+              " SELECT (SELECT count(*) FROM locked), (SELECT count(*) FROM updated)",
+          key_id_, target_, tid(block), tid(end), p.context);
+      out.done = r[0][1].as<int64_t>();
+      out.skipped = r[0][0].as<int64_t>() - out.done;
+      if (out.skipped > 0) out.first_error = "the table's triggers or policies kept rows unchanged";
+      return out;
+    }
+    if (!row_by_row) {
+      pqxx::result rewrapped =
+          t.exec_params("WITH locked AS (" + select_old + " FOR UPDATE SKIP LOCKED) INSERT INTO " +
+                            batch + " SELECT tid, " + rewrap("v", 5) + " FROM locked",
+                        key_id_, target_, tid(block), tid(end), p.context);
+      const int64_t n = static_cast<int64_t>(rewrapped.affected_rows());
+      if (n == 0) return out;
+      // A TID scan of the batch's rows (a row locked after a concurrent
+      // update may have moved out of the block range).
+      out.done =
+          as_owner(t, relid, update + " AND t.ctid = ANY(ARRAY(SELECT tid FROM " + batch + "))");
+      out.skipped = n - out.done;
+      if (out.skipped > 0) out.first_error = "the table's triggers or policies kept rows unchanged";
+      return out;
+    }
+    // Row by row, each in a subtransaction: a row that fails is skipped.
+    pqxx::result rows = t.exec_params(select_old + " FOR UPDATE SKIP LOCKED", key_id_, target_,
+                                      tid(block), tid(end));
+    for (const auto& row : rows) {
+      const std::string at = row[0].as<std::string>();
+      // A savepoint per row: a row that fails rolls back alone.
+      t.exec("SAVEPOINT colcrypt_row");
+      try {
+        int64_t updated = 0;
+        if (direct) {
+          updated =
+              static_cast<int64_t>(t.exec_params("UPDATE ONLY " + table + " SET " + col + " = " +
+                                                     rewrap(col, 1) + " WHERE ctid = $2::tid",
+                                                 p.context, at)
+                                       .affected_rows());
+        } else {
+          t.exec_params("INSERT INTO " + batch + " SELECT ctid, " + rewrap(col, 1) + " FROM ONLY " +
+                            table + " WHERE ctid = $2::tid",
+                        p.context, at);
+          updated = as_owner(t, relid,
+                             update + " AND t.ctid = " + t.quote(at) +
+                                 "::tid AND b.tid = " + t.quote(at) + "::tid");
+        }
+        t.exec("RELEASE SAVEPOINT colcrypt_row");
+        if (updated == 1) {
+          ++out.done;
+        } else {
+          ++out.skipped;
+          if (out.first_error.empty())
+            out.first_error = "the table's triggers or policies kept rows unchanged";
+        }
+      } catch (const pqxx::sql_error& e) {
+        const std::string sqlstate = sqlstate_of(e);
+        if (transient(sqlstate)) throw;
+        t.exec("ROLLBACK TO SAVEPOINT colcrypt_row; RELEASE SAVEPOINT colcrypt_row");
+        ++out.skipped;
+        if (out.first_error.empty()) out.first_error = sqlstate + ": " + short_error(e);
+      }
+    }
+    return out;
+  }
+
   // One batch (or one end-of-pass check) of the first column not done.
   // Returns false when the job is finished or no longer running.
-  bool step() {
+  bool step(bool row_by_row) {
     pqxx::work t(conn_);
     pqxx::result job =
         t.exec_params("SELECT state FROM colcrypt.rotation_jobs WHERE job_id = $1 FOR UPDATE", id_);
     if (job.empty() || job[0][0].as<std::string>() != "running") return false;
     pqxx::result next = t.exec_params(
-        "SELECT schema_name, table_name, column_name, next_block, pass"
+        "SELECT relid, attnum, next_block, pass, pass_done, rows_skipped, schema_name,"
+        "       table_name, column_name"
         "  FROM colcrypt.rotation_job_columns WHERE job_id = $1 AND state <> 'done'"
-        " ORDER BY schema_name, table_name, column_name LIMIT 1",
+        " ORDER BY schema_name, table_name, column_name, relid, attnum LIMIT 1",
         id_);
-    if (next.empty()) {
+    if (next.empty()) return finish(t);
+    const int64_t relid = next[0][0].as<int64_t>();
+    const int attnum = next[0][1].as<int>();
+    const int64_t block = next[0][2].as<int64_t>();
+    const int pass = next[0][3].as<int>();
+    const int64_t pass_done = next[0][4].as<int64_t>();
+    const int64_t skipped = next[0][5].as<int64_t>();
+    const std::string key_args = "job_id = $1 AND relid = $2 AND attnum = $3";
+    const std::optional<Place> place = place_of(t, relid, attnum);
+    if (!place) {
+      // Dropped (or no longer encrypted): nothing of it is left to do.
       t.exec_params(
-          "UPDATE colcrypt.rotation_jobs SET state = 'done', finished_at = now(),"
-          " updated_at = now() WHERE job_id = $1",
-          id_);
+          "UPDATE colcrypt.rotation_job_columns SET state = 'done', rows_skipped = 0"
+          " WHERE " +
+              key_args,
+          id_, relid, attnum);
       t.commit();
-      log_info("rotation job " + std::to_string(id_) + " in database " + conn_.dbname() +
-               " is done");
-      return false;
+      return true;
     }
-    Column c{next[0][0].as<std::string>(), next[0][1].as<std::string>(),
-             next[0][2].as<std::string>()};
-    const int64_t block = next[0][3].as<int64_t>();
-    const int pass = next[0][4].as<int>();
-    const std::string key_args =
-        "job_id = $1 AND schema_name = $2 AND table_name = $3"
-        " AND column_name = $4";
-    pqxx::result rel = t.exec_params(
-        "SELECT pg_relation_size(to_regclass($1)) / current_setting('block_size')::bigint,"
-        "       to_regclass($1) IS NOT NULL",
-        c.qualified(t));
-    const bool exists = rel[0][1].as<bool>();
-    const int64_t blocks = exists ? rel[0][0].as<int64_t>() : 0;
-    if (!exists || block >= blocks) {
+    const Place& p = *place;
+    if (p.schema != next[0][6].as<std::string>() || p.table != next[0][7].as<std::string>() ||
+        p.column != next[0][8].as<std::string>()) {
+      t.exec_params(
+          "UPDATE colcrypt.rotation_job_columns SET schema_name = $4, table_name = $5,"
+          " column_name = $6 WHERE " +
+              key_args,
+          id_, relid, attnum, p.schema, p.table, p.column);
+    }
+    if (block >= p.blocks) {
       // End of a pass: rows skipped as locked, or written meanwhile by a
-      // backend whose cache still had the old primary, get another pass.
-      const int64_t left = exists ? count_old(t, c, key_id_, target_) : 0;
-      if (left == 0) {
-        t.exec_params("UPDATE colcrypt.rotation_job_columns SET state = 'done' WHERE " + key_args,
-                      id_, c.schema, c.table, c.column);
+      // backend whose cache still had the old primary, get another pass;
+      // rows that failed are left once a pass does nothing but fail on them.
+      const int64_t left = count_old(t, p.qualified(t), p.shape, p.column, key_id_, target_);
+      if (left == 0 || (pass_done == 0 && skipped > 0 && left <= skipped)) {
+        t.exec_params(
+            "UPDATE colcrypt.rotation_job_columns SET state = 'done', rows_skipped = $4"
+            " WHERE " +
+                key_args,
+            id_, relid, attnum, left);
         t.commit();
         return true;
       }
       t.exec_params(
-          "UPDATE colcrypt.rotation_job_columns SET next_block = 0, pass = pass + 1"
-          " WHERE " +
+          "UPDATE colcrypt.rotation_job_columns SET next_block = 0, pass = pass + 1,"
+          " pass_done = 0, rows_skipped = 0 WHERE " +
               key_args,
-          id_, c.schema, c.table, c.column);
+          id_, relid, attnum);
       t.exec_params(
           "UPDATE colcrypt.rotation_jobs SET passes = greatest(passes, $2), updated_at = now()"
           " WHERE job_id = $1",
@@ -224,33 +478,58 @@ class Job {
       sleep_ms(500);
       return true;
     }
-    const int64_t end = std::min(blocks, block + batch_blocks_);
-    const std::string table = c.qualified(t);
-    const std::string col = t.quote_name(c.column);
-    // Only this block range (a TID range scan), only rows under an older
-    // version of this key, only rows nobody else holds: no table lock, no
-    // waiting, and rewrap inside the backend.
-    pqxx::result updated = t.exec_params(
-        "UPDATE ONLY " + table + " SET " + col + " = colcrypt.rewrap(" + col + ")" +
-            " WHERE ctid = ANY(ARRAY(SELECT ctid FROM ONLY " + table +
-            " WHERE ctid >= $3::tid AND ctid < $4::tid AND " + where_old(t, c) +
-            " FOR UPDATE SKIP LOCKED))",
-        key_id_, target_, "(" + std::to_string(block) + ",0)", "(" + std::to_string(end) + ",0)");
-    const int64_t n = static_cast<int64_t>(updated.affected_rows());
+    const int64_t end = std::min(p.blocks, block + batch_blocks_);
+    const BatchResult r = batch(t, relid, p, block, end, row_by_row);
     t.exec_params(
-        "UPDATE colcrypt.rotation_job_columns SET next_block = $5, state = 'running',"
-        " rows_done = rows_done + $6 WHERE " +
+        "UPDATE colcrypt.rotation_job_columns SET next_block = $4, state = 'running',"
+        " rows_done = rows_done + $5, pass_done = pass_done + $5,"
+        " rows_skipped = rows_skipped + $6, note = coalesce(note, $7) WHERE " +
             key_args,
-        id_, c.schema, c.table, c.column, end, n);
+        id_, relid, attnum, end, r.done, r.skipped,
+        r.first_error.empty() ? std::nullopt : std::optional<std::string>(r.first_error));
     t.exec_params(
         "UPDATE colcrypt.rotation_jobs SET rows_done = rows_done + $2, updated_at = now()"
         " WHERE job_id = $1",
-        id_, n);
+        id_, r.done);
     t.commit();
     if (throttle_ms_ > 0) sleep_ms(throttle_ms_);
     return true;
   }
 
+  // Every column done: the job is done. When rows still use older versions
+  // (skipped, or in columns a job cannot re-encrypt), last_error says how
+  // many and names the first cause.
+  bool finish(pqxx::work& t) {
+    pqxx::result left = t.exec_params(
+        "SELECT coalesce(sum(rows_skipped), 0)::bigint,"
+        "       (SELECT schema_name || '.' || table_name || '.' || column_name || ': ' || note"
+        "          FROM colcrypt.rotation_job_columns"
+        "         WHERE job_id = $1 AND note IS NOT NULL AND (rows_skipped > 0 OR kind = ANY("
+        "               '{composite,foreign}'))"
+        "         ORDER BY schema_name, table_name, column_name LIMIT 1),"
+        "       count(*) FILTER (WHERE note IS NOT NULL AND (rows_skipped > 0"
+        "                        OR kind IN ('composite', 'foreign')))"
+        "  FROM colcrypt.rotation_job_columns WHERE job_id = $1",
+        id_);
+    const int64_t skipped = left[0][0].as<int64_t>();
+    const int64_t columns = left[0][2].as<int64_t>();
+    std::optional<std::string> summary;
+    if (columns > 0) {
+      summary = std::to_string(skipped) + " rows in " + std::to_string(columns) +
+                " columns were not re-encrypted and still use older versions (see"
+                " colcrypt.rotation_job_columns); first: " +
+                left[0][1].as<std::string>();
+      if (summary->size() > 1000) summary->resize(1000);
+    }
+    t.exec_params(
+        "UPDATE colcrypt.rotation_jobs SET state = 'done', finished_at = now(),"
+        " updated_at = now(), last_error = coalesce($2, last_error) WHERE job_id = $1",
+        id_, summary);
+    t.commit();
+    log_info("rotation job " + std::to_string(id_) + " in database " + conn_.dbname() + " is done" +
+             (summary ? ": " + *summary : ""));
+    return false;
+  }
   void record_error(const std::string& message, bool give_up) {
     log_error("rotation job " + std::to_string(id_) + " in database " + conn_.dbname() + ": " +
               message + (give_up ? " (giving up)" : " (will retry)"));
@@ -293,15 +572,12 @@ std::vector<ReferenceCount> count_references(const std::vector<std::string>& dat
       if (!t.exec("SELECT to_regtype('colcrypt.encrypted') IS NOT NULL")[0][0].as<bool>()) {
         continue;
       }
-      for (const Column& c : encrypted_columns(t)) {
-        const std::string col = t.quote_name(c.column);
-        pqxx::result r = t.exec_params("SELECT colcrypt.key_version(" + col + "), count(*) FROM " +
-                                           c.qualified(t) + " WHERE colcrypt.key_id(" + col +
-                                           ") = $1::uuid GROUP BY 1 ORDER BY 1",
-                                       key_id);
-        for (const auto& row : r) {
-          out.push_back({dbname, c.display(), row[0].as<uint32_t>(), row[1].as<int64_t>()});
-        }
+      pqxx::result r = t.exec_params(
+          "SELECT column_name, version, values_count FROM colcrypt.key_references($1::uuid)",
+          key_id);
+      for (const auto& row : r) {
+        out.push_back(
+            {dbname, row[0].as<std::string>(), row[1].as<uint32_t>(), row[2].as<int64_t>()});
       }
     } catch (const std::exception& e) {
       throw Error(Errc::Io,
@@ -346,7 +622,7 @@ json list_jobs(const std::vector<std::string>& databases) {
       if (!has_extension(t)) continue;
       pqxx::result r = t.exec(
           "SELECT job_id, key_name, target_version, state, rows_done, rows_total, percent,"
-          "       rows_per_second, passes, errors, last_error"
+          "       rows_per_second, passes, errors, last_error, rows_skipped"
           "  FROM colcrypt.rotation_progress ORDER BY job_id");
       for (const auto& row : r) {
         auto opt = [&](int i) { return row[i].is_null() ? json(nullptr) : json(row[i].c_str()); };
@@ -362,7 +638,8 @@ json list_jobs(const std::vector<std::string>& databases) {
              {"rows_per_second", row[7].is_null() ? json(nullptr) : json(row[7].as<double>())},
              {"passes", row[8].as<int>()},
              {"errors", row[9].as<int>()},
-             {"last_error", opt(10)}});
+             {"last_error", opt(10)},
+             {"rows_skipped", row[11].as<int64_t>()}});
       }
     } catch (const std::exception& e) {
       throw Error(Errc::Io,

@@ -27,17 +27,20 @@ struct KeySnapshot {
   uint32_t primary_version = 0;
 };
 
-// Rows per (database, column, version) of one key.
+// Values per (database, column, version) of one key.
 struct ReferenceCount {
   std::string database;  // the connection string's dbname
   std::string column;    // schema.table.column
   uint32_t version = 0;
-  int64_t rows = 0;
+  int64_t rows = 0;  // values: a row's array elements and JSON values each count
 };
 
-// Counts, in every database, the values of key_id per version in every
-// column of type colcrypt.encrypted. Throws Error(Io) naming the database
-// when one cannot be reached or queried.
+// Counts, in every database, the values of key_id per version wherever
+// colcrypt.key_references sees them (encrypted columns, domains, arrays,
+// JSON values of encrypt_json, materialized views; each table once). Throws
+// Error(Io) naming the database when one cannot be reached or queried, and
+// naming the column when a column's values cannot be counted (a composite
+// type, a foreign table): callers refuse what needs a count (fail closed).
 std::vector<ReferenceCount> count_references(const std::vector<std::string>& databases,
                                              const std::string& key_id);
 

@@ -177,13 +177,15 @@ void print_jobs(const json& jobs) {
     std::printf("no rotation jobs\n");
     return;
   }
-  std::vector<std::vector<std::string>> rows = {
-      {"DATABASE", "JOB", "KEY", "TARGET", "STATE", "DONE", "TOTAL", "%", "ROWS/S", "LAST ERROR"}};
+  std::vector<std::vector<std::string>> rows = {{"DATABASE", "JOB", "KEY", "TARGET", "STATE",
+                                                 "DONE", "TOTAL", "SKIPPED", "%", "ROWS/S",
+                                                 "LAST ERROR"}};
   for (const auto& j : jobs) {
     rows.push_back({text_or(j, "database"), text_or(j, "job_id"), text_or(j, "key"),
                     text_or(j, "target_version", "-"), text_or(j, "state"), text_or(j, "rows_done"),
-                    text_or(j, "rows_total"), text_or(j, "percent"),
-                    text_or(j, "rows_per_second", "-"), text_or(j, "last_error", "")});
+                    text_or(j, "rows_total"), text_or(j, "rows_skipped", "0"),
+                    text_or(j, "percent"), text_or(j, "rows_per_second", "-"),
+                    text_or(j, "last_error", "")});
   }
   print_table(rows);
 }

@@ -1194,7 +1194,7 @@ void Server::release_key_replies() {
       o.key = false;
       if (lost && config_.audit_fail_closed) {
         o.frame = SecretBytes(ByteView(wire::encode_failure(
-            wire::FailureCode::Internal,
+            wire::FailureCode::Unavailable,
             "colcrypt-keyd cannot write its audit log (" + audit_->last_failure() +
                 "), so it hands out no keys until the log is writable again (see its log; "
                 "--audit-failure serve would serve them unaudited)")));

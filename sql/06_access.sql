@@ -25,6 +25,20 @@ SELECT colcrypt.encrypt_field('x', 'regress_key');
 \echo :SQLSTATE
 -- it may read the column, which is ciphertext (type I/O needs no grant)
 SELECT id, format('%s', v) LIKE 'colcrypt:%' AS ciphertext FROM access_data;
+-- and its own tables work as usual: colcrypt's DDL event triggers and
+-- planner hook must not need the schema (a catalog lookup, no USAGE check)
+CREATE TEMP TABLE outsider_own (id int, note text);
+INSERT INTO outsider_own VALUES (1, 'plain');
+CREATE TEMP TABLE outsider_copy AS SELECT * FROM outsider_own;
+ALTER TABLE outsider_copy ADD COLUMN extra int;
+UPDATE outsider_copy SET extra = 2;
+SELECT * FROM outsider_copy;
+-- a copy of the encrypted column needs the schema (its sealed check does)
+\set VERBOSITY terse
+CREATE TEMP TABLE outsider_cipher AS SELECT * FROM access_data;
+\set VERBOSITY default
+\echo :SQLSTATE
+DROP TABLE outsider_own, outsider_copy;
 RESET ROLE;
 
 -- USAGE on the schema alone is not enough: EXECUTE is revoked from PUBLIC

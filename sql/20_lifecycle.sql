@@ -68,4 +68,67 @@ SELECT colcrypt.encrypt_derived('x', 'no_such_key', 'c');
 SELECT get_byte(decode(substring(colcrypt.ciphertext(colcrypt.rewrap(v, 'tenant:b')) FROM 10), 'base64'), 1)
   FROM lc_tenant WHERE tenant = 'b';
 DROP TABLE lc_tenant;
+
+-- Where values of keys live (issue 3): domains at any depth, arrays, JSON
+-- values, materialized views, inheritance children once each; composite
+-- types are named as uncountable.
+CREATE DOMAIN lc_d1 AS colcrypt.encrypted;
+CREATE DOMAIN lc_d2 AS lc_d1;
+CREATE TABLE lc_shapes (a lc_d2, b colcrypt.encrypted[], c lc_d1[], d jsonb, e json[], f text);
+CREATE TABLE lc_child () INHERITS (lc_shapes);
+CREATE MATERIALIZED VIEW lc_mv AS SELECT a FROM lc_shapes;
+SELECT table_name, column_name, relkind, shape, typmod, context
+  FROM colcrypt.value_columns() WHERE table_name LIKE 'lc%' ORDER BY 1, 2;
+INSERT INTO lc_shapes VALUES (
+  colcrypt.encrypt_field('a', 'regress_key'),
+  ARRAY[[colcrypt.encrypt_field('b1', 'regress_key'), NULL], [colcrypt.encrypt_field('b2', 'regress_key'), colcrypt.encrypt_field('b3', 'regress_key')]],
+  ARRAY[colcrypt.encrypt_field('c', 'regress_key')]::lc_d1[],
+  colcrypt.encrypt_json('{"x": {"y": [1, "two"]}, "z": "colcrypt:not-a-value"}', 'regress_key', ARRAY['x.y']),
+  NULL, 'colcrypt:ignored in text');
+INSERT INTO lc_child (a) VALUES (colcrypt.encrypt_field('child', 'regress_key'));
+REFRESH MATERIALIZED VIEW lc_mv;
+SELECT column_name, shape, version, values_count
+  FROM colcrypt.key_references(colcrypt.key_id(colcrypt.encrypt_field('k', 'regress_key')))
+ WHERE column_name LIKE 'public.lc%' ORDER BY 1;
+-- try_ciphertext: NULL for anything that is not a value, never an error.
+SELECT colcrypt.try_ciphertext('colcrypt:not-a-value') IS NULL AS not_value,
+       colcrypt.try_ciphertext('hello') IS NULL AS plain,
+       colcrypt.key_version(colcrypt.try_ciphertext(colcrypt.ciphertext(a))) AS version
+  FROM lc_shapes;
+-- rewrap of an array keeps dimensions, bounds and NULLs.
+SELECT array_dims(colcrypt.rewrap_array(b)) AS dims,
+       (SELECT string_agg(coalesce(colcrypt.decrypt_field(x), 'NULL'), ',') FROM unnest(colcrypt.rewrap_array(b)) x) AS elements,
+       cardinality(colcrypt.rewrap_array('{}'::colcrypt.encrypted[])) AS empty
+  FROM lc_shapes;
+SELECT colcrypt.decrypt_field((colcrypt.rewrap_array(ARRAY[colcrypt.encrypt_field('t', 'regress_key', 'ctx')], 'ctx'))[1], 'ctx');
+-- A composite type that holds values cannot be counted: the error names the column.
+CREATE TYPE lc_pair AS (n int, v colcrypt.encrypted);
+CREATE TABLE lc_comp (p lc_pair);
+SELECT count(*) FROM colcrypt.key_references(colcrypt.key_id(colcrypt.encrypt_field('k', 'regress_key')));
+DROP TABLE lc_comp;
+DROP TYPE lc_pair;
+-- _as_table_owner runs a command as the table's owner, only for a member of that role.
+CREATE ROLE lc_owner;
+CREATE ROLE lc_other;
+CREATE TABLE lc_owned (who text);
+ALTER TABLE lc_owned OWNER TO lc_owner;
+SELECT colcrypt._as_table_owner('lc_owned', 'INSERT INTO public.lc_owned VALUES (current_user)');
+SELECT who FROM lc_owned;
+-- The owner's code cannot take the caller's role back (security-restricted).
+SELECT colcrypt._as_table_owner('lc_owned', 'RESET ROLE');
+GRANT EXECUTE ON FUNCTION colcrypt._as_table_owner(regclass, text) TO lc_other;
+GRANT USAGE ON SCHEMA colcrypt TO lc_other;
+SET ROLE lc_other;
+SELECT colcrypt._as_table_owner('lc_owned', 'SELECT 1');
+RESET ROLE;
+DROP TABLE lc_owned;
+REVOKE ALL ON SCHEMA colcrypt FROM lc_other;
+REVOKE ALL ON FUNCTION colcrypt._as_table_owner(regclass, text) FROM lc_other;
+DROP ROLE lc_owner;
+DROP ROLE lc_other;
+DROP MATERIALIZED VIEW lc_mv;
+DROP TABLE lc_child;
+DROP TABLE lc_shapes;
+DROP DOMAIN lc_d2;
+DROP DOMAIN lc_d1;
 DROP TABLE lc;

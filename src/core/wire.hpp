@@ -56,6 +56,9 @@ enum class FailureCode : uint16_t {
   Internal = 4,
   KeyUnavailable = 5,  // version exists but is disabled / destroyed
   AlreadyExists = 6,
+  // keyd cannot serve keys now (its audit log cannot be written and it runs
+  // with --audit-failure refuse); retrying later may succeed.
+  Unavailable = 7,
 };
 
 // Why a backend fetches a version with FetchVersionFor.

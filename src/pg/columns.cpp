@@ -31,6 +31,7 @@ extern "C" {
 #include "catalog/pg_class.h"
 #include "catalog/pg_constraint.h"
 #include "catalog/pg_inherits.h"
+#include "catalog/pg_proc.h"
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "commands/event_trigger.h"
@@ -451,10 +452,12 @@ bool guard_functions(Oid& type, Oid& check) {
   type = GetSysCacheOid2(TYPENAMENSP, Anum_pg_type_oid, CStringGetDatum("encrypted"),
                          ObjectIdGetDatum(ns));
   if (!OidIsValid(type)) return false;
+  // A catalog lookup, not LookupFuncName: that checks USAGE on the schema, and
+  // a role without it (a table owner outside colcrypt_user) could then write
+  // to no table at all.
   Oid argtypes[1] = {type};
-  check = LookupFuncName(
-      list_make2(makeString(pstrdup("colcrypt")), makeString(pstrdup("require_sealed"))), 1,
-      argtypes, true);
+  check = GetSysCacheOid3(PROCNAMEARGSNSP, Anum_pg_proc_oid, CStringGetDatum("require_sealed"),
+                          PointerGetDatum(buildoidvector(argtypes, 1)), ObjectIdGetDatum(ns));
   return OidIsValid(check);
 }
 
@@ -566,9 +569,12 @@ void check_sealed(Datum value, Oid typid, Oid type) {
 // The function colcrypt.sealed(anyelement).
 Oid sealed_function() {
   Oid argtypes[1] = {ANYELEMENTOID};
-  return LookupFuncName(
-      list_make2(makeString(pstrdup("colcrypt")), makeString(pstrdup("sealed"))), 1, argtypes,
-      true);
+  // A catalog lookup, as in guard_functions: LookupFuncName checks USAGE on
+  // the schema, and CREATE TABLE by a role without it would fail.
+  const Oid ns = colcrypt_namespace(true);
+  if (!OidIsValid(ns)) return InvalidOid;
+  return GetSysCacheOid3(PROCNAMEARGSNSP, Anum_pg_proc_oid, CStringGetDatum("sealed"),
+                         PointerGetDatum(buildoidvector(argtypes, 1)), ObjectIdGetDatum(ns));
 }
 
 // True when rel has CHECK (colcrypt.sealed(<attnum>)).

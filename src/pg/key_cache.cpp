@@ -148,6 +148,8 @@ std::string describe(std::string_view name) { return "colcrypt key \"" + std::st
     case Errc::InvalidArgument:
       throw SqlError(Errc::InvalidArgument, "colcrypt-keyd rejected the request for " + what,
                      e.what());
+    case Errc::Io:  // a socket error, or keyd cannot serve keys now (its audit log)
+      throw SqlError(Errc::ProtocolError, "colcrypt-keyd could not serve " + what, e.what());
     default:
       throw SqlError(Errc::Internal, "colcrypt-keyd request for " + what + " failed", e.what());
   }

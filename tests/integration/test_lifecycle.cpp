@@ -689,3 +689,268 @@ TEST_CASE("re-encryption job: key-bound columns keep their binding", "[lifecycle
   CHECK(jobs[0]["rows_done"] == 9000);
   CHECK(jobs[0]["rows_total"] == 9000);
 }
+
+namespace {
+
+// The one job of a sandbox, once it is finished.
+json finished_job(const Sandbox& sandbox) {
+  json jobs = wait_for_jobs(sandbox, 120);
+  REQUIRE(jobs.size() == 1);
+  return jobs[0];
+}
+
+}  // namespace
+
+TEST_CASE("references and jobs see domains, arrays, JSON values and materialized views",
+          "[lifecycle][references]") {
+  Sandbox sandbox(lifecycle_options(kNoRetireGrace));
+  sandbox.create_extension();
+  create_key(sandbox, "wide");
+  PgConn conn(sandbox.conninfo());
+  conn.value("CREATE DOMAIN d1 AS colcrypt.encrypted('wide', 'dom_binding')");
+  conn.value("CREATE DOMAIN d2 AS d1");
+  conn.value("CREATE TABLE plain (id int, v colcrypt.encrypted)");
+  conn.value("CREATE TABLE dom (id int, v d2)");
+  conn.value("CREATE TABLE arr (id int, v colcrypt.encrypted[])");
+  conn.value("CREATE TABLE arrdom (id int, v d1[])");
+  conn.value("CREATE TABLE docs (id int, doc jsonb)");
+  conn.value("CREATE TABLE parent (id int, v colcrypt.encrypted)");
+  conn.value("CREATE TABLE child () INHERITS (parent)");
+  conn.value(
+      "INSERT INTO plain VALUES (1, colcrypt.encrypt_field('p1', 'wide')),"
+      " (2, colcrypt.encrypt_field('p2', 'wide'))");
+  conn.value("INSERT INTO dom VALUES (1, 'secret-d')");
+  conn.value(
+      "INSERT INTO arr VALUES (1, ARRAY[[colcrypt.encrypt_field('a', 'wide'), NULL],"
+      " [colcrypt.encrypt_field('b', 'wide'), colcrypt.encrypt_field('c', 'wide')]])");
+  conn.value("INSERT INTO arrdom VALUES (1, ARRAY['x1', 'x2']::d1[])");
+  conn.value(
+      "INSERT INTO docs VALUES (1, colcrypt.encrypt_json("
+      "'{\"a\": {\"ssn\": \"1\"}, \"list\": [{\"ssn\": \"2\"}, {\"ssn\": \"3\"}], \"n\": "
+      "\"colcrypt:x\"}',"
+      " 'wide', ARRAY['a.ssn', 'list.ssn']))");
+  conn.value("INSERT INTO parent VALUES (1, colcrypt.encrypt_field('pa', 'wide'))");
+  conn.value("INSERT INTO child VALUES (2, colcrypt.encrypt_field('ch', 'wide'))");
+  conn.value("CREATE MATERIALIZED VIEW mv AS SELECT id, v FROM plain");
+  // Tables of another owner take the job's batch-table path (the others, of
+  // keyd's own role, one UPDATE each).
+  conn.value("CREATE ROLE other_owner");
+  for (const char* table : {"dom", "arr", "arrdom"}) {
+    conn.value(std::string("ALTER TABLE ") + table + " OWNER TO other_owner");
+  }
+  // Other sessions' temporary tables are not seen (nor counted).
+  PgConn other(sandbox.conninfo());
+  other.value("CREATE TEMP TABLE tmp (v colcrypt.encrypted)");
+  other.value("INSERT INTO tmp VALUES (colcrypt.encrypt_field('t', 'wide'))");
+  REQUIRE(sandbox.keyctl({"rotate", "wide"}).exit_code == 0);
+
+  // plain 2 + dom 1 + arr 3 + arrdom 2 + docs 3 + parent 1 + child 1 + mv 2
+  json status = keyctl_json(sandbox, {"status"});
+  INFO(status.dump());
+  CHECK(status["keys"][0]["references"]["1"] == 15);
+  CommandResult refused = sandbox.keyctl({"destroy", "wide", "--version", "1"});
+  INFO(refused.output);
+  CHECK(refused.exit_code == 1);
+  CHECK(refused.output.find("still used by 15 rows") != std::string::npos);
+  for (const char* column :
+       {"public.dom.v (1)", "public.arr.v (3)", "public.arrdom.v (2)", "public.docs.doc (3)",
+        "public.parent.v (1)", "public.child.v (1)", "public.mv.v (2)"}) {
+    CHECK(refused.output.find(column) != std::string::npos);
+  }
+
+  // The job re-encrypts the tables (arrays element by element, keeping their
+  // shape; domains with their binding) and reports what it cannot do.
+  CommandResult r = sandbox.keyctl({"reencrypt", "wide", "--wait"});
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  json job = finished_job(sandbox);
+  INFO(job.dump());
+  CHECK(job["state"] == "done");
+  CHECK(job["rows_done"] == 7);     // plain 2, dom 1, arr 1, arrdom 1, parent 1, child 1
+  CHECK(job["rows_skipped"] == 3);  // docs 1 row, mv 2 rows
+  const std::string last_error = job["last_error"].get<std::string>();
+  CHECK(last_error.find("3 rows in 2 columns") != std::string::npos);
+  CHECK(last_error.find("public.docs.doc") != std::string::npos);
+  CHECK(conn.value("SELECT note FROM colcrypt.rotation_job_columns WHERE table_name = 'mv'")
+            .find("REFRESH MATERIALIZED VIEW") != std::string::npos);
+  PgConn fresh(sandbox.conninfo());
+  // Values of a key-bound domain open with its binding's context.
+  const std::string dom_context =
+      "(SELECT colcrypt._column_context(typtypmod) FROM pg_type WHERE typname = 'd1')";
+  CHECK(fresh.value("SELECT colcrypt.decrypt_field(v, " + dom_context +
+                    ") || colcrypt.key_version(v) FROM dom") == "secret-d2");
+  CHECK(fresh.value("SELECT array_dims(v) || ':' || (SELECT string_agg(coalesce("
+                    "colcrypt.decrypt_field(e) || colcrypt.key_version(e), 'NULL'), ',')"
+                    " FROM unnest(v) e) FROM arr") == "[1:2][1:2]:a2,NULL,b2,c2");
+  CHECK(fresh.value("SELECT string_agg(colcrypt.decrypt_field(e, " + dom_context +
+                    ") || colcrypt.key_version(e), ',') FROM arrdom, unnest(v) e") == "x12,x22");
+  CHECK(fresh.value("SELECT string_agg(colcrypt.key_version(v)::text, ',' ORDER BY id)"
+                    " FROM parent") == "2,2");
+  // What is left: the JSON values, and the view until it is refreshed.
+  status = keyctl_json(sandbox, {"status"});
+  CHECK(status["keys"][0]["references"]["1"] == 5);
+  fresh.value("REFRESH MATERIALIZED VIEW mv");
+  status = keyctl_json(sandbox, {"status"});
+  CHECK(status["keys"][0]["references"]["1"] == 3);
+
+  // A composite type holding colcrypt values cannot be counted: status says
+  // so, disable and destroy refuse (fail closed) unless --force.
+  fresh.value("CREATE TYPE pair AS (a int, b colcrypt.encrypted)");
+  fresh.value("CREATE TABLE comp (id int, p pair)");
+  status = keyctl_json(sandbox, {"status"});
+  CHECK(status["keys"][0]["references_error"].get<std::string>().find("public.comp.p") !=
+        std::string::npos);
+  fresh.value("DELETE FROM docs");
+  CommandResult closed = sandbox.keyctl({"destroy", "wide", "--version", "1"});
+  INFO(closed.output);
+  CHECK(closed.exit_code != 0);
+  CHECK(sandbox.keyd_log().find("cannot count the colcrypt values of public.comp.p") !=
+        std::string::npos);
+  fresh.value("DROP TABLE comp");
+  CHECK(sandbox.keyctl({"destroy", "wide", "--version", "1"}).exit_code == 0);
+}
+
+TEST_CASE("re-encryption job: the owner's code runs as the owner, never as keyd's role",
+          "[lifecycle][jobs][owner]") {
+  Sandbox sandbox(lifecycle_options());
+  sandbox.create_extension();
+  create_key(sandbox, "own");
+  PgConn conn(sandbox.conninfo());
+  // app owns the tables and has no grant on the key (nor colcrypt_user).
+  conn.value("CREATE ROLE app");
+  conn.value("CREATE TABLE seen (who text, what text)");
+  conn.value("ALTER TABLE seen OWNER TO app");
+  conn.value(
+      "CREATE TABLE owned (id int PRIMARY KEY, v colcrypt.encrypted('own'),"
+      " w colcrypt.encrypted)");
+  conn.value(
+      "INSERT INTO owned SELECT g, 'o' || g, colcrypt.encrypt_field('w' || g, 'own')"
+      " FROM generate_series(1, 50) g");
+  conn.value("ALTER TABLE owned OWNER TO app");
+  conn.value(
+      "CREATE FUNCTION record_user() RETURNS trigger LANGUAGE plpgsql AS $$"
+      " BEGIN INSERT INTO seen VALUES (current_user, 'trigger'); RETURN NEW; END $$");
+  conn.value("ALTER FUNCTION record_user() OWNER TO app");
+  conn.value(
+      "CREATE TRIGGER rec BEFORE UPDATE ON owned FOR EACH ROW EXECUTE FUNCTION record_user()");
+  // A deferred constraint trigger fires at the end of the batch, still as the owner.
+  conn.value(
+      "CREATE CONSTRAINT TRIGGER rec_deferred AFTER UPDATE ON owned DEFERRABLE INITIALLY DEFERRED"
+      " FOR EACH ROW EXECUTE FUNCTION record_user()");
+  // An owner that tries to take keyd's role back: refused, the row is skipped.
+  conn.value("CREATE TABLE grabby (id int, v colcrypt.encrypted)");
+  conn.value("INSERT INTO grabby VALUES (1, colcrypt.encrypt_field('g', 'own'))");
+  conn.value("ALTER TABLE grabby OWNER TO app");
+  conn.value(
+      "CREATE FUNCTION grab() RETURNS trigger LANGUAGE plpgsql AS $$"
+      " BEGIN RESET ROLE; INSERT INTO seen VALUES (current_user, 'grab'); RETURN NEW; END $$");
+  conn.value("ALTER FUNCTION grab() OWNER TO app");
+  conn.value("CREATE TRIGGER grab BEFORE UPDATE ON grabby FOR EACH ROW EXECUTE FUNCTION grab()");
+  // An owner's trigger that keeps a row unchanged: the row is skipped, the
+  // job still ends.
+  conn.value("CREATE TABLE kept (id int, v colcrypt.encrypted)");
+  conn.value(
+      "INSERT INTO kept SELECT g, colcrypt.encrypt_field('k' || g, 'own')"
+      " FROM generate_series(1, 5) g");
+  conn.value("ALTER TABLE kept OWNER TO app");
+  conn.value(
+      "CREATE FUNCTION keep3() RETURNS trigger LANGUAGE plpgsql AS $$"
+      " BEGIN IF OLD.id = 3 THEN RETURN NULL; END IF; RETURN NEW; END $$");
+  conn.value("ALTER FUNCTION keep3() OWNER TO app");
+  conn.value("CREATE TRIGGER keep3 BEFORE UPDATE ON kept FOR EACH ROW EXECUTE FUNCTION keep3()");
+  REQUIRE(sandbox.keyctl({"rotate", "own"}).exit_code == 0);
+  CommandResult r = sandbox.keyctl({"reencrypt", "own", "--wait"});
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  json job = finished_job(sandbox);
+  INFO(job.dump());
+  CHECK(job["state"] == "done");
+  CHECK(job["rows_done"] == 104);
+  CHECK(job["rows_skipped"] == 2);
+  CHECK(job["last_error"].get<std::string>().find("2 rows in 2 columns") != std::string::npos);
+  CHECK(job["last_error"].get<std::string>().find("public.grabby.v") != std::string::npos);
+  CHECK(conn.value("SELECT rows_skipped || ': ' || note FROM colcrypt.rotation_job_columns"
+                   " WHERE table_name = 'kept'") ==
+        "1: the table's triggers or policies kept rows unchanged");
+  CHECK(conn.value("SELECT string_agg(id::text, ',' ORDER BY id) FROM kept"
+                   " WHERE colcrypt.key_version(v) = 1") == "3");
+  CHECK(conn.value("SELECT string_agg(DISTINCT who, ',') FROM seen") == "app");
+  CHECK(conn.value("SELECT count(*) FROM seen WHERE what = 'trigger'") == "200");
+  CHECK(conn.value("SELECT count(*) FROM seen WHERE what = 'grab'") == "0");
+  CHECK(conn.value("SELECT count(*) FROM owned WHERE colcrypt.key_version(v) = 2 AND"
+                   " colcrypt.key_version(w) = 2 AND colcrypt.decrypt_field(v) = 'o' || id AND"
+                   " colcrypt.decrypt_field(w) = 'w' || id") == "50");
+  CHECK(conn.value("SELECT colcrypt.key_version(v) FROM grabby") == "1");
+}
+
+TEST_CASE("re-encryption job: rows that cannot be re-encrypted are skipped and reported",
+          "[lifecycle][jobs][skip]") {
+  Sandbox sandbox(lifecycle_options(kNoRetireGrace));
+  sandbox.create_extension();
+  create_key(sandbox, "sk");
+  PgConn conn(sandbox.conninfo());
+  conn.value("CREATE TABLE s (id int PRIMARY KEY, v colcrypt.encrypted)");
+  conn.value(
+      "INSERT INTO s SELECT g, colcrypt.encrypt_field('s' || g, 'sk') FROM generate_series(1, 200) "
+      "g");
+  // Two rows sealed with a context the job cannot know: rewrap fails (39000).
+  conn.value(
+      "UPDATE s SET v = colcrypt.encrypt_field('ctx' || id, 'sk', 'tenant:' || id)"
+      " WHERE id IN (17, 150)");
+  REQUIRE(sandbox.keyctl({"rotate", "sk"}).exit_code == 0);
+  CommandResult r = sandbox.keyctl({"reencrypt", "sk", "--wait"});
+  INFO(r.output);
+  json job = finished_job(sandbox);
+  INFO(job.dump());
+  CHECK(job["state"] == "done");
+  CHECK(job["rows_done"] == 198);
+  CHECK(job["rows_skipped"] == 2);
+  const std::string last_error = job["last_error"].get<std::string>();
+  CHECK(last_error.find("2 rows in 1 columns") != std::string::npos);
+  CHECK(last_error.find("39000") != std::string::npos);
+  CHECK(last_error.find("ctx") == std::string::npos);  // no row contents
+  CHECK(conn.value("SELECT rows_skipped FROM colcrypt.rotation_progress") == "2");
+  CHECK(conn.value("SELECT count(*) FROM s WHERE colcrypt.key_version(v) = 2") == "198");
+  // The text listing shows them too.
+  CommandResult listing = sandbox.keyctl({"jobs"});
+  CHECK(listing.output.find("SKIPPED") != std::string::npos);
+  // Those rows still use version 1: destroy stays refused.
+  CommandResult refused = sandbox.keyctl({"destroy", "sk", "--version", "1"});
+  CHECK(refused.exit_code == 1);
+  CHECK(refused.output.find("still used by 2 rows") != std::string::npos);
+}
+
+TEST_CASE("re-encryption job: tables are followed by OID through renames and drops",
+          "[lifecycle][jobs][rename]") {
+  Sandbox sandbox(lifecycle_options());
+  sandbox.create_extension();
+  create_key(sandbox, "rn");
+  PgConn conn(sandbox.conninfo());
+  for (const char* table : {"m1", "m2"}) {
+    conn.value(std::string("CREATE TABLE ") + table + " (id int, v colcrypt.encrypted)");
+    conn.value(std::string("INSERT INTO ") + table +
+               " SELECT g, colcrypt.encrypt_field(repeat('x', 200) || g, 'rn')"
+               " FROM generate_series(1, 3000) g");
+  }
+  REQUIRE(sandbox.keyctl({"rotate", "rn"}).exit_code == 0);
+  REQUIRE(sandbox.keyctl({"reencrypt", "rn", "--batch-blocks", "2", "--throttle-ms", "100"})
+              .exit_code == 0);
+  const auto start = Clock::now();
+  while (as_int(conn.value("SELECT coalesce(max(rows_done), 0) FROM colcrypt.rotation_job_columns"
+                           " WHERE table_name = 'm1'")) == 0) {
+    REQUIRE(std::chrono::duration<double>(Clock::now() - start).count() < 60);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  conn.value("ALTER TABLE m1 RENAME TO m1_renamed");
+  conn.value("ALTER TABLE m1_renamed RENAME COLUMN v TO v_renamed");
+  conn.value("DROP TABLE m2");
+  json job = finished_job(sandbox);
+  INFO(job.dump());
+  CHECK(job["state"] == "done");
+  CHECK(job["last_error"].is_null());
+  CHECK(conn.value("SELECT count(*) FROM m1_renamed WHERE colcrypt.key_version(v_renamed) = 2") ==
+        "3000");
+  CHECK(conn.value("SELECT string_agg(table_name || '.' || column_name || ':' || state, ','"
+                   " ORDER BY relid) FROM colcrypt.rotation_job_columns") ==
+        "m1_renamed.v_renamed:done,m2.v:done");
+}

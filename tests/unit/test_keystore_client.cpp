@@ -171,6 +171,7 @@ TEST_CASE("keyd client: failure replies map to error codes", "[keystore][client]
       {wire::FailureCode::KeyUnavailable, Errc::KeyUnavailable},
       {wire::FailureCode::AlreadyExists, Errc::AlreadyExists},
       {wire::FailureCode::BadRequest, Errc::InvalidArgument},
+      {wire::FailureCode::Unavailable, Errc::Io},
       {wire::FailureCode::Internal, Errc::Internal},
   };
   for (const auto& [code, errc] : cases) {
