@@ -13,13 +13,20 @@
 
 // postgres.h must come first: keep clang-format from sorting it.
 // clang-format off
+// Some server headers (spinlocks, via the COPY state) still use `register`,
+// which C++17 removed: accept it in them only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wregister"
 extern "C" {
 #include "postgres.h"
 
+#include "commands/copy.h"
+#include "commands/copyfrom_internal.h"
 #include "fmgr.h"
 #include "libpq/pqformat.h"
 #include "utils/memutils.h"
 }
+#pragma GCC diagnostic pop
 // clang-format on
 
 #include <cstring>
@@ -60,8 +67,51 @@ struct varlena* parse_sealed_text(const char* data, size_t length) {
 
 }  // namespace colcrypt::pg
 
+namespace {
+
+// COPY FROM's error context prints the field being read ("column v:
+// \"123-45-6789\"") and, for an error later in the row (a constraint, a
+// trigger), the whole raw line: the plaintext of this column, into the error
+// and the server log. While a value of this type is read, COPY's callback is
+// replaced by this one, which names the line and column only, and the row's
+// raw line is marked unprintable (COPY marks the next line printable again).
+void copy_context_without_value(void* arg) {
+  const CopyFromState cstate = static_cast<CopyFromState>(arg);
+  if (cstate->cur_attname != nullptr)
+    errcontext("COPY %s, line %llu, column %s (value withheld)", cstate->cur_relname,
+               static_cast<unsigned long long>(cstate->cur_lineno), cstate->cur_attname);
+  else
+    errcontext("COPY %s, line %llu", cstate->cur_relname,
+               static_cast<unsigned long long>(cstate->cur_lineno));
+}
+
+// The COPY FROM error callback this input runs under, if any, now masked.
+ErrorContextCallback* mask_copy_context() {
+  for (ErrorContextCallback* c = error_context_stack; c != nullptr; c = c->previous) {
+    if (c->callback != CopyFromErrorCallback) continue;
+    static_cast<CopyFromState>(c->arg)->line_buf_valid = false;
+    c->callback = copy_context_without_value;
+    return c;
+  }
+  return nullptr;
+}
+
+Datum encrypted_in(FunctionCallInfo fcinfo);
+
+}  // namespace
+
 // encrypted_in(cstring, oid, integer)
 Datum colcrypt_encrypted_in(PG_FUNCTION_ARGS) {
+  // Restored on success only: after an error the COPY (and its callback) is gone.
+  ErrorContextCallback* const copy = mask_copy_context();
+  const Datum result = encrypted_in(fcinfo);
+  if (copy != nullptr) copy->callback = CopyFromErrorCallback;
+  return result;
+}
+
+namespace {
+
+Datum encrypted_in(FunctionCallInfo fcinfo) {
   const char* input = PG_GETARG_CSTRING(0);
   const int32 typmod = PG_NARGS() > 2 ? PG_GETARG_INT32(2) : -1;
   const size_t length = std::strlen(input);
@@ -88,6 +138,8 @@ Datum colcrypt_encrypted_in(PG_FUNCTION_ARGS) {
   });
   PG_RETURN_BYTEA_P(result);
 }
+
+}  // namespace
 
 // encrypted_out(encrypted): the canonical text form, never the plaintext.
 Datum colcrypt_encrypted_out(PG_FUNCTION_ARGS) {
