@@ -216,7 +216,8 @@ CREATE FUNCTION colcrypt.require_sealed(colcrypt.encrypted) RETURNS colcrypt.enc
 -- Every table column whose type holds colcrypt.encrypted (directly, through a
 -- domain, in an array, composite or range) gets CHECK (colcrypt.sealed(col)),
 -- named colcrypt_sealed_<column>, added by the event trigger below after
--- CREATE TABLE, CREATE TABLE AS, SELECT INTO and ALTER TABLE (a dropped one
+-- CREATE TABLE, CREATE TABLE AS, SELECT INTO, ALTER TABLE and ALTER TYPE
+-- (typed tables changed by ALTER TYPE ... CASCADE) (a dropped one
 -- comes back). Postgres checks it on every stored row after BEFORE triggers,
 -- in COPY and in ALTER TABLE rewrites: no pending plaintext reaches a table,
 -- whatever path wrote it. Reads nothing but its argument: PUBLIC may run it.
@@ -241,7 +242,7 @@ CREATE EVENT TRIGGER colcrypt_ddl_start ON ddl_command_start
     WHEN TAG IN ('ALTER TABLE')
     EXECUTE FUNCTION colcrypt._ddl_start();
 CREATE EVENT TRIGGER colcrypt_ddl_end ON ddl_command_end
-    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE')
+    WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE', 'ALTER TYPE')
     EXECUTE FUNCTION colcrypt._ddl_end();
 -- Notes the tables an ALTER TABLE rewrites: after a rewrite the checks are
 -- added validated (every row was written anew); after an ALTER TABLE that

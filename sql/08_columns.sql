@@ -52,6 +52,11 @@ COPY people (id, ssn, note) FROM STDIN;
 COPY people (id, ssn, note) FROM STDIN WITH (FORMAT csv);
 8,888-88-8888,"copied, as csv"
 \.
+-- a COPY error shows no plaintext: not the field being read, nor the raw
+-- line (for an error later in the row, here a duplicate key)
+COPY people (id, ssn, note) FROM STDIN;
+8	888-00-0000	must not be shown
+\.
 
 -- every value decrypts to what was written, under the column's key
 SELECT id, ssn::text AS ssn, note::text AS note, colcrypt.key_name(ssn) AS ssn_key,
@@ -425,6 +430,25 @@ ALTER TABLE parts ATTACH PARTITION part_a FOR VALUES FROM (0) TO (10);
 INSERT INTO parts VALUES (1, 'plaintext'::text::colcrypt.encrypted('regress_key', 'parts.x'));
 SELECT colcrypt.decrypt_field(x, 'colcrypt.column:parts.x') FROM parts;
 DROP TABLE parts;
+-- typed tables (CREATE TABLE ... OF) get the check when ALTER TYPE ...
+-- CASCADE gives them a column of the type
+CREATE TYPE row_type AS (id int, k text);
+CREATE TABLE typed OF row_type;
+INSERT INTO typed VALUES (1, NULL);
+ALTER TYPE row_type ADD ATTRIBUTE e colcrypt.encrypted CASCADE;
+ALTER TYPE row_type ALTER ATTRIBUTE k TYPE colcrypt.encrypted('regress_key', 'typed.k') CASCADE;
+SELECT conname, convalidated FROM pg_constraint WHERE conrelid = 'typed'::regclass ORDER BY 1;
+DROP TABLE typed;
+DROP TYPE row_type;
+-- a restore: pg_dump writes a check added NOT VALID (above) as an ALTER TABLE
+-- of its own after the CREATE TABLE, which already got the check
+CREATE TABLE restored (id int, x colcrypt.encrypted);
+ALTER TABLE restored ADD CONSTRAINT colcrypt_sealed_x CHECK (colcrypt.sealed(x)) NOT VALID;
+\echo :SQLSTATE
+SELECT conname, convalidated FROM pg_constraint WHERE conrelid = 'restored'::regclass;
+-- (another constraint of that name still collides)
+ALTER TABLE restored ADD CONSTRAINT colcrypt_sealed_x CHECK (x IS NOT NULL) NOT VALID;
+DROP TABLE restored;
 -- the check does not fetch a value still in TOAST storage (an UPDATE of
 -- other columns): it was checked when stored
 CREATE TABLE toasted (id int, v colcrypt.encrypted('regress_key', 'toasted.v'), n int);

@@ -515,9 +515,9 @@ void check_sealed(Datum value, Oid typid, Oid type) {
   if (typid == type) {
     // The first bytes tell a pending plaintext (a slice: a compressed
     // element is not expanded whole).
-    struct varlena* head = pg_detoast_datum_slice(
-        reinterpret_cast<struct varlena*>(DatumGetPointer(value)), 0,
-        colcrypt::pg::kPendingMagicSize);
+    struct varlena* head =
+        pg_detoast_datum_slice(reinterpret_cast<struct varlena*>(DatumGetPointer(value)), 0,
+                               colcrypt::pg::kPendingMagicSize);
     if (colcrypt::pg::is_pending(bytes_of(head))) refuse_unsealed();
     return;
   }
@@ -546,8 +546,8 @@ void check_sealed(Datum value, Oid typid, Oid type) {
   }
   if (type_is_rowtype(typid)) {
     HeapTupleHeader header = DatumGetHeapTupleHeader(value);
-    const TupleDesc desc = lookup_rowtype_tupdesc(HeapTupleHeaderGetTypeId(header),
-                                                  HeapTupleHeaderGetTypMod(header));
+    const TupleDesc desc =
+        lookup_rowtype_tupdesc(HeapTupleHeaderGetTypeId(header), HeapTupleHeaderGetTypMod(header));
     HeapTupleData tuple;
     tuple.t_len = HeapTupleHeaderGetDatumLength(header);
     ItemPointerSetInvalid(&tuple.t_self);
@@ -590,6 +590,43 @@ bool has_sealed_check(Relation rel, AttrNumber attnum, Oid sealed) {
     if (IsA(arg, Var) && reinterpret_cast<const Var*>(arg)->varattno == attnum) return true;
   }
   return false;
+}
+
+// True when con is "CONSTRAINT name CHECK (colcrypt.sealed(col)) NOT VALID"
+// (what pg_dump writes for a sealed check added NOT VALID) and relid already
+// has a sealed check on col under that name. Reads the catalog only: the
+// caller (ddl_command_start) holds no lock on relid yet.
+bool duplicate_sealed_check(Oid relid, const Constraint* con, Oid sealed) {
+  if (con == nullptr || !IsA(con, Constraint) || con->contype != CONSTR_CHECK ||
+      !con->skip_validation || con->conname == nullptr || con->raw_expr == nullptr ||
+      !IsA(con->raw_expr, FuncCall))
+    return false;
+  const FuncCall* call = reinterpret_cast<const FuncCall*>(con->raw_expr);
+  if (std::strcmp(strVal(llast(call->funcname)), "sealed") != 0 || list_length(call->args) != 1 ||
+      !IsA(linitial(call->args), ColumnRef))
+    return false;
+  const ColumnRef* ref = static_cast<const ColumnRef*>(linitial(call->args));
+  if (list_length(ref->fields) != 1 || !IsA(linitial(ref->fields), String)) return false;
+  const AttrNumber attnum = get_attnum(relid, strVal(linitial(ref->fields)));
+  if (attnum == InvalidAttrNumber) return false;
+  const Oid existing = get_relation_constraint_oid(relid, con->conname, true);
+  if (!OidIsValid(existing)) return false;
+  HeapTuple tuple = SearchSysCache1(CONSTROID, ObjectIdGetDatum(existing));
+  if (!HeapTupleIsValid(tuple)) return false;
+  bool isnull;
+  const Datum bin = SysCacheGetAttr(CONSTROID, tuple, Anum_pg_constraint_conbin, &isnull);
+  bool same = false;
+  if (!isnull) {
+    const Node* expr = static_cast<Node*>(stringToNode(TextDatumGetCString(bin)));
+    if (IsA(expr, FuncExpr)) {
+      const FuncExpr* f = reinterpret_cast<const FuncExpr*>(expr);
+      const Node* arg = list_length(f->args) == 1 ? static_cast<Node*>(linitial(f->args)) : nullptr;
+      same = f->funcid == sealed && arg != nullptr && IsA(arg, Var) &&
+             reinterpret_cast<const Var*>(arg)->varattno == attnum;
+    }
+  }
+  ReleaseSysCache(tuple);
+  return same;
 }
 
 // Tables rewritten in this transaction (event table_rewrite): their rows
@@ -722,8 +759,7 @@ void colcrypt_utility(PlannedStmt* pstmt, const char* query_string, bool read_on
                       ProcessUtilityContext context, ParamListInfo params,
                       QueryEnvironment* query_env, DestReceiver* dest, QueryCompletion* qc) {
   Node* stmt = pstmt->utilityStmt;
-  volatile const bool copy_from =
-      IsA(stmt, CopyStmt) && reinterpret_cast<CopyStmt*>(stmt)->is_from;
+  volatile const bool copy_from = IsA(stmt, CopyStmt) && reinterpret_cast<CopyStmt*>(stmt)->is_from;
   Node* explained = IsA(stmt, ExplainStmt) ? reinterpret_cast<ExplainStmt*>(stmt)->query : nullptr;
   if (explained != nullptr && IsA(explained, Query))
     explained = reinterpret_cast<Query*>(explained)->utilityStmt;
@@ -737,8 +773,8 @@ void colcrypt_utility(PlannedStmt* pstmt, const char* query_string, bool read_on
     if (previous_utility != nullptr)
       previous_utility(pstmt, query_string, read_only_tree, context, params, query_env, dest, qc);
     else
-      standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env,
-                              dest, qc);
+      standard_ProcessUtility(pstmt, query_string, read_only_tree, context, params, query_env, dest,
+                              qc);
   }
   PG_CATCH();
   {
@@ -1071,11 +1107,22 @@ Datum colcrypt_ddl_start(PG_FUNCTION_ARGS) {
   if (data->parsetree == nullptr || !IsA(data->parsetree, AlterTableStmt) ||
       !guard_functions(type, check))
     PG_RETURN_NULL();
-  const AlterTableStmt* alter = reinterpret_cast<AlterTableStmt*>(data->parsetree);
+  AlterTableStmt* alter = reinterpret_cast<AlterTableStmt*>(data->parsetree);
   if (alter->relation == nullptr) PG_RETURN_NULL();
   const Oid relid = RangeVarGetRelid(alter->relation, NoLock, true);
   if (!OidIsValid(relid)) PG_RETURN_NULL();
   ListCell* lc;
+  // A restore: the dump adds a NOT VALID sealed check after CREATE TABLE,
+  // which already got one from the event trigger (validated: the table was
+  // empty). The dump's would collide by name; the one in place is at least
+  // as strong, so its ADD is dropped from the statement.
+  const Oid sealed = sealed_function();
+  foreach (lc, alter->cmds) {
+    const AlterTableCmd* cmd = lfirst_node(AlterTableCmd, lc);
+    if (cmd->subtype == AT_AddConstraint && OidIsValid(sealed) &&
+        duplicate_sealed_check(relid, reinterpret_cast<const Constraint*>(cmd->def), sealed))
+      alter->cmds = foreach_delete_current(alter->cmds, lc);
+  }
   foreach (lc, alter->cmds) {
     const AlterTableCmd* cmd = lfirst_node(AlterTableCmd, lc);
     if (cmd->subtype != AT_AlterColumnType || cmd->name == nullptr) continue;
@@ -1106,7 +1153,8 @@ Datum colcrypt_ddl_start(PG_FUNCTION_ARGS) {
 }
 
 // Event trigger on ddl_command_end for CREATE TABLE, CREATE TABLE AS, SELECT
-// INTO and ALTER TABLE: adds the sealed checks the affected tables miss.
+// INTO, ALTER TABLE and ALTER TYPE: adds the sealed checks the affected
+// tables miss.
 Datum colcrypt_ddl_end(PG_FUNCTION_ARGS) {
   if (!CALLED_AS_EVENT_TRIGGER(fcinfo))
     ereport(ERROR, (errcode(ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED),
@@ -1117,9 +1165,17 @@ Datum colcrypt_ddl_end(PG_FUNCTION_ARGS) {
   const Oid sealed = sealed_function();
   if (!OidIsValid(sealed)) PG_RETURN_NULL();
   if (SPI_connect() != SPI_OK_CONNECT) elog(ERROR, "SPI_connect failed");
-  if (SPI_execute("SELECT DISTINCT objid FROM pg_catalog.pg_event_trigger_ddl_commands() "
-                  "WHERE classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass",
-                  true, 0) != SPI_OK_SELECT)
+  // The relations the command made or altered, and after ALTER TYPE ...
+  // CASCADE the typed tables (CREATE TABLE ... OF) of the composite type,
+  // which got or changed a column without a command of their own.
+  if (SPI_execute(
+          "WITH d AS (SELECT objid FROM pg_catalog.pg_event_trigger_ddl_commands() "
+          "WHERE classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_class'::pg_catalog.regclass) "
+          "SELECT objid FROM d UNION "
+          "SELECT t.oid FROM d JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) "
+          "d.objid JOIN pg_catalog.pg_class t ON t.reloftype OPERATOR(pg_catalog.=) "
+          "c.reltype WHERE c.relkind OPERATOR(pg_catalog.=) 'c'",
+          true, 0) != SPI_OK_SELECT)
     elog(ERROR, "SPI_execute failed");
   List* relids = NIL;
   for (uint64 i = 0; i < SPI_processed; ++i) {
@@ -1127,8 +1183,8 @@ Datum colcrypt_ddl_end(PG_FUNCTION_ARGS) {
     const Datum d = SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc, 1, &isnull);
     if (!isnull) relids = lappend_oid(relids, DatumGetObjectId(d));
   }
-  const bool altered = reinterpret_cast<EventTriggerData*>(fcinfo->context)->tag ==
-                       CMDTAG_ALTER_TABLE;
+  const CommandTag tag = reinterpret_cast<EventTriggerData*>(fcinfo->context)->tag;
+  const bool altered = tag == CMDTAG_ALTER_TABLE || tag == CMDTAG_ALTER_TYPE;
   ListCell* lc;
   foreach (lc, relids) {
     const Oid relid = lfirst_oid(lc);
@@ -1146,8 +1202,8 @@ Datum colcrypt_table_rewrite(PG_FUNCTION_ARGS) {
   if (!CALLED_AS_EVENT_TRIGGER(fcinfo))
     ereport(ERROR, (errcode(ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED),
                     errmsg("colcrypt._table_rewrite() is an event trigger")));
-  note_rewrite(DatumGetObjectId(DirectFunctionCall1(pg_event_trigger_table_rewrite_oid,
-                                                    PointerGetDatum(nullptr))));
+  note_rewrite(DatumGetObjectId(
+      DirectFunctionCall1(pg_event_trigger_table_rewrite_oid, PointerGetDatum(nullptr))));
   PG_RETURN_NULL();
 }
 

@@ -176,6 +176,13 @@ TEST_CASE("pg_dump and pg_restore carry the ciphertext byte for byte, without ke
         "INSERT INTO customers SELECT i, 'ssn-secret-' || i, 'note-secret-' || i, "
         "colcrypt.encrypt_field('free-secret-' || i, 'dump_key', 'row-' || i), "
         "colcrypt.blind_index('ssn-secret-' || i, 'dump_key') FROM generate_series(1, 500) i");
+    // the online migration: ADD COLUMN to a table with rows adds its sealed
+    // check NOT VALID, which pg_dump writes as an ALTER TABLE of its own after
+    // the CREATE TABLE that already got the check (the restore must not collide)
+    src.value("ALTER TABLE customers ADD COLUMN card colcrypt.encrypted('dump_key', 'c.card')");
+    src.value("UPDATE customers SET card = 'card-secret-' || id WHERE id <= 10");
+    REQUIRE(src.value("SELECT convalidated FROM pg_constraint WHERE conname = "
+                      "'colcrypt_sealed_card'") == "f");
   }
   PgConn src(conninfo_for(sandbox, "dump_src"));
   const std::string original = copy_out(src, "customers");
@@ -194,6 +201,8 @@ TEST_CASE("pg_dump and pg_restore carry the ciphertext byte for byte, without ke
   CHECK(plain_text.find("ssn-secret-") == std::string::npos);
   CHECK(plain_text.find("note-secret-") == std::string::npos);
   CHECK(plain_text.find("free-secret-") == std::string::npos);
+  CHECK(plain_text.find("card-secret-") == std::string::npos);
+  CHECK(plain_text.find("CHECK (colcrypt.sealed(card)) NOT VALID") != std::string::npos);
   CHECK(plain_text.find("colcrypt.encrypted('dump_key','customers.note')") != std::string::npos);
   CHECK(plain_text.find("dump_reader\tdump_reader\tdecrypt") != std::string::npos);
   // the sealed checks travel with the tables (and a restore does not add twice)
@@ -225,7 +234,7 @@ TEST_CASE("pg_dump and pg_restore carry the ciphertext byte for byte, without ke
               "SELECT count(*) FROM colcrypt.key_grants WHERE role = 'dump_reader'::regrole") ==
           "1");
     CHECK(restored.value("SELECT count(*) FROM pg_constraint WHERE conrelid = "
-                         "'customers'::regclass AND conname LIKE 'colcrypt_sealed_%'") == "3");
+                         "'customers'::regclass AND conname LIKE 'colcrypt_sealed_%'") == "4");
   }
   CHECK(sandbox.keyd_log().find("ERROR") == std::string::npos);
 
@@ -239,6 +248,8 @@ TEST_CASE("pg_dump and pg_restore carry the ciphertext byte for byte, without ke
                          "AND note::text = 'note-secret-' || id "
                          "AND colcrypt.decrypt_field(free, 'row-' || id) = 'free-secret-' || id") ==
           "500");
+    CHECK(restored.value(
+              "SELECT count(*) FROM customers WHERE card::text = 'card-secret-' || id") == "10");
     CHECK(restored.value("SELECT id FROM customers "
                          "WHERE ssn_bidx = colcrypt.blind_index('ssn-secret-42', 'dump_key')") ==
           "42");
@@ -302,7 +313,8 @@ TEST_CASE("a role that reuses a dropped role's OID does not inherit its key gran
   admin.value("RESET ROLE");
   // a grant made to the new role itself counts
   admin.value("SELECT colcrypt.grant_key('oid_key', 'oid_new', 'encrypt')");
-  o = admin.exec("SET ROLE oid_new; SELECT colcrypt.key_version(colcrypt.encrypt_field('x', 'oid_key'))");
+  o = admin.exec(
+      "SET ROLE oid_new; SELECT colcrypt.key_version(colcrypt.encrypt_field('x', 'oid_key'))");
   CHECK(o.sqlstate == "");
   admin.value("RESET ROLE");
   // and a role that never had one stays refused
