@@ -237,9 +237,10 @@ CREATE FUNCTION colcrypt._table_rewrite() RETURNS event_trigger
     AS 'MODULE_PATHNAME', 'colcrypt_table_rewrite'
     LANGUAGE C;
 -- Refuses ALTER COLUMN ... TYPE colcrypt.encrypted on a key-bound column
--- (it would drop the key and the binding).
+-- (it would drop the key and the binding), and the same through ALTER TYPE
+-- ... ALTER ATTRIBUTE ... CASCADE on the typed tables of a composite type.
 CREATE EVENT TRIGGER colcrypt_ddl_start ON ddl_command_start
-    WHEN TAG IN ('ALTER TABLE')
+    WHEN TAG IN ('ALTER TABLE', 'ALTER TYPE')
     EXECUTE FUNCTION colcrypt._ddl_start();
 CREATE EVENT TRIGGER colcrypt_ddl_end ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE', 'ALTER TYPE')

@@ -480,6 +480,15 @@ ALTER TABLE holders ALTER COLUMN k TYPE colcrypt.encrypted;
 \echo :SQLSTATE
 ALTER TABLE holders ALTER COLUMN k TYPE enc_free;
 \echo :SQLSTATE
+-- (also through ALTER TYPE ... CASCADE on a typed table's attribute)
+CREATE TYPE keyed_row AS (id int, k colcrypt.encrypted('regress_key', 'keyed_row.k'));
+CREATE TABLE keyed_typed OF keyed_row;
+ALTER TYPE keyed_row ALTER ATTRIBUTE k TYPE colcrypt.encrypted CASCADE;
+\echo :SQLSTATE
+SELECT format_type(atttypid, atttypmod) FROM pg_attribute
+ WHERE attrelid = 'keyed_typed'::regclass AND attname = 'k';
+DROP TABLE keyed_typed;
+DROP TYPE keyed_row;
 SELECT format_type(atttypid, atttypmod) FROM pg_attribute
  WHERE attrelid = 'holders'::regclass AND attname = 'k';
 -- (restating the same key and binding is allowed and changes nothing)
