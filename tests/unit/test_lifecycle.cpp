@@ -7,10 +7,13 @@
 #include <unistd.h>
 
 #include <catch2/catch.hpp>
+#include <chrono>
+#include <condition_variable>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -632,5 +635,45 @@ TEST_CASE("audit log: the head is one fixed-size record rewritten in place", "[l
   CHECK(static_cast<size_t>(after.st_size) == kHeadRecordSize);
   CHECK(json::parse(slurp(head))["seq"] == log.last_seq());
   CHECK_FALSE(std::filesystem::exists(head + ".tmp"));
+  CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
+}
+
+TEST_CASE("audit log: the sync thread fdatasyncs what commit() wrote, off the caller's thread",
+          "[lifecycle][audit][audit-sync]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  AuditLog log(dir.audit(), SecretBytes(key.view()));
+  // Without the thread, commit() syncs before it returns.
+  log.append({{"event", "fetch"}, {"n", 0}});
+  REQUIRE(log.commit());
+  CHECK(log.synced_seq() == log.written_seq());
+  CHECK(log.written_seq() == log.last_seq());
+
+  std::mutex mu;
+  std::condition_variable cv;
+  int wakeups = 0;
+  log.start_sync_thread([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    ++wakeups;
+    cv.notify_all();
+  });
+  for (int batch = 0; batch < 20; ++batch) {
+    for (int i = 0; i < 5; ++i) log.append({{"event", "fetch"}, {"batch", batch}, {"n", i}});
+    REQUIRE(log.commit());
+    // In the file (a crash of the process keeps it) as soon as commit() returns.
+    CHECK(log.written_seq() == log.last_seq());
+    CHECK(lines_of(slurp(dir.audit())).size() == log.written_seq());
+    CHECK(json::parse(slurp(dir.audit() + ".head"))["seq"].get<uint64_t>() == log.written_seq());
+  }
+  // The thread catches up with everything written, and says so each time.
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    CHECK(cv.wait_for(lock, std::chrono::seconds(10),
+                      [&] { return log.synced_seq() == log.written_seq(); }));
+    CHECK(wakeups >= 1);
+  }
+  CHECK_FALSE(log.sync_failing());
+  CHECK_FALSE(log.sync_stalled());
+  CHECK(log.loss_events() == 0);
   CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
 }
