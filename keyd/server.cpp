@@ -1198,7 +1198,7 @@ void Server::release_key_replies() {
   // --audit-sync batch: written is enough while the disk keeps syncing.
   const bool disk_ok = audit_ && !audit_->sync_failing() && !audit_->sync_stalled();
   size_t withheld = 0;
-  held_replies_ = 0;
+  size_t held = 0;
   for (auto& c : connections_) {
     for (auto& o : c->out) {
       if (!o.held) continue;
@@ -1221,10 +1221,11 @@ void Server::release_key_replies() {
       } else if (!config_.audit_fail_closed && audit_->sync_failing()) {
         o.held = false;  // --audit-failure serve: keys go out while the disk fails
       } else {
-        ++held_replies_;  // released when the sync thread wakes the loop
+        ++held;  // released when the sync thread wakes the loop
       }
     }
   }
+  held_replies_.store(held, std::memory_order_relaxed);
   if (withheld > 0) {
     log_error("withheld " + std::to_string(withheld) +
               " key replies: their audit entries could not be written");
@@ -1285,7 +1286,14 @@ int Server::run() {
   // Rotations that fell due while keyd was down happen now.
   run_scheduler(true);
   jobs_->start();
-  if (audit_) audit_->start_sync_thread([] { wake_loop('a'); });
+  // After each fdatasync: --audit-sync always has replies waiting for it;
+  // batch has some only while the disk stalled or failed.
+  if (audit_) {
+    const bool always = config_.audit_sync == AuditSyncMode::Always;
+    audit_->start_sync_thread([this, always] {
+      if (always || held_replies_.load(std::memory_order_relaxed) > 0) wake_loop('a');
+    });
+  }
   while (!stopping_) {
     if (g_stop) {
       drain_signals();

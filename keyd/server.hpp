@@ -3,6 +3,7 @@
 #pragma once
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -133,7 +134,8 @@ class Server {
   // by Failures when an audit write failed since the last release.
   void release_key_replies();
   uint64_t audit_losses_seen_ = 0;
-  size_t held_replies_ = 0;  // after the last release: replies still waiting for the disk
+  // After the last release: replies still waiting for the disk (read by the sync thread).
+  std::atomic<size_t> held_replies_{0};
   void queue(Connection& c, SecretBytes frame);
   void queue(Connection& c, const std::vector<uint8_t>& frame);
   void drain_signals();
