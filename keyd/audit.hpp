@@ -38,8 +38,8 @@
 #include <functional>
 #include <mutex>
 #include <nlohmann/json.hpp>
-#include <thread>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/secure_memory.hpp"

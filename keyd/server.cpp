@@ -1316,9 +1316,11 @@ int Server::run() {
     }
     next_deadline = std::min(
         next_deadline, last_schedule_ + std::chrono::seconds(config_.rotation_check_interval_s));
-    // Held key replies: the sync thread wakes the loop after every fdatasync;
+    // Held key replies: the sync thread wakes the loop after its fdatasync;
     // a stalled one is looked at again (--audit-sync batch releases nothing meanwhile).
-    if (held_replies_ > 0) next_deadline = std::min(next_deadline, now + std::chrono::milliseconds(10));
+    if (held_replies_ > 0) {
+      next_deadline = std::min(next_deadline, now + std::chrono::milliseconds(10));
+    }
     if (store_.dirty()) {
       next_deadline = std::min(next_deadline,
                                last_flush_ + std::chrono::seconds(config_.usage_flush_interval_s));
