@@ -231,7 +231,7 @@ bool AuditLog::write_batch() {
 
 bool AuditLog::sync_inline() {
   const uint64_t target = committed_seq_;
-  if (::fdatasync(fd_) != 0) {
+  if (fdatasync_(fd_) != 0) {
     int err = errno;
     ++write_failures_;
     {
@@ -306,7 +306,7 @@ void AuditLog::sync_loop(std::function<void()> on_synced) {
                                std::chrono::steady_clock::now().time_since_epoch())
                                .count(),
                            std::memory_order_release);
-    const int rc = ::fdatasync(fd_);
+    const int rc = fdatasync_(fd_);
     const int err = errno;
     sync_started_ns_.store(0, std::memory_order_release);
     lock.lock();

@@ -32,6 +32,8 @@
 // A failed unlock happens before keyd has K: it is written, unauthenticated,
 // to PATH.pending and moved into the chain by the next successful start.
 #pragma once
+#include <unistd.h>
+
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -135,6 +137,10 @@ class AuditLog {
     return last_failure_;
   }
 
+  // Tests only: what the log's fdatasync calls instead of ::fdatasync (to fail
+  // or stall it). Set before start_sync_thread.
+  void set_fdatasync_for_tests(std::function<int(int)> f) { fdatasync_ = std::move(f); }
+
   // Checks the whole chain and the head. Needs K (the KEK's HKDF).
   static AuditVerdict verify(const std::string& path, ByteView mac_key);
 
@@ -172,6 +178,7 @@ class AuditLog {
   std::atomic<uint64_t> synced_seq_{0};
   std::atomic<bool> sync_failing_{false};
   std::atomic<int64_t> sync_started_ns_{0};  // steady clock; 0: no fdatasync running
+  std::function<int(int)> fdatasync_ = ::fdatasync;
   // The open gap: entries lost since the last successful write.
   bool gap_open_ = false;
   bool gap_entry_pending_ = false;  // batch_ starts with its audit_gap entry

@@ -6,9 +6,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
+#include <cerrno>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -16,6 +19,7 @@
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/error.hpp"
@@ -642,6 +646,10 @@ TEST_CASE("audit log: the sync thread fdatasyncs what commit() wrote, off the ca
           "[lifecycle][audit][audit-sync]") {
   LifecycleDir dir;
   SecretBytes key = SecretBytes::random(32);
+  // Declared before the log: its sync thread calls back until the log is gone.
+  std::mutex mu;
+  std::condition_variable cv;
+  int wakeups = 0;
   AuditLog log(dir.audit(), SecretBytes(key.view()));
   // Without the thread, commit() syncs before it returns.
   log.append({{"event", "fetch"}, {"n", 0}});
@@ -649,9 +657,6 @@ TEST_CASE("audit log: the sync thread fdatasyncs what commit() wrote, off the ca
   CHECK(log.synced_seq() == log.written_seq());
   CHECK(log.written_seq() == log.last_seq());
 
-  std::mutex mu;
-  std::condition_variable cv;
-  int wakeups = 0;
   log.start_sync_thread([&] {
     std::lock_guard<std::mutex> lock(mu);
     ++wakeups;
@@ -675,5 +680,68 @@ TEST_CASE("audit log: the sync thread fdatasyncs what commit() wrote, off the ca
   CHECK_FALSE(log.sync_failing());
   CHECK_FALSE(log.sync_stalled());
   CHECK(log.loss_events() == 0);
+  CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
+}
+
+TEST_CASE("audit log: the sync thread reports a failed and a stalled fdatasync, then recovers",
+          "[lifecycle][audit][audit-sync]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  // Declared before the log: its sync thread uses them until the log is gone.
+  std::atomic<int> mode{0};  // 0: real fdatasync, 1: EIO, 2: stall until released
+  std::atomic<bool> release{false};
+  std::mutex mu;
+  std::condition_variable cv;
+  int wakeups = 0;
+  AuditLog log(dir.audit(), SecretBytes(key.view()));
+  log.set_fdatasync_for_tests([&](int fd) {
+    if (mode == 1) {
+      errno = EIO;
+      return -1;
+    }
+    if (mode == 2) {
+      while (!release) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return ::fdatasync(fd);
+  });
+  log.start_sync_thread([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    ++wakeups;
+    cv.notify_all();
+  });
+  auto wait_for = [&](auto done) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(10), done);
+  };
+
+  // A failed fdatasync: counted as a loss (keyd withholds keys, failing
+  // closed), reported, retried; the entries stay written, not synced.
+  mode = 1;
+  log.append({{"event", "fetch"}, {"n", 1}});
+  REQUIRE(log.commit());  // written: commit() does not wait for the disk
+  CHECK(wait_for([&] { return log.sync_failing(); }));
+  CHECK(log.loss_events() >= 1);
+  CHECK(log.synced_seq() < log.written_seq());
+  CHECK(log.last_failure() == std::string("fdatasync: ") + std::strerror(EIO));
+  // The retry that succeeds clears it and covers what was written.
+  mode = 0;
+  CHECK(wait_for([&] { return !log.sync_failing() && log.synced_seq() == log.written_seq(); }));
+
+  // A stalled fdatasync is reported once it has run kAuditSyncStallMs.
+  mode = 2;
+  log.append({{"event", "fetch"}, {"n", 2}});
+  REQUIRE(log.commit());
+  const auto start = std::chrono::steady_clock::now();
+  while (!log.sync_stalled() &&
+         std::chrono::steady_clock::now() - start < std::chrono::seconds(10)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK(log.sync_stalled());
+  CHECK(std::chrono::steady_clock::now() - start >= std::chrono::milliseconds(kAuditSyncStallMs));
+  CHECK(log.synced_seq() < log.written_seq());
+  release = true;
+  CHECK(wait_for([&] { return log.synced_seq() == log.written_seq(); }));
+  CHECK_FALSE(log.sync_stalled());
+  mode = 0;
   CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
 }
