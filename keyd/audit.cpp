@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <ctime>
 #include <fstream>
@@ -146,6 +147,7 @@ AuditLog::AuditLog(std::string path, SecretBytes mac_key)
 }
 
 AuditLog::~AuditLog() {
+  stop_sync_thread();
   if (fd_ >= 0) {
     sync();
     ::close(fd_);
@@ -173,20 +175,24 @@ bool AuditLog::write_batch() {
   if (!write_all(fd_, batch_)) {
     int err = errno;
     write_failures_ += pending_entries_;
+    const std::string failure = errno_text(err);
+    {
+      std::lock_guard<std::mutex> lock(sync_mutex_);
+      last_failure_ = failure;
+    }
     ++loss_events_;
-    last_failure_ = errno_text(err);
     // The entries of this batch are lost, but not the gap entry heading it.
     const uint64_t lost = pending_entries_ - (gap_entry_pending_ ? 1 : 0);
     if (!gap_open_) {
       gap_open_ = true;
       gap_after_seq_ = committed_seq_;
       gap_since_ = now_seconds();
-      log_error("cannot append to audit log " + path_ + ": " + last_failure_ +
+      log_error("cannot append to audit log " + path_ + ": " + failure +
                 "; entries after entry " + std::to_string(committed_seq_) +
                 " are lost until it is writable again, and the loss will be recorded in it "
                 "(an audit_gap entry)");
     } else {
-      log_debug("audit log " + path_ + " still not writable: " + last_failure_);
+      log_debug("audit log " + path_ + " still not writable: " + failure);
     }
     gap_lost_ += lost;
     // No partial line: later entries must still parse and chain.
@@ -202,7 +208,7 @@ bool AuditLog::write_batch() {
     append({{"event", "audit_gap"},
             {"lost", gap_lost_},
             {"after_seq", gap_after_seq_},
-            {"reason", last_failure_},
+            {"reason", failure},
             {"since", format_timestamp(gap_since_)}});
     gap_entry_pending_ = true;
     return false;
@@ -220,37 +226,111 @@ bool AuditLog::write_batch() {
   pending_entries_ = 0;
   committed_seq_ = seq_;
   committed_mac_ = last_mac_;
-  if (::fdatasync(fd_) != 0) {
+  return true;
+}
+
+bool AuditLog::sync_inline() {
+  const uint64_t target = committed_seq_;
+  if (fdatasync_(fd_) != 0) {
     int err = errno;
     ++write_failures_;
+    {
+      std::lock_guard<std::mutex> lock(sync_mutex_);
+      last_failure_ = "fdatasync: " + errno_text(err);
+    }
     ++loss_events_;
-    last_failure_ = "fdatasync: " + errno_text(err);
     log_error("cannot fdatasync audit log " + path_ + ": " + errno_text(err));
     return false;
+  }
+  uint64_t synced = synced_seq_.load();
+  while (synced < target && !synced_seq_.compare_exchange_weak(synced, target)) {
   }
   return true;
 }
 
 bool AuditLog::commit() {
   if (batch_.empty()) return true;
-  const bool written = write_batch();
+  bool written = write_batch();
   // The head names the last entry that is in the file.
   write_head(false);
-  return written;
+  if (!written) return false;
+  if (!sync_thread_.joinable()) return sync_inline();
+  {
+    std::lock_guard<std::mutex> lock(sync_mutex_);
+    written_for_sync_ = committed_seq_;
+  }
+  sync_wake_.notify_one();
+  return true;
 }
 
 void AuditLog::sync() {
   if (fd_ < 0) return;
-  if (batch_.empty()) {
-    if (::fdatasync(fd_) != 0) {
-      int err = errno;
-      ++write_failures_;
-      log_error("cannot fdatasync audit log " + path_ + ": " + errno_text(err));
-    }
-  } else {
-    write_batch();
-  }
+  if (write_batch()) sync_inline();
   write_head(true);
+}
+
+void AuditLog::start_sync_thread(std::function<void()> on_synced) {
+  if (sync_thread_.joinable()) return;
+  sync_thread_ = std::thread([this, on_synced = std::move(on_synced)] { sync_loop(on_synced); });
+}
+
+void AuditLog::stop_sync_thread() {
+  if (!sync_thread_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lock(sync_mutex_);
+    sync_stop_ = true;
+  }
+  sync_wake_.notify_all();
+  sync_thread_.join();
+}
+
+bool AuditLog::sync_stalled() const {
+  const int64_t started = sync_started_ns_.load(std::memory_order_acquire);
+  if (started == 0) return false;
+  const int64_t now = std::chrono::duration_cast<std::chrono::nanoseconds>(
+                          std::chrono::steady_clock::now().time_since_epoch())
+                          .count();
+  return now - started >= int64_t{kAuditSyncStallMs} * 1000000;
+}
+
+void AuditLog::sync_loop(std::function<void()> on_synced) {
+  std::unique_lock<std::mutex> lock(sync_mutex_);
+  for (;;) {
+    sync_wake_.wait(lock, [this] { return sync_stop_ || written_for_sync_ > synced_seq_.load(); });
+    if (sync_stop_) return;
+    // Everything written so far, including what was written while the
+    // previous fdatasync ran: one fdatasync for all of it.
+    const uint64_t target = written_for_sync_;
+    lock.unlock();
+    sync_started_ns_.store(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                               std::chrono::steady_clock::now().time_since_epoch())
+                               .count(),
+                           std::memory_order_release);
+    const int rc = fdatasync_(fd_);
+    const int err = errno;
+    sync_started_ns_.store(0, std::memory_order_release);
+    lock.lock();
+    if (rc == 0) {
+      uint64_t synced = synced_seq_.load();
+      while (synced < target && !synced_seq_.compare_exchange_weak(synced, target)) {
+      }
+      sync_failing_.store(false, std::memory_order_release);
+    } else {
+      ++write_failures_;
+      last_failure_ = "fdatasync: " + errno_text(err);
+      // Counted before the loop can see anything else move (loss_events()).
+      loss_events_.fetch_add(1, std::memory_order_release);
+      sync_failing_.store(true, std::memory_order_release);
+    }
+    lock.unlock();
+    if (rc != 0) log_error("cannot fdatasync audit log " + path_ + ": " + errno_text(err));
+    on_synced();
+    lock.lock();
+    if (rc != 0) {
+      sync_wake_.wait_for(lock, std::chrono::milliseconds(kAuditSyncRetryMs),
+                          [this] { return sync_stop_; });
+    }
+  }
 }
 
 bool AuditLog::write_head(bool durable) {

@@ -13,9 +13,14 @@
 // removed last entry re-chains nothing, but the head still names it).
 //
 // Group commit: append() chains an entry in memory; commit() writes every
-// entry appended since the last commit with one write(), fdatasyncs the log
-// once and replaces the head once. keyd's poll loop commits once per
-// iteration, before it sends any reply (docs/rotation.md, "Audit trail").
+// entry appended since the last commit with one write() and replaces the
+// head once. Without a sync thread, commit() then fdatasyncs the log itself.
+// keyd starts a sync thread (start_sync_thread): commit() only hands the
+// written entries to it, and the thread fdatasyncs whatever was written
+// while its previous fdatasync ran (pipelined group commit), so keyd's poll
+// loop never waits for the disk. keyd's poll loop commits once per
+// iteration, before it sends any reply; which key replies then go out is
+// decided by --audit-sync (docs/operations.md, "Audit durability").
 //
 // A batch that cannot be written (disk full, EIO, EFBIG) is dropped and the
 // file cut back to its last whole entry, so the chain stays verifiable; the
@@ -27,9 +32,16 @@
 // A failed unlock happens before keyd has K: it is written, unauthenticated,
 // to PATH.pending and moved into the chain by the next successful start.
 #pragma once
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/secure_memory.hpp"
@@ -37,6 +49,16 @@
 namespace colcrypt::keyd {
 
 constexpr const char* kAuditFileName = "audit.log";
+
+// keyd's --audit-sync: when a key reply may go out (docs/operations.md).
+enum class AuditSyncMode { Batch, Always };
+// A key reply whose audit entry is written but not yet fdatasynced is held
+// (--audit-sync batch) while an fdatasync has run longer than this: a disk
+// that stops completing syncs stops keyd from handing out keys within it.
+constexpr int kAuditSyncStallMs = 100;
+// After a failed fdatasync the sync thread retries this much later.
+constexpr int kAuditSyncRetryMs = 50;
+
 // Size of PATH.head: one JSON object padded with spaces, then a newline.
 constexpr size_t kHeadRecordSize = 256;
 
@@ -69,14 +91,19 @@ class AuditLog {
   // Appends one event to the current batch: `event` is an object; "seq",
   // "time" and "mac" are set here. Nothing reaches the file before commit().
   void append(nlohmann::json event);
-  // Writes the batch with one write(), fdatasyncs the log, then replaces the
-  // head once. Does nothing when no entry is pending. Failures are logged,
+  // Starts the sync thread (see the top of this file); on_synced runs on it
+  // after every fdatasync attempt (keyd wakes its poll loop). Once started,
+  // commit() no longer fdatasyncs: synced_seq() tells what is durable.
+  void start_sync_thread(std::function<void()> on_synced);
+  // Writes the batch with one write(), then replaces the head once, then
+  // fdatasyncs the log (or, with the sync thread, hands it the entries).
+  // Does nothing when no entry is pending. Failures are logged,
   // never thrown (keyd keeps serving), and counted in write_failures(); a
   // batch that could not be written is dropped from the chain (the file is
   // cut back to its last whole entry) so that later entries still chain.
-  // Returns false when the batch is not known to be on disk (write or
-  // fdatasync failed); a failed head replacement is logged and counted but
-  // does not make it false (the entries are durable).
+  // Returns false when the batch is not known to be on disk (write or, without
+  // the sync thread, fdatasync failed); a failed head replacement is logged
+  // and counted but does not make it false (the entries are durable).
   bool commit();
   // commit(), then the log and the head are made durable (the head with a
   // synced temp file and directory): after admin actions, on the flush tick
@@ -87,14 +114,32 @@ class AuditLog {
 
   const std::string& path() const { return path_; }
   uint64_t last_seq() const { return seq_; }
+  // Last entry written to the file (by commit() or sync()): it survives a
+  // crash or kill -9 of keyd (the kernel has it), not yet a power loss.
+  uint64_t written_seq() const { return committed_seq_; }
+  // Last entry known to be fdatasynced (survives a power loss).
+  uint64_t synced_seq() const { return synced_seq_.load(std::memory_order_acquire); }
+  // The sync thread's last fdatasync failed (it retries; cleared by the next
+  // one that succeeds).
+  bool sync_failing() const { return sync_failing_.load(std::memory_order_acquire); }
+  // An fdatasync of the sync thread has been running for kAuditSyncStallMs or more.
+  bool sync_stalled() const;
   uint64_t write_failures() const { return write_failures_; }
   // Batches that were not written or not synced, since the start: keyd's
-  // poll loop withholds key replies when this moved (fail closed).
-  uint64_t loss_events() const { return loss_events_; }
+  // poll loop withholds key replies when this moved (fail closed). Read
+  // synced_seq() first: a failed sync counts here before anything else moves.
+  uint64_t loss_events() const { return loss_events_.load(std::memory_order_acquire); }
   // False from a failed write until its audit_gap entry is in the file.
   bool writable() const { return !gap_open_; }
   uint64_t lost_entries() const { return gap_lost_; }  // in the open gap
-  const std::string& last_failure() const { return last_failure_; }
+  std::string last_failure() const {
+    std::lock_guard<std::mutex> lock(sync_mutex_);
+    return last_failure_;
+  }
+
+  // Tests only: what the log's fdatasync calls instead of ::fdatasync (to fail
+  // or stall it). Set before start_sync_thread.
+  void set_fdatasync_for_tests(std::function<int(int)> f) { fdatasync_ = std::move(f); }
 
   // Checks the whole chain and the head. Needs K (the KEK's HKDF).
   static AuditVerdict verify(const std::string& path, ByteView mac_key);
@@ -103,7 +148,10 @@ class AuditLog {
   static void record_pending(const std::string& path, nlohmann::json event);
 
  private:
-  bool write_batch();  // write + fdatasync of batch_; false on failure
+  bool write_batch();  // write of batch_; false on failure
+  bool sync_inline();  // fdatasync on the calling thread; false on failure
+  void sync_loop(std::function<void()> on_synced);
+  void stop_sync_thread();
   bool write_head(bool durable);
   void import_pending();
 
@@ -118,9 +166,19 @@ class AuditLog {
   std::string committed_mac_;
   std::string batch_;  // lines appended since the last commit
   size_t pending_entries_ = 0;
-  uint64_t write_failures_ = 0;
-  uint64_t loss_events_ = 0;
-  std::string last_failure_;
+  std::atomic<uint64_t> write_failures_{0};
+  std::atomic<uint64_t> loss_events_{0};
+  std::string last_failure_;  // guarded by sync_mutex_
+  // The sync thread. written_for_sync_ is what commit() handed it.
+  mutable std::mutex sync_mutex_;
+  std::condition_variable sync_wake_;
+  std::thread sync_thread_;
+  bool sync_stop_ = false;
+  uint64_t written_for_sync_ = 0;
+  std::atomic<uint64_t> synced_seq_{0};
+  std::atomic<bool> sync_failing_{false};
+  std::atomic<int64_t> sync_started_ns_{0};  // steady clock; 0: no fdatasync running
+  std::function<int(int)> fdatasync_ = ::fdatasync;
   // The open gap: entries lost since the last successful write.
   bool gap_open_ = false;
   bool gap_entry_pending_ = false;  // batch_ starts with its audit_gap entry

@@ -134,6 +134,7 @@ struct Options {
   int64_t retire_grace_s = wire::kMaxKeyCacheTtlSeconds;
   int count_timeout_ms = 30000;
   std::string audit_failure = "refuse";
+  std::string audit_sync = "batch";
 };
 
 bool parse_on_off(const std::string& text, const char* what) {
@@ -198,6 +199,10 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
     throw UsageError("--audit-failure must be refuse or serve");
   }
   config.audit_fail_closed = o.audit_failure == "refuse";
+  if (o.audit_sync != "batch" && o.audit_sync != "always") {
+    throw UsageError("--audit-sync must be batch or always");
+  }
+  config.audit_sync = o.audit_sync == "always" ? AuditSyncMode::Always : AuditSyncMode::Batch;
   for (const auto& d : config.databases) with_statement_timeout(d, config.count_timeout_ms);
   uint64_t max_uses = kDefaultMaxUsesPerVersion;
   if (o.max_uses_per_version) {
@@ -377,6 +382,11 @@ int main(int argc, char** argv) {
                  "refuse (default): while the audit log cannot be written, key fetches get an "
                  "error instead of a key; serve: hand keys out anyway (the loss is recorded "
                  "as an audit_gap entry once the log is writable)");
+  app.add_option("--audit-sync", o.audit_sync,
+                 "batch (default): a key goes out once its audit entry is written to the log "
+                 "(a crash or kill -9 of keyd keeps it) while the disk completes fdatasyncs "
+                 "(a sync thread runs them back to back); always: only once the entry is "
+                 "fdatasynced (survives a power loss; slower). See docs/operations.md");
   app.add_flag("--sql-rotate", o.sql_rotate,
                "let fetch-allowed peers (the database) ask for a rotation "
                "(colcrypt.rotate_key); nothing else");

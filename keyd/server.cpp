@@ -118,10 +118,13 @@ int64_t now_seconds() { return static_cast<int64_t>(std::time(nullptr)); }
 struct Server::Connection {
   struct Outgoing {
     SecretBytes frame;
-    // A key reply whose audit entry is not yet committed: sent only after the
-    // commit (and, failing closed, replaced by a Failure if it fails).
-    bool key = false;
+    // A key reply held until its audit entry is written (and, with
+    // --audit-sync always, fdatasynced); failing closed, replaced by a
+    // Failure when that fails. Server::release_key_replies.
+    bool held = false;
+    uint64_t audit_seq = 0;  // the entries it waits for: set by the commit after it was queued
   };
+  bool front_held() const { return !out.empty() && out.front().held; }
   int fd = -1;
   uid_t uid = 0;
   pid_t pid = 0;
@@ -548,11 +551,11 @@ void Server::remove_socket() {
 
 // Frames in secret memory are key replies: held until their audit entry is committed.
 void Server::queue(Connection& c, SecretBytes frame) {
-  c.out.push_back({std::move(frame), true});
+  c.out.push_back({std::move(frame), true, 0});
 }
 
 void Server::queue(Connection& c, const std::vector<uint8_t>& frame) {
-  c.out.push_back({SecretBytes(ByteView(frame)), false});
+  c.out.push_back({SecretBytes(ByteView(frame)), false, 0});
 }
 
 void Server::accept_all() {
@@ -1101,7 +1104,8 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
                 {"auto_rotation", config_.auto_rotation},
                 {"rotation_check_interval_s", config_.rotation_check_interval_s},
                 {"audit_log", config_.audit_log_path},
-                {"audit_entries", audit_ ? audit_->last_seq() : 0}};
+                {"audit_entries", audit_ ? audit_->last_seq() : 0},
+                {"audit_sync", config_.audit_sync == AuditSyncMode::Always ? "always" : "batch"}};
       std::vector<const KeyRecord*> keys;
       for (const auto& k : store_.keys()) keys.push_back(&k);
       std::sort(keys.begin(), keys.end(),
@@ -1184,24 +1188,44 @@ void Server::finish_database_work() {
 }
 
 void Server::release_key_replies() {
+  // synced_seq before loss_events: a failed fdatasync is counted before it can
+  // be mistaken for progress (AuditLog::loss_events).
+  const uint64_t written = audit_ ? audit_->written_seq() : 0;
+  const uint64_t synced = audit_ ? audit_->synced_seq() : 0;
   const uint64_t losses = audit_ ? audit_->loss_events() : 0;
   const bool lost = losses != audit_losses_seen_;
   audit_losses_seen_ = losses;
+  // --audit-sync batch: written is enough while the disk keeps syncing.
+  const bool disk_ok = audit_ && !audit_->sync_failing() && !audit_->sync_stalled();
   size_t withheld = 0;
+  size_t held = 0;
   for (auto& c : connections_) {
     for (auto& o : c->out) {
-      if (!o.key) continue;
-      o.key = false;
+      if (!o.held) continue;
+      // Queued since the last commit: its entries are at most written_seq.
+      if (o.audit_seq == 0) o.audit_seq = written;
       if (lost && config_.audit_fail_closed) {
         o.frame = SecretBytes(ByteView(wire::encode_failure(
             wire::FailureCode::Unavailable,
             "colcrypt-keyd cannot write its audit log (" + audit_->last_failure() +
                 "), so it hands out no keys until the log is writable again (see its log; "
                 "--audit-failure serve would serve them unaudited)")));
+        o.held = false;
         ++withheld;
+        continue;
+      }
+      const bool durable = o.audit_seq <= synced;
+      if (lost || !audit_ || durable ||
+          (config_.audit_sync == AuditSyncMode::Batch && disk_ok)) {
+        o.held = false;
+      } else if (!config_.audit_fail_closed && audit_->sync_failing()) {
+        o.held = false;  // --audit-failure serve: keys go out while the disk fails
+      } else {
+        ++held;  // released when the sync thread wakes the loop
       }
     }
   }
+  held_replies_.store(held, std::memory_order_relaxed);
   if (withheld > 0) {
     log_error("withheld " + std::to_string(withheld) +
               " key replies: their audit entries could not be written");
@@ -1209,7 +1233,7 @@ void Server::release_key_replies() {
 }
 
 void Server::handle_writable(Connection& c) {
-  while (!c.out.empty() && !c.out.front().key) {
+  while (!c.out.empty() && !c.front_held()) {
     SecretBytes& front = c.out.front().frame;
     ssize_t n =
         ::send(c.fd, front.data() + c.out_offset, front.size() - c.out_offset, MSG_NOSIGNAL);
@@ -1262,6 +1286,14 @@ int Server::run() {
   // Rotations that fell due while keyd was down happen now.
   run_scheduler(true);
   jobs_->start();
+  // After each fdatasync: --audit-sync always has replies waiting for it;
+  // batch has some only while the disk stalled or failed.
+  if (audit_) {
+    const bool always = config_.audit_sync == AuditSyncMode::Always;
+    audit_->start_sync_thread([this, always] {
+      if (always || held_replies_.load(std::memory_order_relaxed) > 0) wake_loop('a');
+    });
+  }
   while (!stopping_) {
     if (g_stop) {
       drain_signals();
@@ -1275,7 +1307,7 @@ int Server::run() {
     for (const auto& c : connections_) {
       short events = 0;
       if (c->out.empty() && !c->read_closed && !c->waiting) events |= POLLIN;
-      if (!c->out.empty()) events |= POLLOUT;
+      if (!c->out.empty() && !c->front_held()) events |= POLLOUT;
       // A dead peer still waiting for its row counts is not polled (it hung up).
       fds.push_back({c->dead ? -1 : c->fd, events, 0});
       if (c->waiting) continue;  // no idle timeout while keyd counts
@@ -1284,6 +1316,11 @@ int Server::run() {
     }
     next_deadline = std::min(
         next_deadline, last_schedule_ + std::chrono::seconds(config_.rotation_check_interval_s));
+    // Held key replies: the sync thread wakes the loop after its fdatasync;
+    // a stalled one is looked at again (--audit-sync batch releases nothing meanwhile).
+    if (held_replies_ > 0) {
+      next_deadline = std::min(next_deadline, now + std::chrono::milliseconds(10));
+    }
     if (store_.dirty()) {
       next_deadline = std::min(next_deadline,
                                last_flush_ + std::chrono::seconds(config_.usage_flush_interval_s));
@@ -1316,8 +1353,10 @@ int Server::run() {
       if (fds[1].revents & POLLIN) accept_all();
     }
     finish_database_work();
-    // ... then their audit entries are written and fdatasynced once, and the
-    // head replaced once, and only then do the replies (keys) go out.
+    // ... then their audit entries are written once and the head replaced
+    // once (the sync thread fdatasyncs them), and only then do the replies
+    // (keys) go out: --audit-sync batch once written while the disk keeps
+    // syncing, --audit-sync always once fdatasynced (docs/operations.md).
     if (audit_) audit_->commit();
     release_key_replies();
     for (auto& c : connections_) {

@@ -3,6 +3,7 @@
 #pragma once
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <memory>
@@ -65,6 +66,11 @@ struct ServerConfig {
   // false (--audit-failure serve): keys go out, the loss is recorded later as
   // an audit_gap entry.
   bool audit_fail_closed = true;
+  // When a key reply may go out (docs/operations.md, "Audit durability"):
+  // Batch once its audit entry is written to the file (a kill -9 of keyd
+  // keeps it) and the disk completes fdatasyncs (none has run for
+  // kAuditSyncStallMs, none failed); Always once the entry is fdatasynced.
+  AuditSyncMode audit_sync = AuditSyncMode::Batch;
 };
 
 // conninfo (key=value or URI) as a key=value string whose sessions have
@@ -128,6 +134,8 @@ class Server {
   // by Failures when an audit write failed since the last release.
   void release_key_replies();
   uint64_t audit_losses_seen_ = 0;
+  // After the last release: replies still waiting for the disk (read by the sync thread).
+  std::atomic<size_t> held_replies_{0};
   void queue(Connection& c, SecretBytes frame);
   void queue(Connection& c, const std::vector<uint8_t>& frame);
   void drain_signals();

@@ -6,13 +6,20 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <catch2/catch.hpp>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/error.hpp"
@@ -632,5 +639,109 @@ TEST_CASE("audit log: the head is one fixed-size record rewritten in place", "[l
   CHECK(static_cast<size_t>(after.st_size) == kHeadRecordSize);
   CHECK(json::parse(slurp(head))["seq"] == log.last_seq());
   CHECK_FALSE(std::filesystem::exists(head + ".tmp"));
+  CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
+}
+
+TEST_CASE("audit log: the sync thread fdatasyncs what commit() wrote, off the caller's thread",
+          "[lifecycle][audit][audit-sync]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  // Declared before the log: its sync thread calls back until the log is gone.
+  std::mutex mu;
+  std::condition_variable cv;
+  int wakeups = 0;
+  AuditLog log(dir.audit(), SecretBytes(key.view()));
+  // Without the thread, commit() syncs before it returns.
+  log.append({{"event", "fetch"}, {"n", 0}});
+  REQUIRE(log.commit());
+  CHECK(log.synced_seq() == log.written_seq());
+  CHECK(log.written_seq() == log.last_seq());
+
+  log.start_sync_thread([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    ++wakeups;
+    cv.notify_all();
+  });
+  for (int batch = 0; batch < 20; ++batch) {
+    for (int i = 0; i < 5; ++i) log.append({{"event", "fetch"}, {"batch", batch}, {"n", i}});
+    REQUIRE(log.commit());
+    // In the file (a crash of the process keeps it) as soon as commit() returns.
+    CHECK(log.written_seq() == log.last_seq());
+    CHECK(lines_of(slurp(dir.audit())).size() == log.written_seq());
+    CHECK(json::parse(slurp(dir.audit() + ".head"))["seq"].get<uint64_t>() == log.written_seq());
+  }
+  // The thread catches up with everything written, and says so each time.
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    CHECK(cv.wait_for(lock, std::chrono::seconds(10),
+                      [&] { return log.synced_seq() == log.written_seq(); }));
+    CHECK(wakeups >= 1);
+  }
+  CHECK_FALSE(log.sync_failing());
+  CHECK_FALSE(log.sync_stalled());
+  CHECK(log.loss_events() == 0);
+  CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
+}
+
+TEST_CASE("audit log: the sync thread reports a failed and a stalled fdatasync, then recovers",
+          "[lifecycle][audit][audit-sync]") {
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  // Declared before the log: its sync thread uses them until the log is gone.
+  std::atomic<int> mode{0};  // 0: real fdatasync, 1: EIO, 2: stall until released
+  std::atomic<bool> release{false};
+  std::mutex mu;
+  std::condition_variable cv;
+  int wakeups = 0;
+  AuditLog log(dir.audit(), SecretBytes(key.view()));
+  log.set_fdatasync_for_tests([&](int fd) {
+    if (mode == 1) {
+      errno = EIO;
+      return -1;
+    }
+    if (mode == 2) {
+      while (!release) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
+    return ::fdatasync(fd);
+  });
+  log.start_sync_thread([&] {
+    std::lock_guard<std::mutex> lock(mu);
+    ++wakeups;
+    cv.notify_all();
+  });
+  auto wait_for = [&](auto done) {
+    std::unique_lock<std::mutex> lock(mu);
+    return cv.wait_for(lock, std::chrono::seconds(10), done);
+  };
+
+  // A failed fdatasync: counted as a loss (keyd withholds keys, failing
+  // closed), reported, retried; the entries stay written, not synced.
+  mode = 1;
+  log.append({{"event", "fetch"}, {"n", 1}});
+  REQUIRE(log.commit());  // written: commit() does not wait for the disk
+  CHECK(wait_for([&] { return log.sync_failing(); }));
+  CHECK(log.loss_events() >= 1);
+  CHECK(log.synced_seq() < log.written_seq());
+  CHECK(log.last_failure() == std::string("fdatasync: ") + std::strerror(EIO));
+  // The retry that succeeds clears it and covers what was written.
+  mode = 0;
+  CHECK(wait_for([&] { return !log.sync_failing() && log.synced_seq() == log.written_seq(); }));
+
+  // A stalled fdatasync is reported once it has run kAuditSyncStallMs.
+  mode = 2;
+  log.append({{"event", "fetch"}, {"n", 2}});
+  REQUIRE(log.commit());
+  const auto start = std::chrono::steady_clock::now();
+  while (!log.sync_stalled() &&
+         std::chrono::steady_clock::now() - start < std::chrono::seconds(10)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  CHECK(log.sync_stalled());
+  CHECK(std::chrono::steady_clock::now() - start >= std::chrono::milliseconds(kAuditSyncStallMs));
+  CHECK(log.synced_seq() < log.written_seq());
+  release = true;
+  CHECK(wait_for([&] { return log.synced_seq() == log.written_seq(); }));
+  CHECK_FALSE(log.sync_stalled());
+  mode = 0;
   CHECK(AuditLog::verify(dir.audit(), key.view()).ok);
 }
