@@ -285,6 +285,9 @@ TEST_CASE("usage cap: several backends at once, no version above its cap", "[lif
   for (const auto& v : key["versions"]) {
     INFO("version " << v.dump());
     CHECK(v["usage_count"].get<int64_t>() <= 10000);
+    // The cap, not something earlier, retired every older version: each was
+    // used up to exactly its cap before the next became primary.
+    if (v["version"] != key["primary_version"]) CHECK(v["usage_count"].get<int64_t>() == 10000);
     // Rows under a version never exceed what keyd charged to it.
     const int64_t rows =
         as_int(conn.value("SELECT count(*) FROM u WHERE colcrypt.key_version(v) = " +
