@@ -725,11 +725,9 @@ void JobRunner::run() {
 }
 
 bool JobRunner::run_database(const std::string& conninfo) {
-  // A fresh connection (a fresh backend, an empty key cache) per round: a
-  // backend that cached an older primary would rewrap to it.
-  auto conn = connect(conninfo);
   std::vector<int64_t> ids;
   {
+    auto conn = connect(conninfo);
     pqxx::read_transaction t(*conn);
     if (!has_extension(t)) return false;
     for (const auto& row : t.exec("SELECT job_id FROM colcrypt.rotation_jobs"
@@ -739,6 +737,11 @@ bool JobRunner::run_database(const std::string& conninfo) {
   }
   for (int64_t id : ids) {
     if (stop_) break;
+    // A fresh connection (a fresh backend, an empty key cache) per job: a
+    // backend that cached an older primary (an earlier job of this round,
+    // before a rotation) would "rewrap" values to it, that is leave them
+    // unchanged, and the rows would be skipped.
+    auto conn = connect(conninfo);
     {
       pqxx::nontransaction t(*conn);
       if (!t.exec_params("SELECT pg_try_advisory_lock($1, $2::int)", kLockClass, id)[0][0]

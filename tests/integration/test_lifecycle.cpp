@@ -1083,3 +1083,44 @@ TEST_CASE("re-encryption job: a trigger that keeps the old value ends the job",
           "5");
   }
 }
+
+TEST_CASE("re-encryption job: a job after a rotation in the same round uses the new primary",
+          "[lifecycle][jobs][round]") {
+  // Job A runs while the key rotates again; job B, listed in the same round,
+  // then targets the newer version. Before the fix both ran in one session,
+  // whose key cache still had A's primary: B's rewraps left the values
+  // unchanged (each such UPDATE moved the row further on, so B chased them)
+  // until the cache entry expired, a minute later.
+  Sandbox sandbox(lifecycle_options());
+  sandbox.create_extension();
+  create_key(sandbox, "rr");
+  PgConn conn(sandbox.conninfo());
+  conn.value("CREATE TABLE rr (id int, v colcrypt.encrypted)");
+  conn.value(
+      "INSERT INTO rr SELECT g, colcrypt.encrypt_field(repeat('r', 200) || g, 'rr')"
+      " FROM generate_series(1, 300) g");
+  REQUIRE(sandbox.keyctl({"rotate", "rr"}).exit_code == 0);
+  // Both jobs in one transaction: keyd lists them in the same round.
+  conn.value("BEGIN");
+  conn.value("SELECT colcrypt.start_rotation_job('rr', 1, 300)");
+  conn.value("SELECT colcrypt.start_rotation_job('rr', 1, 0)");
+  conn.value("COMMIT");
+  const auto start = Clock::now();
+  while (as_int(conn.value("SELECT rows_done FROM colcrypt.rotation_jobs WHERE job_id = 1")) == 0) {
+    REQUIRE(std::chrono::duration<double>(Clock::now() - start).count() < 60);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  REQUIRE(sandbox.keyctl({"rotate", "rr"}).exit_code == 0);
+  json jobs = wait_for_jobs(sandbox, 120);
+  INFO(jobs.dump());
+  REQUIRE(jobs.size() == 2);
+  // Well under colcrypt.key_cache_ttl (60 s): B's session knew the new primary.
+  CHECK(conn.value("SELECT extract(epoch FROM finished_at - started_at) < 20"
+                   " FROM colcrypt.rotation_jobs WHERE job_id = 2") == "t");
+  CHECK(jobs[0]["state"] == "done");
+  CHECK(jobs[0]["target_version"] == 2);
+  CHECK(jobs[1]["state"] == "done");
+  CHECK(jobs[1]["target_version"] == 3);
+  CHECK(jobs[1]["rows_skipped"] == 0);
+  CHECK(conn.value("SELECT count(*) FROM rr WHERE colcrypt.key_version(v) = 3") == "300");
+}
