@@ -384,8 +384,7 @@ class Job {
       if (n == 0) return out;
       // A TID scan of the batch's rows (a row locked after a concurrent
       // update may have moved out of the block range).
-      out.done =
-          as_owner(t, relid, update("t.ctid = ANY(ARRAY(SELECT tid FROM " + batch + "))"));
+      out.done = as_owner(t, relid, update("t.ctid = ANY(ARRAY(SELECT tid FROM " + batch + "))"));
       out.skipped = n - out.done;
       if (out.skipped > 0) out.first_error = "the table's triggers or policies kept rows unchanged";
       return out;
@@ -409,9 +408,9 @@ class Job {
           t.exec_params("INSERT INTO " + batch + " SELECT ctid, " + rewrap(col, 1) + ", " + col +
                             " FROM ONLY " + table + " WHERE ctid = $2::tid",
                         p.context, at);
-          updated = as_owner(t, relid,
-                             update("t.ctid = " + t.quote(at) + "::tid AND b.tid = " +
-                                    t.quote(at) + "::tid"));
+          updated = as_owner(
+              t, relid,
+              update("t.ctid = " + t.quote(at) + "::tid AND b.tid = " + t.quote(at) + "::tid"));
         }
         t.exec("RELEASE SAVEPOINT colcrypt_row");
         if (updated == 1) {

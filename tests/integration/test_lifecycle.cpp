@@ -978,16 +978,18 @@ TEST_CASE("re-encryption job: an owner's trigger naming a missing table skips it
       " BEGIN IF OLD.id = 7 THEN INSERT INTO no_such_table VALUES (1); END IF;"
       " IF OLD.id = 9 THEN PERFORM no_such_column FROM broken LIMIT 1; END IF;"
       " RETURN NEW; END $$");
-  conn.value("CREATE TRIGGER missing BEFORE UPDATE ON broken FOR EACH ROW"
-             " EXECUTE FUNCTION missing_table()");
+  conn.value(
+      "CREATE TRIGGER missing BEFORE UPDATE ON broken FOR EACH ROW"
+      " EXECUTE FUNCTION missing_table()");
   // The same trigger on a table keyd's role owns (one-statement path) and on
   // one another role owns (the owner's UPDATE).
   conn.value("CREATE TABLE broken_app (LIKE broken)");
   conn.value("INSERT INTO broken_app SELECT * FROM broken");
   conn.value("ALTER TABLE broken_app OWNER TO app2");
   conn.value("ALTER FUNCTION missing_table() OWNER TO app2");
-  conn.value("CREATE TRIGGER missing BEFORE UPDATE ON broken_app FOR EACH ROW"
-             " EXECUTE FUNCTION missing_table()");
+  conn.value(
+      "CREATE TRIGGER missing BEFORE UPDATE ON broken_app FOR EACH ROW"
+      " EXECUTE FUNCTION missing_table()");
   REQUIRE(sandbox.keyctl({"rotate", "mt"}).exit_code == 0);
   REQUIRE(sandbox.keyctl({"reencrypt", "mt"}).exit_code == 0);
   json job = finished_job(sandbox);
@@ -1015,8 +1017,7 @@ TEST_CASE("reencrypt --wait follows its own jobs in each database", "[lifecycle]
   PgConn conn(sandbox.conninfo());
   conn.value("CREATE DATABASE other");
   const std::string other_uri = "postgresql:///other?host=" + sandbox.dir() +
-                                "/pgsock&port=" + std::to_string(sandbox.port()) +
-                                "&user=postgres";
+                                "/pgsock&port=" + std::to_string(sandbox.port()) + "&user=postgres";
   {
     PgConn other("host=" + sandbox.dir() + "/pgsock port=" + std::to_string(sandbox.port()) +
                  " user=postgres dbname=other");
@@ -1079,8 +1080,8 @@ TEST_CASE("re-encryption job: a trigger that keeps the old value ends the job",
   for (const std::string table : {"frozen", "frozen_app"}) {
     CHECK(conn.value("SELECT string_agg(id::text, ',' ORDER BY id) FROM " + table +
                      " WHERE colcrypt.key_version(v) = 1") == "2");
-    CHECK(conn.value("SELECT count(*) FROM " + table + " WHERE colcrypt.decrypt_field(v) = 'f' || id") ==
-          "5");
+    CHECK(conn.value("SELECT count(*) FROM " + table +
+                     " WHERE colcrypt.decrypt_field(v) = 'f' || id") == "5");
   }
 }
 
