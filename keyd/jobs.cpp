@@ -50,14 +50,17 @@ std::string short_error(const std::exception& e) {
 // Errors worth retrying the whole batch for: keyd unreachable or too slow
 // (58000, 58030), lock and serialization conflicts (libpqxx throws those as
 // transaction_rollback, not sql_error: never skipped), cancellations and
-// shutdowns, lack of resources, and a table or column renamed or dropped
-// between the catalog lookup and the statement. Anything else that one row
-// raises (a value that does not decrypt, a malformed value, a constraint or
-// trigger of the table) is that row's: it is skipped.
+// shutdowns, lack of resources. Anything else that one row raises (a value
+// that does not decrypt, a malformed value, a constraint or trigger of the
+// table, a trigger naming a missing table or column: 42P01, 42703) is that
+// row's: it is skipped. A table or column renamed or dropped between the
+// catalog lookup and a batch's statement (42P01, 42703 too) is not a row's:
+// the batch is then done again row by row, which looks the table up anew and
+// locks the rows before any statement of the owner's code can run.
 bool transient(const std::string& sqlstate) {
   const std::string cls = sqlstate.substr(0, 2);
   return sqlstate.empty() || cls == "58" || cls == "40" || cls == "57" || cls == "08" ||
-         cls == "53" || sqlstate == "55P03" || sqlstate == "42P01" || sqlstate == "42703";
+         cls == "53" || sqlstate == "55P03";
 }
 
 // The SQLSTATE of an error. libpqxx 6 keeps it only for errors it has no
@@ -82,6 +85,8 @@ std::string sqlstate_of(const pqxx::sql_error& e) {
 // The place of a job's column right now, looked up by OID and attnum.
 struct Place {
   std::string schema, table, column, shape, context, batch_type;
+  std::string column_type;  // the column's own type (a domain, say)
+  int64_t type_oid = 0;
   int typmod = -1;
   bool keyd_owns = false;  // the table's owner is keyd's own role
   int64_t blocks = 0;
@@ -264,7 +269,8 @@ class Job {
         "       pg_catalog.format_type(CASE WHEN colcrypt._value_shape(a.atttypid) = 'array'"
         "                                   THEN 'colcrypt.encrypted[]'::regtype"
         "                                   ELSE 'colcrypt.encrypted'::regtype END, x.typmod),"
-        "       pg_catalog.pg_relation_size(c.oid) / current_setting('block_size')::bigint"
+        "       pg_catalog.pg_relation_size(c.oid) / current_setting('block_size')::bigint,"
+        "       pg_catalog.format_type(a.atttypid, a.atttypmod), a.atttypid"
         "  FROM pg_catalog.pg_class c"
         "  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
         "  JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum = $2"
@@ -284,20 +290,25 @@ class Job {
     p.keyd_owns = r[0][6].as<bool>();
     p.batch_type = r[0][7].as<std::string>();
     p.blocks = r[0][8].as<int64_t>();
+    p.column_type = r[0][9].as<std::string>();
+    p.type_oid = r[0][10].as<int64_t>();
     return p;
   }
 
   // The session's temporary table that carries one batch's new values from
   // keyd's role to the owner's UPDATE, typed as the column's values (so the
-  // UPDATE needs no coercion that would check key privileges as the owner).
+  // UPDATE needs no coercion that would check key privileges as the owner),
+  // with each row's old value in the column's own type (copied, never
+  // coerced: no domain check runs as keyd's role) to tell afterwards which
+  // rows the UPDATE really changed.
   std::string batch_table(pqxx::transaction_base& t, const Place& p) {
-    const std::string name = std::string("colcrypt_batch_") + (p.shape == "array" ? "a" : "v") +
+    const std::string name = "colcrypt_batch_" + std::to_string(p.type_oid) + "_" +
                              (p.typmod < 0 ? "n" : std::to_string(p.typmod));
     if (t.exec_params("SELECT to_regclass($1) IS NULL", "pg_temp." + name)[0][0].as<bool>()) {
       // Only this session sees its temporary tables; the owner's role must
       // read this one for its UPDATE.
-      t.exec("CREATE TEMPORARY TABLE " + name + " (tid tid, v " + p.batch_type +
-             ") ON COMMIT DELETE ROWS");
+      t.exec("CREATE TEMPORARY TABLE " + name + " (tid tid, v " + p.batch_type + ", old " +
+             p.column_type + ") ON COMMIT DELETE ROWS");
       t.exec("GRANT SELECT ON pg_temp." + name + " TO PUBLIC");
     }
     return "pg_temp." + name;
@@ -338,15 +349,26 @@ class Job {
     // statement rewraps and updates, without a batch table.
     const bool direct = p.keyd_owns;
     const std::string batch = direct ? "" : batch_table(t, p);
-    const std::string update = "UPDATE ONLY " + table + " AS t SET " + col + " = b.v FROM " +
-                               batch + " AS b WHERE t.ctid = b.tid";
+    // A row counts as re-encrypted only when the UPDATE really changed it:
+    // an owner's BEFORE trigger may put the old value back (NEW.v := OLD.v),
+    // and counting such a row as done made every pass "re-encrypt" it again,
+    // without end. The owner's statement compares binary images with the
+    // old value (*=: no colcrypt function, the owner needs no privilege on
+    // the extension); keyd's own checks the version.
+    auto update = [&](const std::string& rows) {
+      return "WITH u AS (UPDATE ONLY " + table + " AS t SET " + col + " = b.v FROM " + batch +
+             " AS b WHERE t.ctid = b.tid AND " + rows + " RETURNING NOT (ROW(t." + col +
+             ")::record *= ROW(b.old)::record) AS ours) SELECT FROM u WHERE ours";
+    };
+    const std::string not_old = "coalesce(NOT (" + old_predicate(p.shape, col) + "), true)";
     BatchResult out;
     if (!row_by_row && direct) {
       pqxx::result r = t.exec_params(
           "WITH locked AS (" + select_old + " FOR UPDATE SKIP LOCKED), updated AS (UPDATE ONLY " +
               table + " SET " + col + " = " + rewrap(col, 5) +
-              " WHERE ctid = ANY(ARRAY(SELECT tid FROM locked)) RETURNING 1)"
-              " SELECT (SELECT count(*) FROM locked), (SELECT count(*) FROM updated)",
+              " WHERE ctid = ANY(ARRAY(SELECT tid FROM locked)) RETURNING " + not_old +
+              " AS ours) SELECT (SELECT count(*) FROM locked),"
+              " (SELECT count(*) FROM updated WHERE ours)",
           key_id_, target_, tid(block), tid(end), p.context);
       out.done = r[0][1].as<int64_t>();
       out.skipped = r[0][0].as<int64_t>() - out.done;
@@ -356,14 +378,13 @@ class Job {
     if (!row_by_row) {
       pqxx::result rewrapped =
           t.exec_params("WITH locked AS (" + select_old + " FOR UPDATE SKIP LOCKED) INSERT INTO " +
-                            batch + " SELECT tid, " + rewrap("v", 5) + " FROM locked",
+                            batch + " SELECT tid, " + rewrap("v", 5) + ", v FROM locked",
                         key_id_, target_, tid(block), tid(end), p.context);
       const int64_t n = static_cast<int64_t>(rewrapped.affected_rows());
       if (n == 0) return out;
       // A TID scan of the batch's rows (a row locked after a concurrent
       // update may have moved out of the block range).
-      out.done =
-          as_owner(t, relid, update + " AND t.ctid = ANY(ARRAY(SELECT tid FROM " + batch + "))");
+      out.done = as_owner(t, relid, update("t.ctid = ANY(ARRAY(SELECT tid FROM " + batch + "))"));
       out.skipped = n - out.done;
       if (out.skipped > 0) out.first_error = "the table's triggers or policies kept rows unchanged";
       return out;
@@ -378,18 +399,18 @@ class Job {
       try {
         int64_t updated = 0;
         if (direct) {
-          updated =
-              static_cast<int64_t>(t.exec_params("UPDATE ONLY " + table + " SET " + col + " = " +
-                                                     rewrap(col, 1) + " WHERE ctid = $2::tid",
-                                                 p.context, at)
-                                       .affected_rows());
+          updated = t.exec_params("WITH u AS (UPDATE ONLY " + table + " SET " + col + " = " +
+                                      rewrap(col, 3) + " WHERE ctid = $4::tid RETURNING " +
+                                      not_old + " AS ours) SELECT count(*) FROM u WHERE ours",
+                                  key_id_, target_, p.context, at)[0][0]
+                        .as<int64_t>();
         } else {
-          t.exec_params("INSERT INTO " + batch + " SELECT ctid, " + rewrap(col, 1) + " FROM ONLY " +
-                            table + " WHERE ctid = $2::tid",
+          t.exec_params("INSERT INTO " + batch + " SELECT ctid, " + rewrap(col, 1) + ", " + col +
+                            " FROM ONLY " + table + " WHERE ctid = $2::tid",
                         p.context, at);
-          updated = as_owner(t, relid,
-                             update + " AND t.ctid = " + t.quote(at) +
-                                 "::tid AND b.tid = " + t.quote(at) + "::tid");
+          updated = as_owner(
+              t, relid,
+              update("t.ctid = " + t.quote(at) + "::tid AND b.tid = " + t.quote(at) + "::tid"));
         }
         t.exec("RELEASE SAVEPOINT colcrypt_row");
         if (updated == 1) {
@@ -703,11 +724,9 @@ void JobRunner::run() {
 }
 
 bool JobRunner::run_database(const std::string& conninfo) {
-  // A fresh connection (a fresh backend, an empty key cache) per round: a
-  // backend that cached an older primary would rewrap to it.
-  auto conn = connect(conninfo);
   std::vector<int64_t> ids;
   {
+    auto conn = connect(conninfo);
     pqxx::read_transaction t(*conn);
     if (!has_extension(t)) return false;
     for (const auto& row : t.exec("SELECT job_id FROM colcrypt.rotation_jobs"
@@ -717,6 +736,11 @@ bool JobRunner::run_database(const std::string& conninfo) {
   }
   for (int64_t id : ids) {
     if (stop_) break;
+    // A fresh connection (a fresh backend, an empty key cache) per job: a
+    // backend that cached an older primary (an earlier job of this round,
+    // before a rotation) would "rewrap" values to it, that is leave them
+    // unchanged, and the rows would be skipped.
+    auto conn = connect(conninfo);
     {
       pqxx::nontransaction t(*conn);
       if (!t.exec_params("SELECT pg_try_advisory_lock($1, $2::int)", kLockClass, id)[0][0]

@@ -11,6 +11,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/error.hpp"
@@ -190,12 +191,18 @@ void print_jobs(const json& jobs) {
   print_table(rows);
 }
 
-bool jobs_active(const json& jobs, const std::vector<int64_t>& only) {
+// A job is (database, job_id): every database numbers its own jobs.
+using JobRef = std::pair<std::string, int64_t>;
+JobRef job_ref(const json& j) { return {text_or(j, "database"), j.value("job_id", int64_t{-1})}; }
+
+// Whether j is one of `only` (every job when `only` is empty).
+bool selected(const json& j, const std::vector<JobRef>& only) {
+  return only.empty() || std::find(only.begin(), only.end(), job_ref(j)) != only.end();
+}
+
+bool jobs_active(const json& jobs, const std::vector<JobRef>& only) {
   for (const auto& j : jobs) {
-    if (!only.empty() &&
-        std::find(only.begin(), only.end(), j.value("job_id", int64_t{-1})) == only.end()) {
-      continue;
-    }
+    if (!selected(j, only)) continue;
     const std::string state = j.value("state", "");
     if (state == "pending" || state == "running") return true;
   }
@@ -406,10 +413,10 @@ int main(int argc, char** argv) {
                 static_cast<long long>(version), text_or(reply, "name").c_str());
     print_key(reply);
   } else if (command == "reencrypt" || command == "jobs") {
-    std::vector<int64_t> started;
+    std::vector<JobRef> started;
     if (command == "reencrypt") {
       for (const auto& j : reply.value("jobs", json::array())) {
-        started.push_back(j.value("job_id", int64_t{-1}));
+        started.push_back(job_ref(j));
         std::printf("started job %s in database %s\n", text_or(j, "job_id").c_str(),
                     text_or(j, "database").c_str());
       }
@@ -435,10 +442,7 @@ int main(int argc, char** argv) {
       const bool active = jobs_active(list, started);
       if (tty) {
         for (const auto& j : list) {
-          if (!started.empty() && std::find(started.begin(), started.end(),
-                                            j.value("job_id", int64_t{-1})) == started.end()) {
-            continue;
-          }
+          if (!selected(j, started)) continue;
           std::printf("\rjob %s %-8s %s %5.1f%% %s/%s rows ", text_or(j, "job_id").c_str(),
                       text_or(j, "state").c_str(),
                       progress_bar(j.value("percent", 0.0), 30).c_str(), j.value("percent", 0.0),
@@ -452,10 +456,7 @@ int main(int argc, char** argv) {
     if (tty && wait) std::printf("\n");
     print_jobs(list);
     for (const auto& j : list) {
-      if (!started.empty() && std::find(started.begin(), started.end(),
-                                        j.value("job_id", int64_t{-1})) == started.end()) {
-        continue;
-      }
+      if (!selected(j, started)) continue;
       if (wait && j.value("state", "") == "failed") return fail(kExitKeydError, "a job failed");
     }
   } else if (command == "audit-verify") {

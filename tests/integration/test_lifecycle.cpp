@@ -285,6 +285,9 @@ TEST_CASE("usage cap: several backends at once, no version above its cap", "[lif
   for (const auto& v : key["versions"]) {
     INFO("version " << v.dump());
     CHECK(v["usage_count"].get<int64_t>() <= 10000);
+    // The cap, not something earlier, retired every older version: each was
+    // used up to exactly its cap before the next became primary.
+    if (v["version"] != key["primary_version"]) CHECK(v["usage_count"].get<int64_t>() == 10000);
     // Rows under a version never exceed what keyd charged to it.
     const int64_t rows =
         as_int(conn.value("SELECT count(*) FROM u WHERE colcrypt.key_version(v) = " +
@@ -953,4 +956,172 @@ TEST_CASE("re-encryption job: tables are followed by OID through renames and dro
   CHECK(conn.value("SELECT string_agg(table_name || '.' || column_name || ':' || state, ','"
                    " ORDER BY relid) FROM colcrypt.rotation_job_columns") ==
         "m1_renamed.v_renamed:done,m2.v:done");
+}
+
+TEST_CASE("re-encryption job: an owner's trigger naming a missing table skips its row",
+          "[lifecycle][jobs][skip]") {
+  // 42P01 and 42703 raised by the owner's code, once the batch's rows are
+  // locked, are the row's: the row is skipped and the job ends (before the
+  // fix they were taken for a rename racing the batch, retried 10 times, and
+  // the job failed).
+  Sandbox sandbox(lifecycle_options());
+  sandbox.create_extension();
+  create_key(sandbox, "mt");
+  PgConn conn(sandbox.conninfo());
+  conn.value("CREATE ROLE app2");
+  conn.value("CREATE TABLE broken (id int, v colcrypt.encrypted)");
+  conn.value(
+      "INSERT INTO broken SELECT g, colcrypt.encrypt_field('b' || g, 'mt')"
+      " FROM generate_series(1, 20) g");
+  conn.value(
+      "CREATE FUNCTION missing_table() RETURNS trigger LANGUAGE plpgsql AS $$"
+      " BEGIN IF OLD.id = 7 THEN INSERT INTO no_such_table VALUES (1); END IF;"
+      " IF OLD.id = 9 THEN PERFORM no_such_column FROM broken LIMIT 1; END IF;"
+      " RETURN NEW; END $$");
+  conn.value(
+      "CREATE TRIGGER missing BEFORE UPDATE ON broken FOR EACH ROW"
+      " EXECUTE FUNCTION missing_table()");
+  // The same trigger on a table keyd's role owns (one-statement path) and on
+  // one another role owns (the owner's UPDATE).
+  conn.value("CREATE TABLE broken_app (LIKE broken)");
+  conn.value("INSERT INTO broken_app SELECT * FROM broken");
+  conn.value("ALTER TABLE broken_app OWNER TO app2");
+  conn.value("ALTER FUNCTION missing_table() OWNER TO app2");
+  conn.value(
+      "CREATE TRIGGER missing BEFORE UPDATE ON broken_app FOR EACH ROW"
+      " EXECUTE FUNCTION missing_table()");
+  REQUIRE(sandbox.keyctl({"rotate", "mt"}).exit_code == 0);
+  REQUIRE(sandbox.keyctl({"reencrypt", "mt"}).exit_code == 0);
+  json job = finished_job(sandbox);
+  INFO(job.dump());
+  CHECK(job["state"] == "done");
+  CHECK(job["errors"] == 0);
+  CHECK(job["rows_done"] == 36);
+  CHECK(job["rows_skipped"] == 4);
+  CHECK(conn.value("SELECT string_agg(table_name || ':' || rows_skipped || ':' || left(note, 5),"
+                   " ',' ORDER BY table_name) FROM colcrypt.rotation_job_columns") ==
+        "broken:2:42P01,broken_app:2:42P01");
+  CHECK(conn.value("SELECT string_agg(id::text, ',' ORDER BY id) FROM broken"
+                   " WHERE colcrypt.key_version(v) = 1") == "7,9");
+  CHECK(conn.value("SELECT string_agg(id::text, ',' ORDER BY id) FROM broken_app"
+                   " WHERE colcrypt.key_version(v) = 1") == "7,9");
+}
+
+TEST_CASE("reencrypt --wait follows its own jobs in each database", "[lifecycle][jobs][keyctl]") {
+  // Every database numbers its jobs from 1: a job is (database, job_id).
+  // Before the fix keyctl matched job ids alone, so another database's old
+  // failed job with the same id made `reencrypt --wait` report a failure.
+  Sandbox sandbox(lifecycle_options());
+  sandbox.create_extension();
+  create_key(sandbox, "two");
+  PgConn conn(sandbox.conninfo());
+  conn.value("CREATE DATABASE other");
+  const std::string other_uri = "postgresql:///other?host=" + sandbox.dir() +
+                                "/pgsock&port=" + std::to_string(sandbox.port()) + "&user=postgres";
+  {
+    PgConn other("host=" + sandbox.dir() + "/pgsock port=" + std::to_string(sandbox.port()) +
+                 " user=postgres dbname=other");
+    other.value("CREATE EXTENSION colcrypt");
+    // Job 1 of "other": a key keyd does not have, so it fails.
+    CHECK(other.value("SELECT colcrypt.start_rotation_job('no_such_key')") == "1");
+  }
+  sandbox.must("keyd-stop");
+  sandbox.must("keyd-start", lifecycle_env("--database " + other_uri));
+  for (int i = 0; i < 100; ++i) {
+    PgConn other("host=" + sandbox.dir() + "/pgsock port=" + std::to_string(sandbox.port()) +
+                 " user=postgres dbname=other");
+    if (other.value("SELECT state FROM colcrypt.rotation_jobs WHERE job_id = 1") == "failed") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  conn.value("CREATE TABLE tw (v colcrypt.encrypted)");
+  conn.value("INSERT INTO tw VALUES (colcrypt.encrypt_field('x', 'two'))");
+  REQUIRE(sandbox.keyctl({"rotate", "two"}).exit_code == 0);
+  // Job 1 of "postgres" and job 2 of "other".
+  CommandResult r = sandbox.keyctl({"reencrypt", "two", "--wait"});
+  INFO(r.output);
+  CHECK(r.output.find("started job 1 in database postgres") != std::string::npos);
+  CHECK(r.output.find("started job 2 in database other") != std::string::npos);
+  CHECK(r.exit_code == 0);
+  CHECK(conn.value("SELECT colcrypt.key_version(v) FROM tw") == "2");
+}
+
+TEST_CASE("re-encryption job: a trigger that keeps the old value ends the job",
+          "[lifecycle][jobs][skip]") {
+  // An owner's trigger that puts the old value back (NEW.v := OLD.v) makes
+  // the UPDATE report the row as changed while it stays under the old
+  // version. Before the fix every pass "re-encrypted" it again: the job
+  // never ended, rows_done grew without bound and each pass spent uses.
+  Sandbox sandbox(lifecycle_options());
+  sandbox.create_extension();
+  create_key(sandbox, "kv");
+  PgConn conn(sandbox.conninfo());
+  conn.value("CREATE ROLE app3");
+  for (const std::string table : {"frozen", "frozen_app"}) {
+    conn.value("CREATE TABLE " + table + " (id int, v colcrypt.encrypted)");
+    conn.value("INSERT INTO " + table +
+               " SELECT g, colcrypt.encrypt_field('f' || g, 'kv') FROM generate_series(1, 5) g");
+    conn.value("CREATE FUNCTION " + table +
+               "_keep() RETURNS trigger LANGUAGE plpgsql AS $$"
+               " BEGIN IF OLD.id = 2 THEN NEW.v := OLD.v; END IF; RETURN NEW; END $$");
+    conn.value("CREATE TRIGGER keep BEFORE UPDATE ON " + table + " FOR EACH ROW EXECUTE FUNCTION " +
+               table + "_keep()");
+  }
+  // One table keyd's role owns (one statement), one another role owns.
+  conn.value("ALTER TABLE frozen_app OWNER TO app3");
+  conn.value("ALTER FUNCTION frozen_app_keep() OWNER TO app3");
+  REQUIRE(sandbox.keyctl({"rotate", "kv"}).exit_code == 0);
+  REQUIRE(sandbox.keyctl({"reencrypt", "kv"}).exit_code == 0);
+  json job = finished_job(sandbox);
+  INFO(job.dump());
+  CHECK(job["state"] == "done");
+  CHECK(job["rows_done"] == 8);  // each row re-encrypted counted once, the kept ones never
+  CHECK(job["rows_skipped"] == 2);
+  CHECK(job["last_error"].get<std::string>().find("2 rows in 2 columns") != std::string::npos);
+  for (const std::string table : {"frozen", "frozen_app"}) {
+    CHECK(conn.value("SELECT string_agg(id::text, ',' ORDER BY id) FROM " + table +
+                     " WHERE colcrypt.key_version(v) = 1") == "2");
+    CHECK(conn.value("SELECT count(*) FROM " + table +
+                     " WHERE colcrypt.decrypt_field(v) = 'f' || id") == "5");
+  }
+}
+
+TEST_CASE("re-encryption job: a job after a rotation in the same round uses the new primary",
+          "[lifecycle][jobs][round]") {
+  // Job A runs while the key rotates again; job B, listed in the same round,
+  // then targets the newer version. Before the fix both ran in one session,
+  // whose key cache still had A's primary: B's rewraps left the values
+  // unchanged (each such UPDATE moved the row further on, so B chased them)
+  // until the cache entry expired, a minute later.
+  Sandbox sandbox(lifecycle_options());
+  sandbox.create_extension();
+  create_key(sandbox, "rr");
+  PgConn conn(sandbox.conninfo());
+  conn.value("CREATE TABLE rr (id int, v colcrypt.encrypted)");
+  conn.value(
+      "INSERT INTO rr SELECT g, colcrypt.encrypt_field(repeat('r', 200) || g, 'rr')"
+      " FROM generate_series(1, 300) g");
+  REQUIRE(sandbox.keyctl({"rotate", "rr"}).exit_code == 0);
+  // Both jobs in one transaction: keyd lists them in the same round.
+  conn.value("BEGIN");
+  conn.value("SELECT colcrypt.start_rotation_job('rr', 1, 300)");
+  conn.value("SELECT colcrypt.start_rotation_job('rr', 1, 0)");
+  conn.value("COMMIT");
+  const auto start = Clock::now();
+  while (as_int(conn.value("SELECT rows_done FROM colcrypt.rotation_jobs WHERE job_id = 1")) == 0) {
+    REQUIRE(std::chrono::duration<double>(Clock::now() - start).count() < 60);
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  REQUIRE(sandbox.keyctl({"rotate", "rr"}).exit_code == 0);
+  json jobs = wait_for_jobs(sandbox, 120);
+  INFO(jobs.dump());
+  REQUIRE(jobs.size() == 2);
+  // Well under colcrypt.key_cache_ttl (60 s): B's session knew the new primary.
+  CHECK(conn.value("SELECT extract(epoch FROM finished_at - started_at) < 20"
+                   " FROM colcrypt.rotation_jobs WHERE job_id = 2") == "t");
+  CHECK(jobs[0]["state"] == "done");
+  CHECK(jobs[0]["target_version"] == 2);
+  CHECK(jobs[1]["state"] == "done");
+  CHECK(jobs[1]["target_version"] == 3);
+  CHECK(jobs[1]["rows_skipped"] == 0);
+  CHECK(conn.value("SELECT count(*) FROM rr WHERE colcrypt.key_version(v) = 3") == "300");
 }
