@@ -976,6 +976,7 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
         options.expires_at = t;
       }
       const KeyRecord& key = store_.create_key(name, options);
+      publish_keys();  // rotation jobs may name it before its first rotation
       log_info("peer " + peer + " created key '" + key.name + "' (id " + format_key_id(key.id) +
                ")");
       result = key_metadata_json(key);

@@ -954,20 +954,21 @@ const KeyRecord& KeyStore::destroy_version(std::string_view name, uint32_t versi
 UseGrant KeyStore::charge_uses(std::string_view name, uint64_t wanted, int64_t now) {
   const KeyRecord* current = find(name);
   if (!current) throw Error(Errc::KeyNotFound, "key '" + std::string(name) + "' not found");
-  if (current->expires_at && *current->expires_at <= now) {
-    throw Error(Errc::KeyUnavailable,
-                "key '" + current->name + "' expired at " + format_timestamp(*current->expires_at));
-  }
   const size_t index = static_cast<size_t>(current - keys_.data());
   UseGrant grant;
   if (wanted == 0) {
     // A lookup that will not encrypt (blind index, deterministic values, a
     // rewrap's version check): the primary as it is, nothing charged, no
-    // usage rotation even at the cap (the next encryption rotates).
+    // usage rotation even at the cap (the next encryption rotates), and no
+    // expiry: expiry stops encryption, not searches over existing data.
     grant.version = current->primary_version;
     keys_[index].last_used = now;  // like record_use: in memory, flushed lazily
     dirty_ = true;
     return grant;
+  }
+  if (current->expires_at && *current->expires_at <= now) {
+    throw Error(Errc::KeyUnavailable,
+                "key '" + current->name + "' expired at " + format_timestamp(*current->expires_at));
   }
   if (current->primary().usage_count >= current->max_uses_per_version) {
     std::vector<KeyRecord> next = keys_;

@@ -1125,3 +1125,24 @@ TEST_CASE("re-encryption job: a job after a rotation in the same round uses the 
   CHECK(jobs[1]["rows_skipped"] == 0);
   CHECK(conn.value("SELECT count(*) FROM rr WHERE colcrypt.key_version(v) = 3") == "300");
 }
+
+TEST_CASE("re-encryption job: a key created after keyd started is known to jobs",
+          "[lifecycle][jobs][created]") {
+  // keyd publishes its keys to the job runner on start and on rotation; a key
+  // created later and never rotated must be published too, else its job
+  // fails for good with "colcrypt-keyd has no key named".
+  Sandbox sandbox(lifecycle_options());
+  sandbox.create_extension();
+  create_key(sandbox, "fresh");
+  PgConn conn(sandbox.conninfo());
+  conn.value("CREATE TABLE fresh (id int, v colcrypt.encrypted)");
+  conn.value("INSERT INTO fresh SELECT g, colcrypt.encrypt_field('f' || g, 'fresh')"
+             " FROM generate_series(1, 20) g");
+  conn.value("SELECT colcrypt.start_rotation_job('fresh')");
+  json jobs = wait_for_jobs(sandbox, 60);
+  INFO(jobs.dump());
+  REQUIRE(jobs.size() == 1);
+  CHECK(jobs[0]["state"] == "done");
+  CHECK(jobs[0]["target_version"] == 1);
+  CHECK(jobs[0]["last_error"].is_null());
+}

@@ -295,6 +295,10 @@ TEST_CASE("lifecycle: expired keys grant nothing", "[keystore][lifecycle]") {
   store.create_key("k", o);
   CHECK(store.charge_uses("k", 1, ::time(nullptr)).granted == 1);
   CHECK(code_of([&] { store.charge_uses("k", 1, ::time(nullptr) + 200); }) == Errc::KeyUnavailable);
+  // lookups that never encrypt (blind index searches) still work after expiry
+  const UseGrant lookup = store.charge_uses("k", 0, ::time(nullptr) + 200);
+  CHECK(lookup.granted == 0);
+  CHECK(lookup.version == 1);
 }
 
 TEST_CASE("lifecycle: rotation due by interval and by usage", "[keystore][lifecycle]") {
