@@ -38,7 +38,8 @@ command -v colcrypt-keyd >/dev/null || export PATH=/usr/local/bin:$PATH
 
 banner "Starting a throwaway cluster and keyd in $DIR"
 "$sandbox" destroy "$DIR" >/dev/null
-"$sandbox" up "$DIR" "$PORT"
+# keyd connects to the demo database to run re-encryption jobs.
+SANDBOX_KEYD_ARGS="--database @DATABASE@" "$sandbox" up "$DIR" "$PORT"
 eval "$("$sandbox" env "$DIR")"
 
 psql_demo() { psql -X -q -v ON_ERROR_STOP=1 -P pager=off -d postgres "$@"; }
@@ -77,6 +78,17 @@ echo "\$ colcrypt-keyctl --socket $COLCRYPT_KEYD_SOCKET rotate customer_data"
 show "INSERT INTO customers (name, ssn) VALUES ('Carol', colcrypt.encrypt_field('555-12-3456', 'customer_data'))"
 show "SELECT id, name, colcrypt.decrypt_field(ssn) AS ssn, colcrypt.key_name(ssn),
        colcrypt.key_version(ssn) FROM customers ORDER BY id"
+
+banner "Re-encrypting the old rows under version 2 (online, in batches, inside the database)"
+echo "\$ colcrypt-keyctl --socket $COLCRYPT_KEYD_SOCKET reencrypt customer_data --wait"
+"$KEYCTL" --socket "$COLCRYPT_KEYD_SOCKET" reencrypt customer_data --wait
+show "SELECT job_id, key_name, target_version, state, rows_done, rows_total, rows_skipped
+  FROM colcrypt.rotation_progress"
+show "SELECT id, name, colcrypt.decrypt_field(ssn) AS ssn, colcrypt.key_version(ssn) FROM customers ORDER BY id"
+echo
+echo "No row uses version 1 any more: it may now be disabled, and later destroyed (crypto-shredding):"
+echo "\$ colcrypt-keyctl --socket $COLCRYPT_KEYD_SOCKET status"
+"$KEYCTL" --socket "$COLCRYPT_KEYD_SOCKET" status
 
 banner "Your turn"
 cat <<EOF
