@@ -47,6 +47,23 @@ std::string short_error(const std::exception& e) {
   return text;
 }
 
+// Runs fn(connection, dbname) in every database; a failure names the
+// database and what was being done ("count references", ...).
+template <typename Fn>
+void for_each_database(const std::vector<std::string>& databases, const std::string& what,
+                       Fn&& fn) {
+  for (const auto& conninfo : databases) {
+    std::string dbname = "?";
+    try {
+      auto conn = connect(conninfo);
+      dbname = conn->dbname();
+      fn(*conn, dbname);
+    } catch (const std::exception& e) {
+      throw Error(Errc::Io, "cannot " + what + " in database " + dbname + ": " + short_error(e));
+    }
+  }
+}
+
 // Errors worth retrying the whole batch for: keyd unreachable or too slow
 // (58000, 58030), lock and serialization conflicts (libpqxx throws those as
 // transaction_rollback, not sql_error: never skipped), cancellations and
@@ -584,89 +601,66 @@ class Job {
 std::vector<ReferenceCount> count_references(const std::vector<std::string>& databases,
                                              const std::string& key_id) {
   std::vector<ReferenceCount> out;
-  for (const auto& conninfo : databases) {
-    std::string dbname = "?";
-    try {
-      auto conn = connect(conninfo);
-      dbname = conn->dbname();
-      pqxx::read_transaction t(*conn);
-      if (!t.exec("SELECT to_regtype('colcrypt.encrypted') IS NOT NULL")[0][0].as<bool>()) {
-        continue;
-      }
-      pqxx::result r = t.exec_params(
-          "SELECT column_name, version, values_count FROM colcrypt.key_references($1::uuid)",
-          key_id);
-      for (const auto& row : r) {
-        out.push_back(
-            {dbname, row[0].as<std::string>(), row[1].as<uint32_t>(), row[2].as<int64_t>()});
-      }
-    } catch (const std::exception& e) {
-      throw Error(Errc::Io,
-                  "cannot count references in database " + dbname + ": " + short_error(e));
-    }
-  }
+  for_each_database(
+      databases, "count references", [&](pqxx::connection& conn, const std::string& dbname) {
+        pqxx::read_transaction t(conn);
+        if (!t.exec("SELECT to_regtype('colcrypt.encrypted') IS NOT NULL")[0][0].as<bool>()) return;
+        pqxx::result r = t.exec_params(
+            "SELECT column_name, version, values_count FROM colcrypt.key_references($1::uuid)",
+            key_id);
+        for (const auto& row : r) {
+          out.push_back(
+              {dbname, row[0].as<std::string>(), row[1].as<uint32_t>(), row[2].as<int64_t>()});
+        }
+      });
   return out;
 }
 
 json create_jobs(const std::vector<std::string>& databases, const std::string& key_name,
                  int batch_blocks, int throttle_ms) {
   json out = json::array();
-  for (const auto& conninfo : databases) {
-    std::string dbname = "?";
-    try {
-      auto conn = connect(conninfo);
-      dbname = conn->dbname();
-      pqxx::work t(*conn);
-      if (!has_extension(t)) continue;
-      pqxx::result r = t.exec_params(
-          "INSERT INTO colcrypt.rotation_jobs (key_name, batch_blocks, throttle_ms, requested_by)"
-          " VALUES ($1, $2, $3, 'colcrypt-keyctl') RETURNING job_id",
-          key_name, batch_blocks, throttle_ms);
-      t.commit();
-      out.push_back({{"database", dbname}, {"job_id", r[0][0].as<int64_t>()}});
-    } catch (const std::exception& e) {
-      throw Error(Errc::Io,
-                  "cannot create a rotation job in database " + dbname + ": " + short_error(e));
-    }
-  }
+  for_each_database(
+      databases, "create a rotation job", [&](pqxx::connection& conn, const std::string& dbname) {
+        pqxx::work t(conn);
+        if (!has_extension(t)) return;
+        pqxx::result r = t.exec_params(
+            "INSERT INTO colcrypt.rotation_jobs (key_name, batch_blocks, throttle_ms, requested_by)"
+            " VALUES ($1, $2, $3, 'colcrypt-keyctl') RETURNING job_id",
+            key_name, batch_blocks, throttle_ms);
+        t.commit();
+        out.push_back({{"database", dbname}, {"job_id", r[0][0].as<int64_t>()}});
+      });
   return out;
 }
 
 json list_jobs(const std::vector<std::string>& databases) {
   json out = json::array();
-  for (const auto& conninfo : databases) {
-    std::string dbname = "?";
-    try {
-      auto conn = connect(conninfo);
-      dbname = conn->dbname();
-      pqxx::read_transaction t(*conn);
-      if (!has_extension(t)) continue;
-      pqxx::result r = t.exec(
-          "SELECT job_id, key_name, target_version, state, rows_done, rows_total, percent,"
-          "       rows_per_second, passes, errors, last_error, rows_skipped"
-          "  FROM colcrypt.rotation_progress ORDER BY job_id");
-      for (const auto& row : r) {
-        auto opt = [&](int i) { return row[i].is_null() ? json(nullptr) : json(row[i].c_str()); };
-        out.push_back(
-            {{"database", dbname},
-             {"job_id", row[0].as<int64_t>()},
-             {"key", row[1].as<std::string>()},
-             {"target_version", row[2].is_null() ? json(nullptr) : json(row[2].as<int>())},
-             {"state", row[3].as<std::string>()},
-             {"rows_done", row[4].as<int64_t>()},
-             {"rows_total", row[5].as<int64_t>()},
-             {"percent", row[6].as<double>()},
-             {"rows_per_second", row[7].is_null() ? json(nullptr) : json(row[7].as<double>())},
-             {"passes", row[8].as<int>()},
-             {"errors", row[9].as<int>()},
-             {"last_error", opt(10)},
-             {"rows_skipped", row[11].as<int64_t>()}});
-      }
-    } catch (const std::exception& e) {
-      throw Error(Errc::Io,
-                  "cannot read rotation jobs in database " + dbname + ": " + short_error(e));
-    }
-  }
+  for_each_database(
+      databases, "read rotation jobs", [&](pqxx::connection& conn, const std::string& dbname) {
+        pqxx::read_transaction t(conn);
+        if (!has_extension(t)) return;
+        pqxx::result r = t.exec(
+            "SELECT job_id, key_name, target_version, state, rows_done, rows_total, percent,"
+            "       rows_per_second, passes, errors, last_error, rows_skipped"
+            "  FROM colcrypt.rotation_progress ORDER BY job_id");
+        for (const auto& row : r) {
+          auto opt = [&](int i) { return row[i].is_null() ? json(nullptr) : json(row[i].c_str()); };
+          out.push_back(
+              {{"database", dbname},
+               {"job_id", row[0].as<int64_t>()},
+               {"key", row[1].as<std::string>()},
+               {"target_version", row[2].is_null() ? json(nullptr) : json(row[2].as<int>())},
+               {"state", row[3].as<std::string>()},
+               {"rows_done", row[4].as<int64_t>()},
+               {"rows_total", row[5].as<int64_t>()},
+               {"percent", row[6].as<double>()},
+               {"rows_per_second", row[7].is_null() ? json(nullptr) : json(row[7].as<double>())},
+               {"passes", row[8].as<int>()},
+               {"errors", row[9].as<int>()},
+               {"last_error", opt(10)},
+               {"rows_skipped", row[11].as<int64_t>()}});
+        }
+      });
   return out;
 }
 
