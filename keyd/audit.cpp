@@ -31,9 +31,17 @@ std::string hex(const std::array<uint8_t, 32>& bytes) {
   return out;
 }
 
-std::string head_mac(ByteView key, uint64_t seq, const std::string& mac) {
+std::string head_mac(HmacSha256& hmac, uint64_t seq, const std::string& mac) {
   const std::string data = "colcrypt-audit-head\n" + std::to_string(seq) + "\n" + mac;
-  return hex(hmac_sha256(key, ByteView::of(data)));
+  return hex(hmac.mac(ByteView::of(data)));
+}
+
+// An entry's MAC covers the previous entry's MAC, a newline and the entry's
+// canonical text without "mac": nlohmann's compact dump (members sorted).
+std::string entry_mac(HmacSha256& hmac, const std::string& previous_mac,
+                      const std::string& canonical_text) {
+  return hex(
+      hmac.mac(ByteView::of(previous_mac), ByteView::of("\n"), ByteView::of(canonical_text)));
 }
 
 std::string errno_text(int err) { return std::strerror(err); }
@@ -74,23 +82,14 @@ int64_t now_seconds() { return static_cast<int64_t>(std::time(nullptr)); }
 
 }  // namespace
 
-std::string audit_entry_mac(ByteView key, const std::string& previous_mac,
-                            const json& entry_without_mac) {
-  const std::string data = previous_mac + "\n" + entry_without_mac.dump();
-  return hex(hmac_sha256(key, ByteView::of(data)));
-}
-
 json audit_verdict_json(const AuditVerdict& verdict, const std::string& path) {
-  return {{"ok", verdict.ok},
-          {"entries", verdict.entries},
-          {"log", path},
-          {"problem", verdict.ok ? json(nullptr) : json(verdict.problem)},
-          {"gaps", verdict.gaps},
-          {"lost", verdict.lost}};
+  return {{"ok", verdict.ok},     {"entries", verdict.entries},
+          {"log", path},          {"problem", verdict.ok ? json(nullptr) : json(verdict.problem)},
+          {"gaps", verdict.gaps}, {"lost", verdict.lost}};
 }
 
 AuditLog::AuditLog(std::string path, SecretBytes mac_key)
-    : path_(std::move(path)), key_(std::move(mac_key)) {
+    : path_(std::move(path)), mac_(mac_key.view()) {
   fd_ = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd_ < 0) {
     int err = errno;
@@ -119,7 +118,7 @@ AuditLog::AuditLog(std::string path, SecretBytes mac_key)
       json head = json::parse(head_text);
       const uint64_t seq = head.at("seq").get<uint64_t>();
       const std::string mac = head.at("mac").get<std::string>();
-      if (head.at("head_mac").get<std::string>() != head_mac(key_.view(), seq, mac)) {
+      if (head.at("head_mac").get<std::string>() != head_mac(mac_, seq, mac)) {
         problem = "its head file does not authenticate";
       } else if (problem.empty() && (seq != log_seq || mac != log_mac)) {
         problem = "the head names entry " + std::to_string(seq) + " but the log ends at entry " +
@@ -159,10 +158,15 @@ void AuditLog::append(json event) {
   event["seq"] = seq_ + 1;
   if (!event.contains("time")) event["time"] = format_timestamp(now_seconds());
   event.erase("mac");
-  const std::string mac = audit_entry_mac(key_.view(), last_mac_, event);
-  event["mac"] = mac;
-  batch_ += event.dump(-1, ' ', false, json::error_handler_t::replace);
-  batch_ += '\n';
+  // The line is the canonical text with "mac" as its last member: verify()
+  // parses it, drops "mac" and gets the canonical text back.
+  std::string line = event.dump(-1, ' ', false, json::error_handler_t::replace);
+  const std::string mac = entry_mac(mac_, last_mac_, line);
+  line.pop_back();  // the closing brace of a non-empty object
+  line += ",\"mac\":\"";
+  line += mac;
+  line += "\"}\n";
+  batch_ += line;
   ++pending_entries_;
   ++seq_;
   last_mac_ = mac;
@@ -187,8 +191,8 @@ bool AuditLog::write_batch() {
       gap_open_ = true;
       gap_after_seq_ = committed_seq_;
       gap_since_ = now_seconds();
-      log_error("cannot append to audit log " + path_ + ": " + failure +
-                "; entries after entry " + std::to_string(committed_seq_) +
+      log_error("cannot append to audit log " + path_ + ": " + failure + "; entries after entry " +
+                std::to_string(committed_seq_) +
                 " are lost until it is writable again, and the loss will be recorded in it "
                 "(an audit_gap entry)");
     } else {
@@ -338,7 +342,7 @@ bool AuditLog::write_head(bool durable) {
   // audit_gap entry that seq_ already counts.
   json head = {{"seq", committed_seq_},
                {"mac", committed_mac_},
-               {"head_mac", head_mac(key_.view(), committed_seq_, committed_mac_)}};
+               {"head_mac", head_mac(mac_, committed_seq_, committed_mac_)}};
   const std::string dst = path_ + ".head";
   // One fixed-size record rewritten in place with one pwrite() (the padding
   // is JSON whitespace): a crash of keyd leaves the old or the new record,
@@ -440,6 +444,7 @@ AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
     verdict.problem = "audit log " + path + " does not exist";
     return verdict;
   }
+  HmacSha256 hmac(mac_key);
   std::string previous;
   uint64_t expected = 1;
   size_t pos = 0;
@@ -473,7 +478,7 @@ AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
                         std::to_string(seq) + " (entries removed or reordered)";
       return verdict;
     }
-    if (audit_entry_mac(mac_key, previous, entry) != mac) {
+    if (entry_mac(hmac, previous, entry.dump()) != mac) {
       verdict.problem = "entry " + std::to_string(seq) +
                         " does not authenticate (modified, or an entry before it was removed)";
       return verdict;
@@ -481,11 +486,10 @@ AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
     if (entry.value("event", "") == "audit_gap") {
       const uint64_t lost = entry.value("lost", uint64_t{0});
       verdict.lost += lost;
-      verdict.gaps.push_back("entry " + std::to_string(seq) + ": " + std::to_string(lost) +
-                             " entries after entry " +
-                             std::to_string(entry.value("after_seq", uint64_t{0})) +
-                             " were never written (" + entry.value("reason", "?") + ", since " +
-                             entry.value("since", "?") + ")");
+      verdict.gaps.push_back(
+          "entry " + std::to_string(seq) + ": " + std::to_string(lost) + " entries after entry " +
+          std::to_string(entry.value("after_seq", uint64_t{0})) + " were never written (" +
+          entry.value("reason", "?") + ", since " + entry.value("since", "?") + ")");
     }
     if (entry.value("event", "") == "audit-chain-break" && break_problem.empty()) {
       break_problem =
@@ -506,7 +510,7 @@ AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
     json head = json::parse(head_text);
     const uint64_t seq = head.at("seq").get<uint64_t>();
     const std::string mac = head.at("mac").get<std::string>();
-    if (head.at("head_mac").get<std::string>() != head_mac(mac_key, seq, mac)) {
+    if (head.at("head_mac").get<std::string>() != head_mac(hmac, seq, mac)) {
       verdict.problem = "head file does not authenticate";
       return verdict;
     }

@@ -44,6 +44,7 @@
 #include <thread>
 #include <vector>
 
+#include "core/kdf.hpp"
 #include "core/secure_memory.hpp"
 
 namespace colcrypt::keyd {
@@ -156,7 +157,7 @@ class AuditLog {
   void import_pending();
 
   std::string path_;
-  SecretBytes key_;
+  HmacSha256 mac_;  // under the audit key
   int fd_ = -1;
   int head_fd_ = -1;  // PATH.head, opened by the first write_head()
   bool head_dir_synced_ = false;
@@ -186,9 +187,5 @@ class AuditLog {
   uint64_t gap_after_seq_ = 0;
   int64_t gap_since_ = 0;
 };
-
-// The entry MAC, exposed for the unit tests.
-std::string audit_entry_mac(ByteView key, const std::string& previous_mac,
-                            const nlohmann::json& entry_without_mac);
 
 }  // namespace colcrypt::keyd

@@ -80,29 +80,49 @@ SecretBytes pbkdf2_sha256(ByteView password, ByteView salt, uint32_t iterations,
   return derive(kdf.get(), params, length);
 }
 
-std::array<uint8_t, 32> hmac_sha256(ByteView key, ByteView data) {
+struct HmacSha256::Impl {
+  ossl::MacCtxPtr ctx;
+};
+
+HmacSha256::HmacSha256(ByteView key) : impl_(std::make_unique<Impl>()) {
   static const ossl::MacPtr mac(EVP_MAC_fetch(nullptr, "HMAC", nullptr));
   if (!mac) ossl::fail("EVP_MAC_fetch(HMAC)");
-  ossl::MacCtxPtr ctx(EVP_MAC_CTX_new(mac.get()));
-  if (!ctx) ossl::fail("EVP_MAC_CTX_new");
+  impl_->ctx.reset(EVP_MAC_CTX_new(mac.get()));
+  if (!impl_->ctx) ossl::fail("EVP_MAC_CTX_new");
   OSSL_PARAM params[] = {
       OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, kSha256Name, 0),
       OSSL_PARAM_construct_end(),
   };
   // A non-null key pointer: EVP_MAC_init treats a null key as "keep the old one".
-  if (EVP_MAC_init(ctx.get(), static_cast<const unsigned char*>(octets(key)), key.size, params) !=
-      1) {
+  if (EVP_MAC_init(impl_->ctx.get(), static_cast<const unsigned char*>(octets(key)), key.size,
+                   params) != 1) {
     ossl::fail("EVP_MAC_init");
   }
-  if (data.size > 0 && EVP_MAC_update(ctx.get(), data.data, data.size) != 1) {
-    ossl::fail("EVP_MAC_update");
+}
+
+HmacSha256::~HmacSha256() = default;
+HmacSha256::HmacSha256(HmacSha256&&) noexcept = default;
+HmacSha256& HmacSha256::operator=(HmacSha256&&) noexcept = default;
+
+std::array<uint8_t, 32> HmacSha256::mac(ByteView part1, ByteView part2, ByteView part3) {
+  EVP_MAC_CTX* ctx = impl_->ctx.get();
+  // A fresh start under the key set in the constructor (also after a failure).
+  if (EVP_MAC_init(ctx, nullptr, 0, nullptr) != 1) ossl::fail("EVP_MAC_init");
+  for (ByteView part : {part1, part2, part3}) {
+    if (part.size > 0 && EVP_MAC_update(ctx, part.data, part.size) != 1) {
+      ossl::fail("EVP_MAC_update");
+    }
   }
   std::array<uint8_t, 32> tag{};
   size_t tag_len = 0;
-  if (EVP_MAC_final(ctx.get(), tag.data(), &tag_len, tag.size()) != 1 || tag_len != tag.size()) {
+  if (EVP_MAC_final(ctx, tag.data(), &tag_len, tag.size()) != 1 || tag_len != tag.size()) {
     ossl::fail("EVP_MAC_final");
   }
   return tag;
+}
+
+std::array<uint8_t, 32> hmac_sha256(ByteView key, ByteView data) {
+  return HmacSha256(key).mac(data);
 }
 
 }  // namespace colcrypt

@@ -62,3 +62,17 @@ TEST_CASE("HMAC-SHA256 RFC 4231 test case 2 and empty inputs", "[kdf]") {
   const auto empty = hmac_sha256(ByteView(), ByteView());
   CHECK(hex(empty) == "b613679a0814d9ec772f95d778c35fc5ff1697c493715653c6c712144292c5ad");
 }
+
+TEST_CASE("HmacSha256 keeps its key across messages and joins the parts", "[kdf]") {
+  const std::string expected = "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843";
+  HmacSha256 hmac(ByteView::of("Jefe"));
+  CHECK(hex(hmac.mac(ByteView::of("what do ya want for nothing?"))) == expected);
+  // Another message in between must not leak into the next tag.
+  CHECK(hex(hmac.mac(ByteView())) != expected);
+  CHECK(hex(hmac.mac(ByteView::of("what do ya "), ByteView::of("want for "),
+                     ByteView::of("nothing?"))) == expected);
+  CHECK(hex(hmac.mac(ByteView::of("what do ya want for nothing?"), ByteView(), ByteView())) ==
+        expected);
+  HmacSha256 moved(std::move(hmac));
+  CHECK(hex(moved.mac(ByteView::of("what do ya want for nothing?"))) == expected);
+}
