@@ -1,12 +1,14 @@
 // colcrypt-bench-keyd: cold key fetch latency against a running colcrypt-keyd.
-// "Cold" is what a backend with an empty key cache pays: a fresh connection
-// and one fetch per request (keyd::Client connects per exchange). CLIENTS
-// threads start together and each makes REQUESTS fetches back to back; the
-// latency of every fetch (connect, send, receive) is recorded.
+// "Cold" is what a backend pays for a key its cache does not hold: one fetch
+// from keyd. CLIENTS threads start together and each makes REQUESTS fetches
+// back to back; the latency of every fetch is recorded.
 // OP is "primary" (what encryption fetches: keyd charges the use to the key)
 // or "version" (what decryption fetches: a given key id and version).
+// CONNECTION is "kept" (each client keeps its connection between fetches, as
+// a backend's keyd::Client does) or "new" (a new connection per fetch, what
+// the first fetch of a new backend pays: connect, send, receive).
 //
-//   colcrypt-bench-keyd SOCKET KEY_NAME CLIENTS REQUESTS [primary|version]
+//   colcrypt-bench-keyd SOCKET KEY_NAME CLIENTS REQUESTS [primary|version] [kept|new]
 // prints one line:  requests=N errors=E p50_us=X p99_us=Y max_us=Z per_s=R
 // (R: fetches per second over the whole run) and exits 1 when any fetch
 // failed (the first error goes to stderr).
@@ -40,17 +42,23 @@ double percentile(const std::vector<double>& sorted, double p) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 5 && argc != 6) {
-    std::fprintf(stderr, "usage: %s SOCKET KEY_NAME CLIENTS REQUESTS [primary|version]\n", argv[0]);
+  if (argc < 5 || argc > 7) {
+    std::fprintf(stderr,
+                 "usage: %s SOCKET KEY_NAME CLIENTS REQUESTS [primary|version] [kept|new]\n",
+                 argv[0]);
     return 2;
   }
   const std::string socket_path = argv[1];
   const std::string key_name = argv[2];
   const int clients = std::atoi(argv[3]);
   const int requests = std::atoi(argv[4]);
-  const std::string op = argc == 6 ? argv[5] : "primary";
-  if (clients <= 0 || requests <= 0 || (op != "primary" && op != "version")) {
-    std::fprintf(stderr, "CLIENTS and REQUESTS must be positive, OP primary or version\n");
+  const std::string op = argc >= 6 ? argv[5] : "primary";
+  const std::string connection = argc == 7 ? argv[6] : "kept";
+  if (clients <= 0 || requests <= 0 || (op != "primary" && op != "version") ||
+      (connection != "kept" && connection != "new")) {
+    std::fprintf(stderr,
+                 "CLIENTS and REQUESTS must be positive, OP primary or version, CONNECTION kept "
+                 "or new\n");
     return 2;
   }
   colcrypt::KeyId key_id{};
@@ -83,6 +91,10 @@ int main(int argc, char** argv) {
     threads.emplace_back([&, t] {
       auto& mine = latencies[static_cast<size_t>(t)];
       mine.reserve(static_cast<size_t>(requests));
+      colcrypt::keyd::ClientOptions options;
+      options.socket_path = socket_path;
+      options.timeout_ms = 10000;
+      colcrypt::keyd::Client client(std::move(options));
       {
         std::unique_lock<std::mutex> lock(mu);
         ++ready;
@@ -92,10 +104,7 @@ int main(int argc, char** argv) {
       for (int i = 0; i < requests; ++i) {
         const auto start = std::chrono::steady_clock::now();
         try {
-          colcrypt::keyd::ClientOptions options;
-          options.socket_path = socket_path;
-          options.timeout_ms = 10000;
-          colcrypt::keyd::Client client(std::move(options));
+          if (connection == "new") client.disconnect();
           colcrypt::wire::KeyReply reply = op == "primary"
                                                ? client.fetch_primary(key_name)
                                                : client.fetch_version(key_id, key_version);
@@ -127,8 +136,8 @@ int main(int argc, char** argv) {
   std::vector<double> all;
   for (const auto& v : latencies) all.insert(all.end(), v.begin(), v.end());
   std::sort(all.begin(), all.end());
-  std::printf("requests=%zu errors=%d p50_us=%.1f p99_us=%.1f max_us=%.1f per_s=%.0f\n",
-              all.size(), errors.load(), percentile(all, 0.50), percentile(all, 0.99),
+  std::printf("requests=%zu errors=%d p50_us=%.1f p99_us=%.1f max_us=%.1f per_s=%.0f\n", all.size(),
+              errors.load(), percentile(all, 0.50), percentile(all, 0.99),
               all.empty() ? 0.0 : all.back(),
               seconds > 0 ? static_cast<double>(all.size()) / seconds : 0.0);
   if (errors.load() > 0) {

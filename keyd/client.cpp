@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <utility>
 
 #include "core/error.hpp"
 #include "core/secure_memory.hpp"
@@ -21,6 +22,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 constexpr int kSliceMs = 100;
 
+// Owns a socket until release().
 class Fd {
  public:
   explicit Fd(int fd) : fd_(fd) {}
@@ -30,6 +32,7 @@ class Fd {
   Fd(const Fd&) = delete;
   Fd& operator=(const Fd&) = delete;
   int get() const { return fd_; }
+  int release() { return std::exchange(fd_, -1); }
 
  private:
   int fd_;
@@ -93,7 +96,8 @@ class Exchange {
                                            options_.socket_path + ": " + std::strerror(err));
   }
 
-  std::unique_ptr<Fd> connect_socket() {
+  // A connected socket; the caller owns it.
+  int connect_socket() {
     struct sockaddr_un addr {};
     addr.sun_family = AF_UNIX;
     if (options_.socket_path.empty() || options_.socket_path.size() >= sizeof addr.sun_path) {
@@ -102,30 +106,29 @@ class Exchange {
                                              ": invalid socket path (empty or too long)");
     }
     std::memcpy(addr.sun_path, options_.socket_path.data(), options_.socket_path.size());
-    auto fd =
-        std::make_unique<Fd>(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
-    if (fd->get() < 0) {
+    Fd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+    if (fd.get() < 0) {
       int err = errno;
       throw Error(Errc::Io, std::string("cannot create a socket: ") + std::strerror(err));
     }
     for (;;) {
-      if (::connect(fd->get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0) {
-        return fd;
+      if (::connect(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0) {
+        return fd.release();
       }
       int err = errno;
       if (err == EINTR) continue;
-      if (err == EISCONN) return fd;  // a connect interrupted by a signal completed anyway
-      if (err == EAGAIN) {            // listen backlog full: keyd is busy, retry until the deadline
+      if (err == EISCONN) return fd.release();  // an interrupted connect completed anyway
+      if (err == EAGAIN) {  // listen backlog full: keyd is busy, retry until the deadline
         sleep_slice();
         continue;
       }
       if (err == EINPROGRESS) {
-        wait(fd->get(), POLLOUT, "connecting");
+        wait(fd.get(), POLLOUT, "connecting");
         int so_error = 0;
         socklen_t len = sizeof so_error;
-        if (::getsockopt(fd->get(), SOL_SOCKET, SO_ERROR, &so_error, &len) != 0) so_error = errno;
+        if (::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &so_error, &len) != 0) so_error = errno;
         if (so_error != 0) unavailable(so_error);
-        return fd;
+        return fd.release();
       }
       unavailable(err);
     }
@@ -146,7 +149,8 @@ class Exchange {
         continue;
       }
       if (n < 0 && (err == EPIPE || err == ECONNRESET)) {
-        // keyd closed early (it refuses peers that way); its reason may be queued.
+        // keyd closed early (it refuses peers that way, and closes idle
+        // connections); its reason may be queued.
         return;
       }
       throw Error(Errc::Io, std::string("cannot send to colcrypt-keyd at ") + options_.socket_path +
@@ -163,6 +167,7 @@ class Exchange {
       ssize_t n = ::recv(fd, buf, sizeof buf, 0);
       if (n > 0) {
         reader.feed(buf, static_cast<size_t>(n));
+        received_any_ = true;
         continue;
       }
       int err = errno;
@@ -172,6 +177,7 @@ class Exchange {
         continue;
       }
       if (n == 0 || err == ECONNRESET) {
+        closed_before_reply_ = !received_any_;
         throw Error(Errc::ProtocolError, "colcrypt-keyd at " + options_.socket_path +
                                              " closed the connection without a reply");
       }
@@ -180,10 +186,24 @@ class Exchange {
     }
   }
 
+  // keyd closed the connection before sending any of the reply.
+  bool closed_before_reply() const { return closed_before_reply_; }
+
  private:
   const ClientOptions& options_;
   Clock::time_point deadline_;
+  bool received_any_ = false;
+  bool closed_before_reply_ = false;
 };
+
+// A kept connection is usable if keyd has not closed it (idle timeout,
+// restart) and sent nothing unasked.
+bool still_open(int fd) {
+  struct pollfd pfd {
+    fd, POLLIN, 0
+  };
+  return ::poll(&pfd, 1, 0) == 0;
+}
 
 [[noreturn]] void throw_failure(const wire::Frame& frame) {
   wire::FailureReply failure = wire::decode_failure(ByteView(frame.body));
@@ -221,15 +241,43 @@ wire::KeyReply expect_key(wire::Frame& frame) {
 
 Client::Client(ClientOptions options) : options_(std::move(options)) {}
 
-wire::Frame Client::exchange(const std::vector<uint8_t>& request) {
+Client::~Client() { disconnect(); }
+
+void Client::set_options(ClientOptions options) {
+  if (options.socket_path != options_.socket_path) disconnect();
+  options_ = std::move(options);
+}
+
+void Client::disconnect() noexcept {
+  if (fd_ >= 0) ::close(fd_);  // in a forked child this leaves the parent's connection open
+  fd_ = -1;
+}
+
+wire::Frame Client::exchange(const std::vector<uint8_t>& request, Retry retry) {
+  // A request that must not be sent twice goes on a new connection: "closed
+  // without a reply" then means keyd failed it, never an idle close racing it.
+  if (fd_ >= 0 && (retry == Retry::Never || pid_ != ::getpid() || !still_open(fd_))) disconnect();
   Exchange ex(options_);
-  std::unique_ptr<Fd> fd = ex.connect_socket();
-  ex.send_all(fd->get(), request);
-  return ex.receive(fd->get());
+  const bool kept = fd_ >= 0;
+  for (int attempt = 0;; ++attempt) {
+    try {
+      if (fd_ < 0) {
+        fd_ = ex.connect_socket();
+        pid_ = ::getpid();
+      }
+      ex.send_all(fd_, request);
+      return ex.receive(fd_);
+    } catch (...) {
+      // A reply may still be on its way: the connection is never used again.
+      disconnect();
+      if (!(kept && attempt == 0 && retry == Retry::OnStaleConnection && ex.closed_before_reply()))
+        throw;
+    }
+  }
 }
 
 wire::KeyReply Client::fetch_primary(std::string_view name) {
-  wire::Frame frame = exchange(wire::encode_fetch_primary(name));
+  wire::Frame frame = exchange(wire::encode_fetch_primary(name), Retry::OnStaleConnection);
   wire::KeyReply reply = expect_key(frame);
   if (reply.name != name) {
     throw Error(Errc::ProtocolError, "colcrypt-keyd answered with a different key");
@@ -238,7 +286,8 @@ wire::KeyReply Client::fetch_primary(std::string_view name) {
 }
 
 wire::KeyGrantReply Client::fetch_primary_block(std::string_view name, uint32_t wanted) {
-  wire::Frame frame = exchange(wire::encode_fetch_primary_block(name, wanted));
+  wire::Frame frame =
+      exchange(wire::encode_fetch_primary_block(name, wanted), Retry::OnStaleConnection);
   WipeOnExit wipe{frame.body.data(), frame.body.size()};
   if (frame.type == wire::MsgType::Failure) throw_failure(frame);
   if (frame.type != wire::MsgType::KeyGrant) {
@@ -259,7 +308,8 @@ wire::KeyGrantReply Client::fetch_primary_block(std::string_view name, uint32_t 
 
 wire::KeyReply Client::fetch_version(const KeyId& id, uint32_t version,
                                      wire::FetchPurpose purpose) {
-  wire::Frame frame = exchange(wire::encode_fetch_version(id, version, purpose));
+  wire::Frame frame =
+      exchange(wire::encode_fetch_version(id, version, purpose), Retry::OnStaleConnection);
   wire::KeyReply reply = expect_key(frame);
   if (reply.id != id || reply.version != version) {
     throw Error(Errc::ProtocolError, "colcrypt-keyd answered with a different key");
@@ -268,7 +318,7 @@ wire::KeyReply Client::fetch_version(const KeyId& id, uint32_t version,
 }
 
 void Client::report_denial(const wire::DenialReport& report) {
-  wire::Frame frame = exchange(wire::encode_denial_report(report));
+  wire::Frame frame = exchange(wire::encode_denial_report(report), Retry::OnStaleConnection);
   if (frame.type == wire::MsgType::Failure) throw_failure(frame);
   if (frame.type != wire::MsgType::Ack || !frame.body.empty()) {
     throw Error(Errc::ProtocolError, "colcrypt-keyd sent an unexpected reply type");
@@ -276,7 +326,7 @@ void Client::report_denial(const wire::DenialReport& report) {
 }
 
 std::string Client::admin(std::string_view json_request) {
-  wire::Frame frame = exchange(wire::encode_admin(json_request));
+  wire::Frame frame = exchange(wire::encode_admin(json_request), Retry::Never);
   if (frame.type == wire::MsgType::Failure) throw_failure(frame);
   if (frame.type != wire::MsgType::AdminResult) {
     throw Error(Errc::ProtocolError, "colcrypt-keyd sent an unexpected reply type");

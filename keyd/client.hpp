@@ -2,6 +2,8 @@
 // the tests and the Postgres extension. Postgres-free: the extension passes an
 // interrupt check that never longjmps.
 #pragma once
+#include <sys/types.h>
+
 #include <functional>
 #include <string>
 #include <string_view>
@@ -19,8 +21,13 @@ struct ClientOptions {
   std::function<bool()> interrupted;
 };
 
-// One connection per exchange (keys are cached by the caller, so exchanges
-// are rare). Failures throw colcrypt::Error:
+// A Client keeps its connection open between exchanges (keyd closes it after
+// its idle timeout; the next exchange then connects again) and closes it when
+// destroyed, after any failure, and in a forked child, which never shares its
+// parent's connection. A fetch whose kept connection turns out closed by keyd
+// before any reply arrived is sent once more on a new connection; an admin
+// request always goes on a new connection and is never sent twice. Failures
+// throw colcrypt::Error:
 //   KeydUnavailable (cannot connect; message names the socket path),
 //   KeydTimeout, Cancelled, ProtocolError,
 //   and the mapping of keyd's Failure replies:
@@ -30,6 +37,15 @@ struct ClientOptions {
 class Client {
  public:
   explicit Client(ClientOptions options);
+  ~Client();
+  Client(const Client&) = delete;
+  Client& operator=(const Client&) = delete;
+
+  // New options for later exchanges; the connection is kept if the socket
+  // path is the same.
+  void set_options(ClientOptions options);
+  // Closes the kept connection (the next exchange connects again).
+  void disconnect() noexcept;
 
   wire::KeyReply fetch_primary(std::string_view name);
   // purpose other than Decrypt tells keyd the version keys deterministic
@@ -45,8 +61,11 @@ class Client {
   void report_denial(const wire::DenialReport& report);
 
  private:
-  wire::Frame exchange(const std::vector<uint8_t>& request);
+  enum class Retry { OnStaleConnection, Never };
+  wire::Frame exchange(const std::vector<uint8_t>& request, Retry retry);
   ClientOptions options_;
+  int fd_ = -1;    // the kept connection, or -1
+  pid_t pid_ = 0;  // the process that opened fd_
 };
 
 }  // namespace colcrypt::keyd

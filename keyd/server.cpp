@@ -1,28 +1,28 @@
 #include "keyd/server.hpp"
 
 #include <fcntl.h>
+#include <libpq-fe.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
-#include <libpq-fe.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
-#include <mutex>
-#include <thread>
 #include <cerrno>
+#include <condition_variable>
 #include <csignal>
 #include <cstring>
 #include <ctime>
 #include <deque>
 #include <functional>
-#include <utility>
 #include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
+#include <thread>
+#include <utility>
 
 #include "core/wire.hpp"
 #include "keyd/log.hpp"
@@ -248,7 +248,8 @@ std::string with_statement_timeout(const std::string& conninfo, int timeout_ms) 
 // the loop through the signal pipe.
 class Server::DatabaseWorker {
  public:
-  DatabaseWorker(const std::vector<std::string>& databases, int timeout_ms) : timeout_ms_(timeout_ms) {
+  DatabaseWorker(const std::vector<std::string>& databases, int timeout_ms)
+      : timeout_ms_(timeout_ms) {
     for (const auto& d : databases) {
       try {
         databases_.push_back(with_statement_timeout(d, timeout_ms));
@@ -310,9 +311,8 @@ class Server::DatabaseWorker {
           counts.rows[id] = count_references(databases_, id);
         } catch (const std::exception& e) {
           const std::string what = e.what();
-          const bool timed_out =
-              what.find("statement timeout") != std::string::npos ||
-              Clock::now() - start >= std::chrono::milliseconds(timeout_ms_);
+          const bool timed_out = what.find("statement timeout") != std::string::npos ||
+                                 Clock::now() - start >= std::chrono::milliseconds(timeout_ms_);
           counts.errors[id] =
               timed_out ? "counting the rows that use key '" + name +
                               "' did not finish within --count-timeout-ms (" +
@@ -737,8 +737,10 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
         entry["version"] = grant.version;
         entry["granted"] = grant.granted;
         audit(entry);
-        log_debug("peer " + peer + " fetched key '" + name + "' version " +
-                  std::to_string(reply.version) + " (" + std::to_string(grant.granted) + " uses)");
+        if (log_level() >= LogLevel::Debug)
+          log_debug("peer " + peer + " fetched key '" + name + "' version " +
+                    std::to_string(reply.version) + " (" + std::to_string(grant.granted) +
+                    " uses)");
         return;
       }
       case wire::MsgType::FetchVersion:
@@ -792,12 +794,11 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
           } catch (const Error& e) {
             entry["result"] = errc_name(e.code());
             audit(entry);
-            log_error("cannot record that version " + std::to_string(version) + " of key '" +
-                      name + "' keys " + wire::fetch_purpose_name(purpose) + " values: " +
-                      e.what());
-            return fail(wire::FailureCode::Internal,
-                        "colcrypt-keyd could not record this use of key '" + name +
-                            "' (see its log)");
+            log_error("cannot record that version " + std::to_string(version) + " of key '" + name +
+                      "' keys " + wire::fetch_purpose_name(purpose) + " values: " + e.what());
+            return fail(
+                wire::FailureCode::Internal,
+                "colcrypt-keyd could not record this use of key '" + name + "' (see its log)");
           }
           if (first) {
             audit({{"event", "derivation-pinned"},
@@ -809,7 +810,7 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
                    {"pid", c.pid}});
             log_info("version " + std::to_string(version) + " of key '" + name + "' now keys " +
                      (purpose == wire::FetchPurpose::BlindIndex ? "blind indexes"
-                                                                 : "deterministic values") +
+                                                                : "deterministic values") +
                      ": disabling or destroying it needs --force");
           }
           key = store_.find(id);  // record_derivation may have replaced the records
@@ -825,8 +826,9 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
         store_.record_use(key->id, now_seconds());
         entry["result"] = "ok";
         audit(entry);
-        log_debug("peer " + peer + " fetched key '" + key->name + "' version " +
-                  std::to_string(version));
+        if (log_level() >= LogLevel::Debug)
+          log_debug("peer " + peer + " fetched key '" + key->name + "' version " +
+                    std::to_string(version));
         return;
       }
       case wire::MsgType::DenialReport: {
@@ -903,8 +905,7 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
   bool logged = false;  // rotate_and_audit writes its own entry
   // Hands the request to the counting thread; it is handled again, from the
   // start, once the counts are in (finish_database_work).
-  auto defer = [&](const std::vector<const KeyRecord*>& keys,
-                   DatabaseWorker::Task task = nullptr) {
+  auto defer = [&](const std::vector<const KeyRecord*>& keys, DatabaseWorker::Task task = nullptr) {
     std::vector<std::pair<std::string, std::string>> ids;
     for (const KeyRecord* k : keys) ids.emplace_back(format_key_id(k->id), k->name);
     c.waiting = true;
@@ -1025,8 +1026,8 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
         for (const auto& r : references["columns"]) {
           if (r["version"].get<uint32_t>() != version) continue;
           rows += r["rows"].get<int64_t>();
-          where += std::string(where.empty() ? "" : ", ") + r["database"].get<std::string>() +
-                   ":" + r["column"].get<std::string>() + " (" +
+          where += std::string(where.empty() ? "" : ", ") + r["database"].get<std::string>() + ":" +
+                   r["column"].get<std::string>() + " (" +
                    std::to_string(r["rows"].get<int64_t>()) + ")";
         }
         if (rows > 0) {
@@ -1216,8 +1217,7 @@ void Server::release_key_replies() {
         continue;
       }
       const bool durable = o.audit_seq <= synced;
-      if (lost || !audit_ || durable ||
-          (config_.audit_sync == AuditSyncMode::Batch && disk_ok)) {
+      if (lost || !audit_ || durable || (config_.audit_sync == AuditSyncMode::Batch && disk_ok)) {
         o.held = false;
       } else if (!config_.audit_fail_closed && audit_->sync_failing()) {
         o.held = false;  // --audit-failure serve: keys go out while the disk fails
@@ -1385,7 +1385,7 @@ int Server::run() {
   connections_.clear();
   stopping_ = true;
   db_worker_.reset();  // a count in progress ends within --count-timeout-ms
-  jobs_.reset();  // stops the worker; an unfinished batch rolls back
+  jobs_.reset();       // stops the worker; an unfinished batch rolls back
   flush_store(true);
   audit({{"event", "stop"}});
   if (audit_) audit_->sync();

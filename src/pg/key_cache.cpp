@@ -61,8 +61,8 @@ struct KeyEntry {
   AeadKey key;
   std::string name;
   int64_t fetched_ms;
-  SecretBytes blind_key;  // HKDF of the key bytes for blind indexes (key_cache.hpp)
-  SecretBytes siv_key;    // HKDF of the key bytes for deterministic values
+  HmacSha256 blind_mac;  // keyed with the HKDF of the key bytes for blind indexes (key_cache.hpp)
+  SecretBytes siv_key;   // HKDF of the key bytes for deterministic values
   SecretBytes version_key;  // the key bytes: derived-key values (algorithm 3) derive from them
   // Bits (1 << wire::FetchPurpose) of the purposes keyd was told of when it
   // served this entry: the first deterministic or blind-index use of a cached
@@ -74,9 +74,10 @@ unsigned purpose_bit(wire::FetchPurpose p) { return 1u << static_cast<unsigned>(
 
 // Opens with the version key, or with the per-context key of a derived-key
 // value (core/envelope.hpp derive_value_key).
-void open_with(KeyEntry& entry, const EnvelopeHeader& header, ByteView envelope,
-               ByteView context, uint8_t* out) {
-  if (header.algorithm != Algorithm::Aes256GcmDerived) return open(entry.key, envelope, context, out);
+void open_with(KeyEntry& entry, const EnvelopeHeader& header, ByteView envelope, ByteView context,
+               uint8_t* out) {
+  if (header.algorithm != Algorithm::Aes256GcmDerived)
+    return open(entry.key, envelope, context, out);
   AeadKey derived(
       derive_value_key(entry.version_key.view(), header.key_id, header.key_version, context)
           .view());
@@ -171,6 +172,14 @@ class WaitReport {
   void (*end_)();
 };
 
+// The backend keeps one connection to keyd between fetches: a statement
+// meeting several key versions, a block refill or a TTL refresh costs no new
+// connection (keyd closes it when idle; keyd::Client then reconnects).
+keyd::Client& backend_client() {
+  static keyd::Client client{keyd::ClientOptions{}};
+  return client;
+}
+
 class KeyCache {
  public:
   // The key for an envelope header's (id, version). purpose: what the key is
@@ -180,7 +189,8 @@ class KeyCache {
     const int64_t now = now_ms();
     const unsigned bit = purpose == wire::FetchPurpose::Decrypt ? 0 : purpose_bit(purpose);
     if (last_ != nullptr && last_->first == ref &&
-        fresh(last_->second.fetched_ms, s.cache_ttl_s, now) && (last_->second.reported & bit) == bit)
+        fresh(last_->second.fetched_ms, s.cache_ttl_s, now) &&
+        (last_->second.reported & bit) == bit)
       return last_->second;
     auto it = keys_.find(ref);
     unsigned reported = bit;
@@ -292,6 +302,7 @@ class KeyCache {
 
   template <typename Request>
   static wire::KeyReply fetch(const KeydSettings& s, const std::string& what, Request&& request) {
+    keyd::Client& client = backend_client();
     keyd::ClientOptions options;
     options.socket_path = s.socket_path;
     options.timeout_ms = s.timeout_ms;
@@ -299,7 +310,7 @@ class KeyCache {
     wire::KeyReply reply;
     try {
       WaitReport waiting(s);
-      keyd::Client client(std::move(options));
+      client.set_options(std::move(options));
       reply = request(client);
     } catch (const Error& e) {
       rethrow_keyd_failure(e, s, what);
@@ -321,9 +332,9 @@ class KeyCache {
         hkdf_sha256(reply.key.view(), ByteView::of(kDeterministicSalt), ByteView(reply.id), 64);
     keys_.erase(ref);
     if (last_ != nullptr && last_->first == ref) last_ = nullptr;
-    auto [it, inserted] = keys_.emplace(ref, KeyEntry{std::move(key), std::move(reply.name), now,
-                                                      std::move(blind_key), std::move(siv_key),
-                                                      SecretBytes(reply.key.view())});
+    auto [it, inserted] = keys_.emplace(
+        ref, KeyEntry{std::move(key), std::move(reply.name), now, HmacSha256(blind_key.view()),
+                      std::move(siv_key), SecretBytes(reply.key.view())});
     (void)inserted;
     last_ = &*it;
     return it->second;
@@ -511,7 +522,7 @@ void blind_index(const KeydSettings& settings, std::string_view key_name, ByteVi
   cache().primary(settings, key_name, ref);
   KeyEntry& first =
       cache().by_version(settings, VersionRef{ref.id, 1}, wire::FetchPurpose::BlindIndex);
-  const std::array<uint8_t, 32> mac = hmac_sha256(first.blind_key.view(), data);
+  const std::array<uint8_t, 32> mac = first.blind_mac.mac(data);
   std::memcpy(out, mac.data(), kBlindIndexSize);
 }
 

@@ -4,6 +4,7 @@
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -12,6 +13,7 @@
 #include <cstring>
 #include <filesystem>
 #include <functional>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -26,11 +28,21 @@ using colcrypt::keyd::ClientOptions;
 
 namespace {
 
-// A one-connection fake keyd: accepts, reads one request frame, hands it to
-// `respond`, writes what it returns (nothing: stay silent until stopped).
+// What a fake keyd does with one request: write `reply` (if any), then keep
+// the connection (close_after false) or close it. No reply and no close: stay
+// silent until stopped.
+struct Answer {
+  Answer(std::vector<uint8_t> r, bool close = false)  // NOLINT: lambdas return the reply bytes
+      : reply(std::move(r)), close_after(close) {}
+  std::vector<uint8_t> reply;
+  bool close_after;
+};
+
+// A scripted fake keyd: serves each connection on a thread of its own, reads
+// request frames from it and hands them to `respond`.
 class FakeKeyd {
  public:
-  using Responder = std::function<std::vector<uint8_t>(const wire::Frame&)>;
+  using Responder = std::function<Answer(const wire::Frame&)>;
 
   explicit FakeKeyd(Responder respond) : respond_(std::move(respond)) {
     char pattern[] = "/tmp/colcrypt-client-test-XXXXXX";
@@ -50,12 +62,15 @@ class FakeKeyd {
   ~FakeKeyd() {
     stop_ = true;
     thread_.join();
+    for (auto& t : connection_threads_) t.join();
     ::close(listen_fd_);
     std::error_code ec;
     std::filesystem::remove_all(dir_, ec);
   }
   const std::string& path() const { return path_; }
   wire::MsgType request_type() const { return request_type_; }
+  int connections() const { return connections_; }
+  int requests() const { return requests_; }
 
  private:
   bool wait_readable(int fd) {
@@ -66,36 +81,68 @@ class FakeKeyd {
     return false;
   }
   void serve() {
-    if (!wait_readable(listen_fd_)) return;
-    int fd = ::accept(listen_fd_, nullptr, nullptr);
-    wire::FrameReader reader;
-    std::optional<wire::Frame> frame;
-    while (!frame && wait_readable(fd)) {
-      uint8_t buf[512];
-      ssize_t n = ::read(fd, buf, sizeof buf);
-      if (n <= 0) break;
-      reader.feed(buf, static_cast<size_t>(n));
-      frame = reader.next();
+    while (wait_readable(listen_fd_)) {
+      int fd = ::accept(listen_fd_, nullptr, nullptr);
+      if (fd < 0) continue;
+      ++connections_;
+      connection_threads_.emplace_back([this, fd] {
+        serve_connection(fd);
+        ::close(fd);
+      });
     }
-    if (frame) {
+  }
+  void serve_connection(int fd) {
+    wire::FrameReader reader;
+    for (;;) {
+      std::optional<wire::Frame> frame = reader.next();
+      if (!frame) {
+        uint8_t buf[512];
+        if (!wait_readable(fd)) return;
+        ssize_t n = ::read(fd, buf, sizeof buf);
+        if (n <= 0) return;
+        reader.feed(buf, static_cast<size_t>(n));
+        continue;
+      }
       request_type_ = frame->type;
-      std::vector<uint8_t> reply = respond_(*frame);
-      if (!reply.empty()) {
-        ssize_t ignored = ::write(fd, reply.data(), reply.size());
+      ++requests_;
+      Answer answer = respond_(*frame);
+      if (!answer.reply.empty()) {
+        ssize_t ignored = ::send(fd, answer.reply.data(), answer.reply.size(), MSG_NOSIGNAL);
         (void)ignored;
       }
+      if (answer.close_after) return;
+      if (answer.reply.empty()) {
+        while (!stop_) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+        return;
+      }
     }
-    while (!stop_) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    ::close(fd);
   }
 
   Responder respond_;
   std::string dir_, path_;
   int listen_fd_ = -1;
   std::thread thread_;
+  std::vector<std::thread> connection_threads_;  // used by thread_ only, joined after it
   std::atomic<bool> stop_{false};
   std::atomic<wire::MsgType> request_type_{wire::MsgType::Failure};
+  std::atomic<int> connections_{0};
+  std::atomic<int> requests_{0};
 };
+
+// A key reply for whatever version a FetchVersion asked for.
+std::vector<uint8_t> echo_version(const wire::Frame& request) {
+  wire::KeyReply r;
+  wire::decode_fetch_version(ByteView(request.body), r.id, r.version);
+  r.state = wire::KeyState::Active;
+  r.name = "k";
+  r.key = SecretBytes(32);
+  SecretBytes frame = wire::encode_key_reply(r);
+  return std::vector<uint8_t>(frame.data(), frame.data() + frame.size());
+}
+
+std::vector<uint8_t> admin_ok(const wire::Frame&) {
+  return wire::encode_frame(wire::MsgType::AdminResult, ByteView::of("{}"));
+}
 
 ClientOptions options_for(const std::string& path, int timeout_ms = 2000) {
   ClientOptions o;
@@ -234,4 +281,101 @@ TEST_CASE("keyd client: a malformed reply frame", "[keystore][client]") {
   });
   Client client(options_for(keyd.path()));
   CHECK(error_of([&] { client.fetch_primary("k"); }) == Errc::ProtocolError);
+}
+
+TEST_CASE("keyd client: exchanges share one connection", "[keystore][client]") {
+  FakeKeyd keyd(echo_version);
+  Client client(options_for(keyd.path()));
+  const KeyId id = new_key_id();
+  for (uint32_t v = 1; v <= 3; ++v) CHECK(client.fetch_version(id, v).version == v);
+  CHECK(keyd.requests() == 3);
+  CHECK(keyd.connections() == 1);
+  client.disconnect();
+  CHECK(client.fetch_version(id, 4).version == 4);
+  CHECK(keyd.connections() == 2);
+}
+
+TEST_CASE("keyd client: a connection keyd closed is replaced", "[keystore][client]") {
+  // keyd closes after each reply (as after its idle timeout): the next
+  // exchange finds the connection closed, before or after sending on it.
+  FakeKeyd keyd([](const wire::Frame& f) {
+    return Answer(f.type == wire::MsgType::Admin ? admin_ok(f) : echo_version(f), true);
+  });
+  Client client(options_for(keyd.path()));
+  const KeyId id = new_key_id();
+  for (uint32_t v = 1; v <= 5; ++v) CHECK(client.fetch_version(id, v).version == v);
+  CHECK(client.admin("{\"op\":\"status\"}") == "{}");
+  CHECK(keyd.connections() == 6);
+}
+
+TEST_CASE("keyd client: a fetch is sent again when keyd closes without a reply; admin is not",
+          "[keystore][client]") {
+  // The second request is dropped unanswered (for a fetch: keyd's idle
+  // timeout closing the kept connection just as the request arrived).
+  std::atomic<int> seen{0};
+  auto dropping_second = [&](std::vector<uint8_t> (*reply)(const wire::Frame&)) {
+    return [&seen, reply](const wire::Frame& f) {
+      return ++seen == 2 ? Answer({}, true) : Answer(reply(f));
+    };
+  };
+  const KeyId id = new_key_id();
+  SECTION("fetch") {
+    FakeKeyd keyd(dropping_second(echo_version));
+    Client client(options_for(keyd.path()));
+    CHECK(client.fetch_version(id, 1).version == 1);
+    CHECK(client.fetch_version(id, 2).version == 2);
+    CHECK(keyd.requests() == 3);
+    CHECK(keyd.connections() == 2);
+  }
+  SECTION("admin") {
+    FakeKeyd keyd(dropping_second(admin_ok));
+    Client client(options_for(keyd.path()));
+    CHECK(client.admin("{\"op\":\"rotate\",\"name\":\"k\"}") == "{}");
+    std::string message;
+    CHECK(error_of([&] { client.admin("{\"op\":\"rotate\",\"name\":\"k\"}"); }, &message) ==
+          Errc::ProtocolError);
+    CHECK_THAT(message, Catch::Contains("closed the connection without a reply"));
+    CHECK(keyd.requests() == 2);  // never sent twice
+    CHECK(client.admin("{\"op\":\"status\"}") == "{}");
+    CHECK(keyd.connections() == 3);  // each admin request on a new connection
+  }
+}
+
+TEST_CASE("keyd client: after a timeout the late reply is never taken for the next one",
+          "[keystore][client]") {
+  FakeKeyd keyd([](const wire::Frame& f) {
+    wire::KeyReply r;
+    wire::decode_fetch_version(ByteView(f.body), r.id, r.version);
+    if (r.version == 1) std::this_thread::sleep_for(std::chrono::milliseconds(400));
+    return Answer(echo_version(f));
+  });
+  Client client(options_for(keyd.path(), 150));
+  const KeyId id = new_key_id();
+  CHECK(error_of([&] { client.fetch_version(id, 1); }) == Errc::KeydTimeout);
+  client.set_options(options_for(keyd.path(), 2000));  // same socket: the options only
+  CHECK(client.fetch_version(id, 2).version == 2);
+  CHECK(keyd.connections() == 2);
+}
+
+TEST_CASE("keyd client: a forked child opens its own connection", "[keystore][client]") {
+  FakeKeyd keyd(echo_version);
+  Client client(options_for(keyd.path()));
+  const KeyId id = new_key_id();
+  CHECK(client.fetch_version(id, 1).version == 1);
+  pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    bool ok = false;
+    try {
+      ok = client.fetch_version(id, 2).version == 2;
+    } catch (...) {
+    }
+    ::_exit(ok ? 0 : 1);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+  CHECK(client.fetch_version(id, 3).version == 3);  // the parent's connection still works
+  CHECK(keyd.requests() == 3);
+  CHECK(keyd.connections() == 2);
 }
