@@ -853,7 +853,7 @@ struct SealedReceiver {
   DestReceiver pub;  // first: Postgres passes &pub
   DestReceiver* inner;
   TableFrame* frame;  // nullptr: the statement began before the library loaded
-  bool instrumented;  // EXPLAIN ANALYZE (without a frame to say so)
+  bool explain;       // EXPLAIN ANALYZE: refused when a column holds colcrypt.encrypted
   Oid type;
   int ncolumns;
   int natts;  // attributes to deform: up to the last checked column
@@ -884,8 +884,7 @@ void sealed_receiver_startup(DestReceiver* self, int operation, TupleDesc typein
       r->natts = i + 1;
     }
   }
-  const bool explain = r->frame != nullptr ? r->frame->kind == FrameKind::Explain : r->instrumented;
-  if (r->ncolumns > 0 && explain)
+  if (r->ncolumns > 0 && r->explain)
     ereport(ERROR,
             (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
              errmsg("EXPLAIN ANALYZE cannot create a table with colcrypt.encrypted columns"),
@@ -952,17 +951,20 @@ void run_executor(QueryDesc* query, ScanDirection direction, uint64 count, bool 
     standard_ExecutorRun(query, direction, count, execute_once);
 }
 
-// Puts a SealedReceiver around the receiver of CREATE TABLE AS (and of
-// EXPLAIN ANALYZE of one, and of CREATE MATERIALIZED VIEW: it checks, and
-// changes nothing else there), and marks the statement's frame complete when
-// the run stored every row.
+// Puts a SealedReceiver around the receiver of CREATE TABLE AS and of
+// EXPLAIN ANALYZE of one, and marks the statement's frame complete when the
+// run stored every row. Without a frame (EXPLAIN ANALYZE in a session whose
+// query loaded the library, or event triggers not firing), only EXPLAIN
+// ANALYZE (instrumented) is wrapped, to be refused.
 void colcrypt_executor_run(QueryDesc* query, ScanDirection direction, uint64 count,
                            bool execute_once) {
-  if (query->dest == nullptr || query->dest->mydest != DestIntoRel) {
+  TableFrame* const frame = current_frame;
+  const bool into_relation = query->dest != nullptr && query->dest->mydest == DestIntoRel;
+  if (!into_relation || (frame != nullptr ? frame->kind == FrameKind::Other
+                                          : query->instrument_options == 0)) {
     run_executor(query, direction, count, execute_once);
     return;
   }
-  TableFrame* const frame = current_frame;
   if (frame != nullptr) ++frame->runs;
   SealedReceiver* receiver = static_cast<SealedReceiver*>(palloc0(sizeof(SealedReceiver)));
   receiver->pub.receiveSlot = sealed_receiver_receive;
@@ -972,7 +974,7 @@ void colcrypt_executor_run(QueryDesc* query, ScanDirection direction, uint64 cou
   receiver->pub.mydest = DestIntoRel;
   receiver->inner = query->dest;
   receiver->frame = frame;
-  receiver->instrumented = query->instrument_options != 0;
+  receiver->explain = frame == nullptr || frame->kind == FrameKind::Explain;
   DestReceiver* const inner = query->dest;
   query->dest = &receiver->pub;
   PG_TRY();
