@@ -471,11 +471,12 @@ bool guard_functions(Oid& type, Oid& check) {
 // the ddl_command_end event trigger adds it after CREATE TABLE, CREATE TABLE
 // AS, SELECT INTO and ALTER TABLE, and a dropped one comes back. Postgres
 // checks constraints on every stored row after the BEFORE triggers (PL/pgSQL
-// or C), in COPY and in ALTER TABLE rewrites; the rows already there are
-// validated when added (CREATE TABLE AS [EXECUTE], after a rewrite), or, after
-// an ALTER TABLE that rewrote nothing, the one possible new value, the added
-// columns' stored default, is checked (add_sealed_checks). So no pending
-// plaintext reaches a table, whatever path wrote it.
+// or C), in COPY and in ALTER TABLE rewrites; the rows already there were
+// checked as CREATE TABLE AS [EXECUTE] stored them (SealedReceiver), or are
+// validated when the check is added (after a rewrite), or, after an ALTER
+// TABLE that rewrote nothing, the one possible new value, the added columns'
+// stored default, is checked (add_sealed_checks). So no pending plaintext
+// reaches a table, whatever path wrote it.
 
 // True when values of typid can hold a colcrypt.encrypted.
 bool holds_encrypted(Oid typid, Oid type) {
@@ -894,9 +895,13 @@ void sealed_receiver_startup(DestReceiver* self, int operation, TupleDesc typein
   r->inner->rStartup(r->inner, operation, typeinfo);
   // The relation exists now (the inner receiver made it): its name and its
   // columns' names (CREATE TABLE t (a, b) AS renames them) for the errors.
-  const Oid relid = r->frame != nullptr && r->frame->into != nullptr
-                        ? RangeVarGetRelid(r->frame->into->rel, NoLock, true)
-                        : InvalidOid;
+  // Looked up where it was created, not through search_path (a temporary
+  // table of the same name would come first).
+  const RangeVar* rel = r->frame != nullptr && r->frame->into != nullptr ? r->frame->into->rel
+                                                                          : nullptr;
+  const Oid relid =
+      rel != nullptr ? get_relname_relid(rel->relname, RangeVarGetCreationNamespace(rel))
+                     : InvalidOid;
   if (r->frame != nullptr) r->frame->relid = relid;
   r->table = OidIsValid(relid) ? quote_qualified_identifier(
                                      get_namespace_name(get_rel_namespace(relid)),
@@ -965,7 +970,10 @@ void colcrypt_executor_run(QueryDesc* query, ScanDirection direction, uint64 cou
     run_executor(query, direction, count, execute_once);
     return;
   }
-  if (frame != nullptr) ++frame->runs;
+  if (frame != nullptr) {
+    ++frame->runs;
+    frame->complete = false;
+  }
   SealedReceiver* receiver = static_cast<SealedReceiver*>(palloc0(sizeof(SealedReceiver)));
   receiver->pub.receiveSlot = sealed_receiver_receive;
   receiver->pub.rStartup = sealed_receiver_startup;
@@ -1036,7 +1044,8 @@ void colcrypt_utility(PlannedStmt* pstmt, const char* query_string, bool read_on
   if (framed) {
     frame.previous = current_frame;
     frame.kind = frame_kind(ctas);
-    if (explained != nullptr && frame.kind == FrameKind::Table) frame.kind = FrameKind::Explain;
+    // (WITH NO DATA too: EXPLAIN ANALYZE makes the empty table)
+    if (explained != nullptr && ctas->objtype == OBJECT_TABLE) frame.kind = FrameKind::Explain;
     frame.into = ctas->into;
     current_frame = &frame;
   }
