@@ -239,8 +239,11 @@ CREATE FUNCTION colcrypt._table_rewrite() RETURNS event_trigger
 -- Refuses ALTER COLUMN ... TYPE colcrypt.encrypted on a key-bound column
 -- (it would drop the key and the binding), and the same through ALTER TYPE
 -- ... ALTER ATTRIBUTE ... CASCADE on the typed tables of a composite type.
+-- On CREATE TABLE AS / SELECT INTO it loads the library, so that the rows
+-- are checked as they are stored even in a session that had not loaded it
+-- (then the sealed checks need no scan of the new table).
 CREATE EVENT TRIGGER colcrypt_ddl_start ON ddl_command_start
-    WHEN TAG IN ('ALTER TABLE', 'ALTER TYPE')
+    WHEN TAG IN ('ALTER TABLE', 'ALTER TYPE', 'CREATE TABLE AS', 'SELECT INTO')
     EXECUTE FUNCTION colcrypt._ddl_start();
 CREATE EVENT TRIGGER colcrypt_ddl_end ON ddl_command_end
     WHEN TAG IN ('CREATE TABLE', 'CREATE TABLE AS', 'SELECT INTO', 'ALTER TABLE', 'ALTER TYPE')

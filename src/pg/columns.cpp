@@ -35,6 +35,7 @@ extern "C" {
 #include "catalog/pg_type.h"
 #include "commands/dbcommands.h"
 #include "commands/event_trigger.h"
+#include "executor/executor.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "mb/pg_wchar.h"
@@ -46,6 +47,7 @@ extern "C" {
 #include "nodes/readfuncs.h"
 #include "optimizer/planner.h"
 #include "parser/parse_func.h"
+#include "parser/parser.h"
 #include "parser/parse_relation.h"
 #include "parser/parse_type.h"
 #include "parser/parsetree.h"
@@ -469,11 +471,12 @@ bool guard_functions(Oid& type, Oid& check) {
 // the ddl_command_end event trigger adds it after CREATE TABLE, CREATE TABLE
 // AS, SELECT INTO and ALTER TABLE, and a dropped one comes back. Postgres
 // checks constraints on every stored row after the BEFORE triggers (PL/pgSQL
-// or C), in COPY and in ALTER TABLE rewrites; the rows already there are
-// validated when added (CREATE TABLE AS [EXECUTE], after a rewrite), or, after
-// an ALTER TABLE that rewrote nothing, the one possible new value, the added
-// columns' stored default, is checked (add_sealed_checks). So no pending
-// plaintext reaches a table, whatever path wrote it.
+// or C), in COPY and in ALTER TABLE rewrites; the rows already there were
+// checked as CREATE TABLE AS [EXECUTE] stored them (SealedReceiver), or are
+// validated when the check is added (after a rewrite), or, after an ALTER
+// TABLE that rewrote nothing, the one possible new value, the added columns'
+// stored default, is checked (add_sealed_checks). So no pending plaintext
+// reaches a table, whatever path wrote it.
 
 // True when values of typid can hold a colcrypt.encrypted.
 bool holds_encrypted(Oid typid, Oid type) {
@@ -564,6 +567,22 @@ void check_sealed(Datum value, Oid typid, Oid type) {
     pfree(values);
     pfree(nulls);
   }
+}
+
+// What colcrypt.sealed() checks of a value (not null) about to be stored in
+// a column of type argtype; direct: argtype is colcrypt.encrypted or a domain
+// over it. Raises unless every colcrypt.encrypted inside is sealed.
+void check_stored(Datum datum, Oid argtype, Oid type, bool direct) {
+  const struct varlena* value = reinterpret_cast<struct varlena*>(DatumGetPointer(datum));
+  // A value still in a table's TOAST storage was read from a table, where
+  // it was checked when stored (an UPDATE of other columns): do not fetch it.
+  // A pending plaintext made by this statement is always in memory.
+  if (VARATT_IS_EXTERNAL_ONDISK(value)) return;
+  if (direct && !VARATT_IS_EXTERNAL(value) && !VARATT_IS_COMPRESSED(value)) {
+    if (colcrypt::pg::is_pending(bytes_of(value))) refuse_unsealed();
+    return;
+  }
+  check_sealed(datum, argtype, type);
 }
 
 // The function colcrypt.sealed(anyelement).
@@ -666,19 +685,35 @@ bool all_empty(const List* relids) {
   return true;
 }
 
+// The name of a column's sealed check: colcrypt_sealed_<column>, clipped to
+// NAMEDATALEN - 1 bytes at a character boundary.
+void sealed_check_name(char (&name)[NAMEDATALEN], const char* column) {
+  snprintf(name, sizeof name, "colcrypt_sealed_%s", column);
+  name[pg_mbcliplen(name, static_cast<int>(std::strlen(name)), NAMEDATALEN - 1)] = '\0';
+}
+
+// How add_sealed_checks treats the rows already in the table.
+enum class ExistingRows {
+  // Checked by a scan under the ALTER TABLE's lock: a new table filled by a
+  // query, a table after a rewrite, or an empty one.
+  Validate,
+  // An ALTER TABLE that rewrote nothing and has rows (ADD COLUMN, the online
+  // migration of a large table): the only values that can be new are the
+  // added columns' stored default ("missing value"), checked here, and the
+  // check is added NOT VALID: no scan, no long lock; it holds for every row
+  // written from now on, and ALTER TABLE ... VALIDATE CONSTRAINT checks the
+  // old rows under a lock that lets writes go on.
+  NotValid,
+  // Every row was checked as it was stored (CREATE TABLE AS, see
+  // SealedReceiver): the check is added valid without a scan, as CREATE TABLE
+  // adds its own checks (skip_validation, initially_valid).
+  Checked,
+};
+
 // Adds the missing sealed checks of a table (and, through ALTER TABLE, of its
 // inheritors and partitions), all in one ALTER TABLE: the event trigger that
 // this ALTER TABLE fires in turn finds nothing left to add. Runs inside SPI.
-//
-// validate: check the rows already there (a scan under the ALTER TABLE's
-// lock), for a new table filled by a query and after a rewrite. Otherwise (an
-// ALTER TABLE that rewrote nothing and has rows: ADD COLUMN, the online
-// migration of a large table) the only values that can be new are the added columns' stored
-// default ("missing value"), checked here, and the check is added NOT VALID:
-// no scan, no long lock; it holds for every row written from now on, and
-// ALTER TABLE ... VALIDATE CONSTRAINT checks the old rows under a lock that
-// lets writes go on.
-void add_sealed_checks(Oid relid, Oid type, Oid sealed, bool validate) {
+void add_sealed_checks(Oid relid, Oid type, Oid sealed, ExistingRows rows) {
   Relation rel = try_relation_open(relid, AccessShareLock);
   if (rel == nullptr) return;
   const char relkind = rel->rd_rel->relkind;
@@ -692,11 +727,11 @@ void add_sealed_checks(Oid relid, Oid type, Oid sealed, bool validate) {
       if (att->attisdropped || !holds_encrypted(att->atttypid, type)) continue;
       if (has_sealed_check(rel, att->attnum, sealed)) continue;
       char name[NAMEDATALEN];
-      snprintf(name, sizeof name, "colcrypt_sealed_%s", NameStr(att->attname));
-      name[pg_mbcliplen(name, static_cast<int>(std::strlen(name)), NAMEDATALEN - 1)] = '\0';
+      sealed_check_name(name, NameStr(att->attname));
       appendStringInfo(&command, "%s ADD CONSTRAINT %s CHECK (colcrypt.sealed(%s))%s",
                        command.len == 0 ? "" : ",", quote_identifier(name),
-                       quote_identifier(NameStr(att->attname)), validate ? "" : " NOT VALID");
+                       quote_identifier(NameStr(att->attname)),
+                       rows == ExistingRows::NotValid ? " NOT VALID" : "");
       columns = lappend(columns, pstrdup(NameStr(att->attname)));
     }
   }
@@ -704,7 +739,7 @@ void add_sealed_checks(Oid relid, Oid type, Oid sealed, bool validate) {
                                                  RelationGetRelationName(rel));
   relation_close(rel, AccessShareLock);
   if (command.len == 0) return;
-  if (!validate) {
+  if (rows == ExistingRows::NotValid) {
     List* relids = find_all_inheritors(relid, AccessShareLock, nullptr);
     ListCell* lc;
     foreach (lc, relids) {
@@ -721,8 +756,242 @@ void add_sealed_checks(Oid relid, Oid type, Oid sealed, bool validate) {
       relation_close(child, AccessShareLock);
     }
   }
-  if (SPI_execute(psprintf("ALTER TABLE %s%s", table, command.data), false, 0) != SPI_OK_UTILITY)
-    elog(ERROR, "SPI_execute failed");
+  const char* sql = psprintf("ALTER TABLE %s%s", table, command.data);
+  if (rows != ExistingRows::Checked) {
+    if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY) elog(ERROR, "SPI_execute failed");
+    return;
+  }
+  // The same statement (event triggers see the same command), its constraints
+  // marked valid without a scan; SQL has no syntax for that, so it runs as a
+  // parse tree, with what SPI would do around it.
+  RawStmt* raw = linitial_node(RawStmt, raw_parser(sql, RAW_PARSE_DEFAULT));
+  ListCell* lc;
+  foreach (lc, castNode(AlterTableStmt, raw->stmt)->cmds) {
+    Constraint* con = castNode(Constraint, lfirst_node(AlterTableCmd, lc)->def);
+    con->skip_validation = true;
+    con->initially_valid = true;
+  }
+  PlannedStmt* pstmt = makeNode(PlannedStmt);
+  pstmt->commandType = CMD_UTILITY;
+  pstmt->utilityStmt = raw->stmt;
+  pstmt->stmt_location = raw->stmt_location;
+  pstmt->stmt_len = raw->stmt_len;
+  CommandCounterIncrement();
+  PushActiveSnapshot(GetTransactionSnapshot());
+  ProcessUtility(pstmt, sql, false, PROCESS_UTILITY_QUERY, nullptr, nullptr, None_Receiver,
+                 nullptr);
+  PopActiveSnapshot();
+  CommandCounterIncrement();
+}
+
+// ---------------------------------------------------------------- CREATE TABLE AS
+//
+// CREATE TABLE AS, SELECT INTO and CREATE TABLE ... AS EXECUTE check every row
+// as they store it (SealedReceiver, around the statement's DestIntoRel
+// receiver), so the sealed checks that ddl_end adds afterwards need no scan of
+// the new table. A frame per statement that makes a relation from a query
+// (and per EXPLAIN of one) tells ddl_end whether its receiver saw every row:
+// the utility hook keeps it on the C stack around the statement. A statement
+// that began before this library was loaded (the first CREATE TABLE AS of a
+// session, whose query loads it) gets late_frame from its own
+// ddl_command_start trigger (colcrypt_ddl_start). Without a frame, ddl_end
+// validates as before.
+
+enum class FrameKind {
+  Table,    // CREATE TABLE AS / SELECT INTO / ... AS EXECUTE storing rows
+  Explain,  // EXPLAIN [ANALYZE] CREATE TABLE AS / SELECT INTO
+  Other,    // WITH NO DATA, CREATE MATERIALIZED VIEW: no change
+};
+
+struct TableFrame {
+  TableFrame* previous;
+  FrameKind kind;
+  const IntoClause* into;
+  int runs;       // executor runs into a new relation under this frame
+  bool complete;  // the one run returned normally: every row was checked
+  Oid relid;      // the relation it made
+};
+
+TableFrame* current_frame = nullptr;
+TableFrame late_frame;
+SubTransactionId late_frame_subxact = InvalidSubTransactionId;
+
+FrameKind frame_kind(const CreateTableAsStmt* stmt) {
+  return stmt->objtype == OBJECT_TABLE && !stmt->into->skipData ? FrameKind::Table
+                                                                 : FrameKind::Other;
+}
+
+// A late frame ends with its statement's ddl_end, or when its transaction or
+// subtransaction does (an error before).
+void forget_late_frame() {
+  if (current_frame == &late_frame) current_frame = late_frame.previous;
+  late_frame_subxact = InvalidSubTransactionId;
+}
+
+void late_frame_xact_callback(XactEvent event, void*) {
+  if (event != XACT_EVENT_PRE_COMMIT && event != XACT_EVENT_PARALLEL_PRE_COMMIT &&
+      event != XACT_EVENT_PRE_PREPARE)
+    forget_late_frame();
+}
+
+void late_frame_subxact_callback(SubXactEvent event, SubTransactionId subxact, SubTransactionId,
+                                 void*) {
+  if (event == SUBXACT_EVENT_ABORT_SUB && late_frame_subxact != InvalidSubTransactionId &&
+      late_frame_subxact >= subxact)
+    forget_late_frame();
+}
+
+struct SealedColumn {
+  int attno;  // 0-based
+  Oid argtype;
+  bool direct;
+  char check_name[NAMEDATALEN];
+};
+
+// Wraps the DestIntoRel receiver: applies colcrypt.sealed()'s check to every
+// column holding colcrypt.encrypted of every row before the row is stored.
+struct SealedReceiver {
+  DestReceiver pub;  // first: Postgres passes &pub
+  DestReceiver* inner;
+  TableFrame* frame;  // nullptr: the statement began before the library loaded
+  bool explain;       // EXPLAIN ANALYZE: refused when a column holds colcrypt.encrypted
+  Oid type;
+  int ncolumns;
+  int natts;  // attributes to deform: up to the last checked column
+  SealedColumn* columns;
+  const SealedColumn* checking;  // for the error context
+  const char* table;
+};
+
+void sealed_receiver_context(void* arg) {
+  const SealedReceiver* r = static_cast<const SealedReceiver*>(arg);
+  if (r->checking != nullptr)
+    errcontext("sealed check \"%s\" of new table %s, checked as the row is stored",
+               r->checking->check_name, r->table);
+}
+
+void sealed_receiver_startup(DestReceiver* self, int operation, TupleDesc typeinfo) {
+  SealedReceiver* r = reinterpret_cast<SealedReceiver*>(self);
+  Oid check;
+  r->columns = static_cast<SealedColumn*>(palloc0(sizeof(SealedColumn) * typeinfo->natts));
+  if (guard_functions(r->type, check)) {
+    for (int i = 0; i < typeinfo->natts; ++i) {
+      const Form_pg_attribute att = TupleDescAttr(typeinfo, i);
+      if (att->attisdropped || !holds_encrypted(att->atttypid, r->type)) continue;
+      SealedColumn& c = r->columns[r->ncolumns++];
+      c.attno = i;
+      c.argtype = att->atttypid;
+      c.direct = getBaseType(att->atttypid) == r->type;
+      r->natts = i + 1;
+    }
+  }
+  if (r->ncolumns > 0 && r->explain)
+    ereport(ERROR,
+            (errcode(ERRCODE_FEATURE_NOT_SUPPORTED),
+             errmsg("EXPLAIN ANALYZE cannot create a table with colcrypt.encrypted columns"),
+             errdetail("EXPLAIN fires no event triggers, so the table would get no sealed checks "
+                       "(colcrypt_sealed_<column>)."),
+             errhint("Run the CREATE TABLE AS itself, or EXPLAIN it without ANALYZE.")));
+  r->inner->rStartup(r->inner, operation, typeinfo);
+  // The relation exists now (the inner receiver made it): its name and its
+  // columns' names (CREATE TABLE t (a, b) AS renames them) for the errors.
+  // Looked up where it was created, not through search_path (a temporary
+  // table of the same name would come first).
+  const RangeVar* rel = r->frame != nullptr && r->frame->into != nullptr ? r->frame->into->rel
+                                                                          : nullptr;
+  const Oid relid =
+      rel != nullptr ? get_relname_relid(rel->relname, RangeVarGetCreationNamespace(rel))
+                     : InvalidOid;
+  if (r->frame != nullptr) r->frame->relid = relid;
+  r->table = OidIsValid(relid) ? quote_qualified_identifier(
+                                     get_namespace_name(get_rel_namespace(relid)),
+                                     get_rel_name(relid))
+                               : "(being created)";
+  for (int i = 0; i < r->ncolumns; ++i) {
+    SealedColumn& c = r->columns[i];
+    const char* name = OidIsValid(relid) ? get_attname(relid, c.attno + 1, true) : nullptr;
+    sealed_check_name(c.check_name,
+                      name != nullptr ? name : NameStr(TupleDescAttr(typeinfo, c.attno)->attname));
+  }
+}
+
+bool sealed_receiver_receive(TupleTableSlot* slot, DestReceiver* self) {
+  SealedReceiver* r = reinterpret_cast<SealedReceiver*>(self);
+  if (r->ncolumns > 0) {
+    slot_getsomeattrs(slot, r->natts);
+    ErrorContextCallback context;
+    context.callback = sealed_receiver_context;
+    context.arg = r;
+    context.previous = error_context_stack;
+    error_context_stack = &context;
+    for (int i = 0; i < r->ncolumns; ++i) {
+      const SealedColumn& c = r->columns[i];
+      if (slot->tts_isnull[c.attno]) continue;
+      r->checking = &c;
+      check_stored(slot->tts_values[c.attno], c.argtype, r->type, c.direct);
+    }
+    r->checking = nullptr;
+    error_context_stack = context.previous;
+  }
+  return r->inner->receiveSlot(slot, r->inner);
+}
+
+void sealed_receiver_shutdown(DestReceiver* self) {
+  DestReceiver* inner = reinterpret_cast<SealedReceiver*>(self)->inner;
+  inner->rShutdown(inner);
+}
+
+void sealed_receiver_destroy(DestReceiver* self) {
+  DestReceiver* inner = reinterpret_cast<SealedReceiver*>(self)->inner;
+  inner->rDestroy(inner);
+  pfree(self);
+}
+
+ExecutorRun_hook_type previous_executor_run = nullptr;
+
+void run_executor(QueryDesc* query, ScanDirection direction, uint64 count, bool execute_once) {
+  if (previous_executor_run != nullptr)
+    previous_executor_run(query, direction, count, execute_once);
+  else
+    standard_ExecutorRun(query, direction, count, execute_once);
+}
+
+// Puts a SealedReceiver around the receiver of CREATE TABLE AS and of
+// EXPLAIN ANALYZE of one, and marks the statement's frame complete when the
+// run stored every row. Without a frame (EXPLAIN ANALYZE in a session whose
+// query loaded the library, or event triggers not firing), only EXPLAIN
+// ANALYZE (instrumented) is wrapped, to be refused.
+void colcrypt_executor_run(QueryDesc* query, ScanDirection direction, uint64 count,
+                           bool execute_once) {
+  TableFrame* const frame = current_frame;
+  const bool into_relation = query->dest != nullptr && query->dest->mydest == DestIntoRel;
+  if (!into_relation || (frame != nullptr ? frame->kind == FrameKind::Other
+                                          : query->instrument_options == 0)) {
+    run_executor(query, direction, count, execute_once);
+    return;
+  }
+  if (frame != nullptr) {
+    ++frame->runs;
+    frame->complete = false;
+  }
+  SealedReceiver* receiver = static_cast<SealedReceiver*>(palloc0(sizeof(SealedReceiver)));
+  receiver->pub.receiveSlot = sealed_receiver_receive;
+  receiver->pub.rStartup = sealed_receiver_startup;
+  receiver->pub.rShutdown = sealed_receiver_shutdown;
+  receiver->pub.rDestroy = sealed_receiver_destroy;
+  receiver->pub.mydest = DestIntoRel;
+  receiver->inner = query->dest;
+  receiver->frame = frame;
+  receiver->explain = frame == nullptr || frame->kind == FrameKind::Explain;
+  DestReceiver* const inner = query->dest;
+  query->dest = &receiver->pub;
+  PG_TRY();
+  { run_executor(query, direction, count, execute_once); }
+  PG_FINALLY();
+  { query->dest = inner; }
+  PG_END_TRY();
+  if (frame != nullptr && frame->runs == 1 && count == 0 && ScanDirectionIsForward(direction))
+    frame->complete = true;
 }
 
 // CREATE TABLE AS / CREATE MATERIALIZED VIEW / REFRESH MATERIALIZED VIEW
@@ -763,11 +1032,32 @@ void colcrypt_utility(PlannedStmt* pstmt, const char* query_string, bool read_on
   Node* explained = IsA(stmt, ExplainStmt) ? reinterpret_cast<ExplainStmt*>(stmt)->query : nullptr;
   if (explained != nullptr && IsA(explained, Query))
     explained = reinterpret_cast<Query*>(explained)->utilityStmt;
-  volatile const bool table_from_select =
-      IsA(stmt, CreateTableAsStmt) || IsA(stmt, RefreshMatViewStmt) ||
-      (explained != nullptr && IsA(explained, CreateTableAsStmt));
+  const CreateTableAsStmt* ctas = nullptr;
+  if (IsA(stmt, CreateTableAsStmt))
+    ctas = reinterpret_cast<CreateTableAsStmt*>(stmt);
+  else if (explained != nullptr && IsA(explained, CreateTableAsStmt))
+    ctas = reinterpret_cast<CreateTableAsStmt*>(explained);
+  volatile const bool table_from_select = ctas != nullptr || IsA(stmt, RefreshMatViewStmt);
+  volatile const bool framed = ctas != nullptr;
+  // This statement's frame (see SealedReceiver); nested ones have their own.
+  TableFrame frame{};
+  if (framed) {
+    frame.previous = current_frame;
+    frame.kind = frame_kind(ctas);
+    // (WITH NO DATA too: EXPLAIN ANALYZE makes the empty table)
+    if (explained != nullptr && ctas->objtype == OBJECT_TABLE) frame.kind = FrameKind::Explain;
+    frame.into = ctas->into;
+    current_frame = &frame;
+  }
   if (copy_from) ++copy_from_depth;
   if (table_from_select) ++table_from_select_depth;
+  // (PG_CATCH, not PG_FINALLY: gcc warns that PG_FINALLY's flag might be
+  // clobbered here)
+  const auto leave = [&] {
+    if (copy_from) --copy_from_depth;
+    if (table_from_select) --table_from_select_depth;
+    if (framed) current_frame = frame.previous;
+  };
   PG_TRY();
   {
     if (previous_utility != nullptr)
@@ -778,13 +1068,11 @@ void colcrypt_utility(PlannedStmt* pstmt, const char* query_string, bool read_on
   }
   PG_CATCH();
   {
-    if (copy_from) --copy_from_depth;
-    if (table_from_select) --table_from_select_depth;
+    leave();
     PG_RE_THROW();
   }
   PG_END_TRY();
-  if (copy_from) --copy_from_depth;
-  if (table_from_select) --table_from_select_depth;
+  leave();
 }
 
 }  // namespace
@@ -939,6 +1227,10 @@ void install_column_hooks() {
   planner_hook = colcrypt_planner;
   previous_utility = ProcessUtility_hook;
   ProcessUtility_hook = colcrypt_utility;
+  previous_executor_run = ExecutorRun_hook;
+  ExecutorRun_hook = colcrypt_executor_run;
+  RegisterXactCallback(late_frame_xact_callback, nullptr);
+  RegisterSubXactCallback(late_frame_subxact_callback, nullptr);
 }
 
 }  // namespace colcrypt::pg
@@ -1079,16 +1371,7 @@ Datum colcrypt_sealed(PG_FUNCTION_ARGS) {
     r->direct = getBaseType(r->argtype) == type;
     fcinfo->flinfo->fn_extra = r;
   }
-  const struct varlena* value = reinterpret_cast<struct varlena*>(PG_GETARG_POINTER(0));
-  // A value still in the table's TOAST storage was read from a table, where
-  // it was checked when stored (an UPDATE of other columns): do not fetch it.
-  // A pending plaintext made by this statement is always in memory.
-  if (VARATT_IS_EXTERNAL_ONDISK(value)) PG_RETURN_BOOL(true);
-  if (r->direct && !VARATT_IS_EXTERNAL(value) && !VARATT_IS_COMPRESSED(value)) {
-    if (colcrypt::pg::is_pending(bytes_of(value))) refuse_unsealed();
-    PG_RETURN_BOOL(true);
-  }
-  check_sealed(PG_GETARG_DATUM(0), r->argtype, r->type);
+  check_stored(PG_GETARG_DATUM(0), r->argtype, r->type, r->direct);
   PG_RETURN_BOOL(true);
 }
 
@@ -1102,6 +1385,20 @@ Datum colcrypt_ddl_start(PG_FUNCTION_ARGS) {
     ereport(ERROR, (errcode(ERRCODE_E_R_I_E_EVENT_TRIGGER_PROTOCOL_VIOLATED),
                     errmsg("colcrypt._ddl_start() is an event trigger")));
   const EventTriggerData* data = reinterpret_cast<EventTriggerData*>(fcinfo->context);
+  // CREATE TABLE AS / SELECT INTO that began before this call loaded the
+  // library (the utility hook gives every later one a frame): a frame until
+  // its ddl_end, so that its rows are checked as they are stored as well.
+  if (data->parsetree != nullptr && IsA(data->parsetree, CreateTableAsStmt)) {
+    if (current_frame == nullptr) {
+      const CreateTableAsStmt* ctas = reinterpret_cast<CreateTableAsStmt*>(data->parsetree);
+      late_frame = TableFrame{};
+      late_frame.kind = frame_kind(ctas);
+      late_frame.into = ctas->into;
+      late_frame_subxact = GetCurrentSubTransactionId();
+      current_frame = &late_frame;
+    }
+    PG_RETURN_NULL();
+  }
   Oid type;
   Oid check;
   if (data->parsetree == nullptr || !IsA(data->parsetree, AlterTableStmt) ||
@@ -1185,13 +1482,27 @@ Datum colcrypt_ddl_end(PG_FUNCTION_ARGS) {
   }
   const CommandTag tag = reinterpret_cast<EventTriggerData*>(fcinfo->context)->tag;
   const bool altered = tag == CMDTAG_ALTER_TABLE || tag == CMDTAG_ALTER_TYPE;
+  // CREATE TABLE AS whose receiver checked every row it stored: the table it
+  // made needs no validation scan.
+  const bool from_query = tag == CMDTAG_CREATE_TABLE_AS || tag == CMDTAG_SELECT_INTO;
+  const TableFrame* frame = current_frame;
+  const Oid checked = from_query && frame != nullptr && frame->kind == FrameKind::Table &&
+                              frame->complete
+                          ? frame->relid
+                          : InvalidOid;
   ListCell* lc;
   foreach (lc, relids) {
     const Oid relid = lfirst_oid(lc);
-    List* tables = altered ? find_all_inheritors(relid, AccessShareLock, nullptr) : NIL;
-    const bool validate = !altered || rewritten_now(tables) || all_empty(tables);
-    add_sealed_checks(relid, type, sealed, validate);
+    ExistingRows rows = ExistingRows::Validate;
+    if (altered) {
+      List* tables = find_all_inheritors(relid, AccessShareLock, nullptr);
+      if (!rewritten_now(tables) && !all_empty(tables)) rows = ExistingRows::NotValid;
+    } else if (OidIsValid(checked) && relid == checked) {
+      rows = ExistingRows::Checked;
+    }
+    add_sealed_checks(relid, type, sealed, rows);
   }
+  if (from_query && frame == &late_frame) forget_late_frame();
   SPI_finish();
   PG_RETURN_NULL();
 }

@@ -65,9 +65,12 @@ bool in_copy_from();
 
 // Installs the planner hook (require_sealed around values stored in columns
 // without a key, and around the output of CREATE TABLE AS / materialized
-// views) and the utility hook (marks COPY FROM and CREATE TABLE AS while they
-// run). Called once from _PG_init. The sealed CHECK constraints (event
-// trigger colcrypt._ddl_end) are the backstop that needs no loaded library.
+// views), the utility hook (marks COPY FROM and CREATE TABLE AS while they
+// run) and the executor-run hook (CREATE TABLE AS checks each row as it
+// stores it, so its sealed checks need no validation scan; EXPLAIN ANALYZE
+// of one is refused). Called once from _PG_init. The sealed CHECK constraints
+// (event trigger colcrypt._ddl_end) are the backstop that needs no loaded
+// library.
 void install_column_hooks();
 
 }  // namespace colcrypt::pg

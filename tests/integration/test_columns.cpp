@@ -1,7 +1,9 @@
 // Key-bound columns through real clients: untyped libpq parameters, psql's
 // \copy (text and CSV), and pg_dump / pg_restore (plain and custom format)
 // round trips that carry the ciphertext byte for byte, restore with keyd
-// stopped, and leave no plaintext in the dump. docs/columns.md.
+// stopped, and leave no plaintext in the dump; the sealed checks CREATE TABLE
+// AS adds without a scan are those of the scan, in the catalog and the dump.
+// docs/columns.md.
 #include <libpq-fe.h>
 
 #include <catch2/catch.hpp>
@@ -158,7 +160,7 @@ TEST_CASE("psql \\copy of plaintext into a key-bound column, text and CSV", "[co
 }
 
 TEST_CASE("pg_dump and pg_restore carry the ciphertext byte for byte, without keyd",
-          "[columns][dump]") {
+          "[columns][dump][sealed]") {
   Sandbox sandbox;  // its own: keyd is stopped during the restores
   sandbox.create_key("dump_key");
   PgConn admin(sandbox.conninfo());
@@ -183,6 +185,33 @@ TEST_CASE("pg_dump and pg_restore carry the ciphertext byte for byte, without ke
     src.value("UPDATE customers SET card = 'card-secret-' || id WHERE id <= 10");
     REQUIRE(src.value("SELECT convalidated FROM pg_constraint WHERE conname = "
                       "'colcrypt_sealed_card'") == "f");
+    // CREATE TABLE AS checks its rows as it stores them and adds its sealed
+    // checks valid without a scan; the catalog rows are those of the scan
+    // path (taken when colcrypt_ddl_start does not load the library for a
+    // session that has not: a new connection)
+    src.value("CREATE TABLE ctas_copy AS SELECT id, ssn, free FROM customers");
+    src.value("ALTER EVENT TRIGGER colcrypt_ddl_start DISABLE");
+    {
+      PgConn fresh(conninfo_for(sandbox, "dump_src"));
+      fresh.value("CREATE TABLE ctas_scanned AS SELECT id, ssn, free FROM customers");
+      // its statistics, before its answer (not at its exit, after ours)
+      fresh.value("SELECT pg_stat_force_next_flush()");
+    }
+    src.value("ALTER EVENT TRIGGER colcrypt_ddl_start ENABLE");
+    src.value("SELECT pg_stat_force_next_flush()");
+    CHECK(src.value("SELECT string_agg(relname || '=' || seq_scan, ',' ORDER BY relname) "
+                    "FROM pg_stat_user_tables WHERE relname LIKE 'ctas_%'") ==
+          "ctas_copy=0,ctas_scanned=1");
+    const std::string catalog_row =
+        "SELECT string_agg(format('%s %s %s %s %s %s %s %s', conname, contype, condeferrable, "
+        "condeferred, convalidated, conislocal, coninhcount, pg_get_constraintdef(oid)), ', ' "
+        "ORDER BY conname) FROM pg_constraint WHERE conrelid = ";
+    const std::string copied = src.value(catalog_row + "'ctas_copy'::regclass");
+    CHECK(copied ==
+          "colcrypt_sealed_free c f f t t 0 CHECK (colcrypt.sealed(free)), "
+          "colcrypt_sealed_ssn c f f t t 0 CHECK (colcrypt.sealed(ssn))");
+    CHECK(src.value(catalog_row + "'ctas_scanned'::regclass") == copied);
+    src.value("DROP TABLE ctas_scanned");
   }
   PgConn src(conninfo_for(sandbox, "dump_src"));
   const std::string original = copy_out(src, "customers");
@@ -208,6 +237,16 @@ TEST_CASE("pg_dump and pg_restore carry the ciphertext byte for byte, without ke
   // the sealed checks travel with the tables (and a restore does not add twice)
   CHECK(plain_text.find("CONSTRAINT colcrypt_sealed_free CHECK (colcrypt.sealed(free))") !=
         std::string::npos);
+  // a CREATE TABLE AS table's checks are valid: inside its CREATE TABLE
+  const size_t copy_table = plain_text.find("CREATE TABLE public.ctas_copy (");
+  REQUIRE(copy_table != std::string::npos);
+  const std::string copy_ddl =
+      plain_text.substr(copy_table, plain_text.find(");", copy_table) - copy_table);
+  CHECK(copy_ddl.find("CONSTRAINT colcrypt_sealed_ssn CHECK (colcrypt.sealed(ssn))") !=
+        std::string::npos);
+  CHECK(copy_ddl.find("CONSTRAINT colcrypt_sealed_free CHECK (colcrypt.sealed(free))") !=
+        std::string::npos);
+  CHECK(plain_text.find("ALTER TABLE public.ctas_copy\n    ADD CONSTRAINT") == std::string::npos);
   const std::string custom_bytes = read_file(custom);
   CHECK(custom_bytes.find("ssn-secret-") == std::string::npos);  // compressed or not, never plain
   r = run_command({"pg_restore", "-f", "-", custom}, client_env(sandbox));
@@ -235,6 +274,10 @@ TEST_CASE("pg_dump and pg_restore carry the ciphertext byte for byte, without ke
           "1");
     CHECK(restored.value("SELECT count(*) FROM pg_constraint WHERE conrelid = "
                          "'customers'::regclass AND conname LIKE 'colcrypt_sealed_%'") == "4");
+    CHECK(restored.value("SELECT string_agg(conname || ' ' || convalidated, ', ' ORDER BY "
+                         "conname) FROM pg_constraint WHERE conrelid = 'ctas_copy'::regclass") ==
+          "colcrypt_sealed_free true, colcrypt_sealed_ssn true");
+    CHECK(copy_out(restored, "ctas_copy") == copy_out(src, "ctas_copy"));
   }
   CHECK(sandbox.keyd_log().find("ERROR") == std::string::npos);
 
