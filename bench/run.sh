@@ -328,16 +328,20 @@ install -d -m 0755 "$WORK/bin"
 install -m 0755 "$keyd_bench_bin" "$WORK/bin/colcrypt-bench-keyd"
 for rep in $(seq "$REPS"); do
   for op in primary version; do
-    line=$(runuser -u postgres -- "$WORK/bin/colcrypt-bench-keyd" "$COLCRYPT_KEYD_SOCKET" "$KEY" \
-      "$KEYD_CLIENTS" "$KEYD_REQUESTS" "$op")
-    echo "  rep $rep $op: $line"
-    for f in p50_us p99_us max_us per_s; do
-      record "keyd.$op.$f" "$(printf '%s\n' "$line" | sed -n "s/.*$f=\([0-9.]*\).*/\1/p")"
+    # kept: each client keeps its connection, as a backend does between its
+    # fetches; new: a connection per fetch, a new backend's first fetch.
+    for conn in kept new; do
+      line=$(runuser -u postgres -- "$WORK/bin/colcrypt-bench-keyd" "$COLCRYPT_KEYD_SOCKET" "$KEY" \
+        "$KEYD_CLIENTS" "$KEYD_REQUESTS" "$op" "$conn")
+      echo "  rep $rep $op, $conn connections: $line"
+      for f in p50_us p99_us max_us per_s; do
+        record "keyd.$op.$conn.$f" "$(printf '%s\n' "$line" | sed -n "s/.*$f=\([0-9.]*\).*/\1/p")"
+      done
     done
     # The same fetches one at a time: keyd's service time. With 64 clients in
     # a closed loop the latency is 64 / per_s (bench/keyd_fetch.cpp).
     line=$(runuser -u postgres -- "$WORK/bin/colcrypt-bench-keyd" "$COLCRYPT_KEYD_SOCKET" "$KEY" \
-      1 "$KEYD_REQUESTS" "$op")
+      1 "$KEYD_REQUESTS" "$op" new)
     echo "  rep $rep $op, 1 client: $line"
     for f in p50_us p99_us; do
       record "keyd.$op.single_$f" "$(printf '%s\n' "$line" | sed -n "s/.*$f=\([0-9.]*\).*/\1/p")"
