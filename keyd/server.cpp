@@ -591,7 +591,7 @@ void Server::accept_all() {
              "colcrypt-keyd refuses uid " + std::to_string(cred.uid) + " (not on its allowlist)");
       continue;
     }
-    if (connections_.size() >= config_.max_connections) {
+    if (live_connections() >= config_.max_connections && !close_idlest()) {
       log_warning("too many connections; refused peer " + peer_text(cred.uid, cred.pid));
       reject(wire::FailureCode::Internal, "colcrypt-keyd is busy (too many connections)");
       continue;
@@ -617,6 +617,29 @@ void Server::accept_all() {
   // A new peer usually sent its request right after connecting: handle it in
   // this loop turn (its reply goes out after this turn's commit).
   for (size_t i = first_new; i < connections_.size(); ++i) handle_readable(*connections_[i]);
+}
+
+size_t Server::live_connections() const {
+  return static_cast<size_t>(std::count_if(connections_.begin(), connections_.end(),
+                                           [](const auto& c) { return !c->dead; }));
+}
+
+bool Server::close_idlest() {
+  // Backends keep their connection between fetches (keyd::Client): at
+  // --max-connections the one idle longest makes room; its client connects
+  // again when it next needs a key. A connection in the middle of a request
+  // (part of a frame read, a reply queued, row counts awaited) is never taken.
+  Connection* idlest = nullptr;
+  for (auto& c : connections_) {
+    if (c->dead || c->waiting || !c->out.empty() || c->reader.buffered() > 0) continue;
+    if (idlest == nullptr || c->last_activity < idlest->last_activity) idlest = c.get();
+  }
+  if (idlest == nullptr) return false;
+  if (log_level() >= LogLevel::Debug)
+    log_debug("closing the idlest connection (peer " + peer_text(idlest->uid, idlest->pid) +
+              ") for a new peer");
+  idlest->dead = true;
+  return true;
 }
 
 void Server::handle_readable(Connection& c) {

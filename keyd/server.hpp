@@ -133,6 +133,8 @@ class Server {
   // After each commit: key replies go out, or (failing closed) are replaced
   // by Failures when an audit write failed since the last release.
   void release_key_replies();
+  size_t live_connections() const;
+  bool close_idlest();  // false: every connection is busy
   uint64_t audit_losses_seen_ = 0;
   // After the last release: replies still waiting for the disk (read by the sync thread).
   std::atomic<size_t> held_replies_{0};

@@ -9,6 +9,7 @@
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <future>
 #include <nlohmann/json.hpp>
@@ -57,6 +58,17 @@ colcrypt::keyd::Client keyd_client(const Sandbox& sandbox) {
   o.socket_path = sandbox.keyd_socket();
   o.timeout_ms = 5000;
   return colcrypt::keyd::Client(o);
+}
+
+// The sockets a process has open (its fds that are sockets), read as root.
+int open_sockets(const std::string& pid) {
+  int n = 0;
+  for (const auto& entry : std::filesystem::directory_iterator("/proc/" + pid + "/fd")) {
+    std::error_code ec;
+    const auto target = std::filesystem::read_symlink(entry.path(), ec);
+    if (!ec && target.string().rfind("socket:", 0) == 0) ++n;
+  }
+  return n;
 }
 
 bool contains(const std::string& text, const std::string& part) {
@@ -497,8 +509,9 @@ TEST_CASE("row counting runs off keyd's loop: fetches are served while a table i
   sandbox.create_key("ck");
   PgConn setup(sandbox.conninfo());
   setup.value("CREATE TABLE t (id int, v colcrypt.encrypted)");
-  setup.value("INSERT INTO t SELECT g, colcrypt.encrypt_field('r' || g, 'ck') "
-              "FROM generate_series(1, 3) g");
+  setup.value(
+      "INSERT INTO t SELECT g, colcrypt.encrypt_field('r' || g, 'ck') "
+      "FROM generate_series(1, 3) g");
   REQUIRE(sandbox.keyctl({"rotate", "ck"}).exit_code == 0);
 
   PgConn locker(sandbox.conninfo());
@@ -629,9 +642,8 @@ TEST_CASE("a failed audit write: fetches refused (fail closed), then an audit_ga
   CHECK(verdict["lost"].get<int>() >= 3);  // the refused fetches' entries at least
   CHECK(verdict["gaps"].size() == 1);
   // Offline, from the store and the master secret, the same verdict.
-  CommandResult offline = sandbox.keyctl(
-      {"audit", "verify", "--store", sandbox.store_dir(), "--password-file",
-       sandbox.dir() + "/master-password"});
+  CommandResult offline = sandbox.keyctl({"audit", "verify", "--store", sandbox.store_dir(),
+                                          "--password-file", sandbox.dir() + "/master-password"});
   INFO(offline.output);
   CHECK(offline.exit_code == 4);
 
@@ -667,8 +679,8 @@ TEST_CASE("keyctl audit verify offline: the store and the master secret, no keyd
   // ... and once it is down; the password may also come from the environment.
   sandbox.must("keyd-stop");
   CHECK(offline({"--password-file", password_file}).exit_code == 0);
-  CHECK(offline({}, {{"ENCRYPTION_MASTER_PASSWORD", read_file(password_file).substr(
-                                                        0, read_file(password_file).size() - 1)}})
+  CHECK(offline({}, {{"ENCRYPTION_MASTER_PASSWORD",
+                      read_file(password_file).substr(0, read_file(password_file).size() - 1)}})
             .exit_code == 0);
   // A wrong secret cannot verify anything; no secret at all is a usage error.
   const std::string wrong = sandbox.dir() + "/wrong-password";
@@ -754,4 +766,26 @@ TEST_CASE("keyd refuses an unknown --audit-sync", "[keyd][audit-sync][startup]")
   CHECK(r.exit_code == 64);
   CHECK(contains(r.output, "--audit-sync must be batch or always"));
   CHECK_FALSE(path_exists(sandbox.keyd_socket()));
+}
+
+TEST_CASE("a backend keeps one connection to keyd across fetches and keyd restarts",
+          "[keyd][kept]") {
+  Sandbox sandbox;
+  sandbox.create_extension();
+  for (const char* k : {"kept_a", "kept_b", "kept_c"}) sandbox.create_key(k);
+  PgConn conn(sandbox.conninfo());
+  const std::string pid = conn.value("SELECT pg_backend_pid()");
+  const int before = open_sockets(pid);
+  conn.value("SELECT colcrypt.encrypt_field('x', 'kept_a')");
+  CHECK(open_sockets(pid) == before + 1);
+  // Two more keys (two more fetches): still the one connection.
+  conn.value("SELECT colcrypt.encrypt_field('x', 'kept_b'), colcrypt.encrypt_field('x', 'kept_c')");
+  CHECK(open_sockets(pid) == before + 1);
+  // keyd restarted meanwhile: the kept connection is dead; the next fetch
+  // connects again without an error.
+  sandbox.must("keyd-stop");
+  sandbox.must("keyd-start");
+  conn.value("SET colcrypt.key_cache_ttl = 0");
+  CHECK(conn.value("SELECT colcrypt.decrypt_field(colcrypt.encrypt_field('y', 'kept_a'))") == "y");
+  CHECK(open_sockets(pid) == before + 1);
 }

@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <catch2/catch.hpp>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -38,7 +39,8 @@ MasterSecret test_password() {
 // A keyd serving a temp store on a temp socket from a background thread.
 class RunningKeyd {
  public:
-  RunningKeyd(std::vector<uid_t> allow, std::vector<uid_t> admin) {
+  RunningKeyd(std::vector<uid_t> allow, std::vector<uid_t> admin, size_t max_connections = 256)
+      : max_connections_(max_connections) {
     char pattern[] = "/tmp/colcrypt-server-test-XXXXXX";
     if (!::mkdtemp(pattern)) throw std::runtime_error("mkdtemp failed");
     dir_ = pattern;
@@ -58,6 +60,7 @@ class RunningKeyd {
     config.socket_path = socket_path();
     config.allow_uids = std::move(allow);
     config.admin_uids = std::move(admin);
+    config.max_connections = max_connections_;
     server_ = std::make_unique<Server>(std::move(config), std::move(store));
     server_->listen();
     result_ = std::async(std::launch::async, [this] { return server_->run(); });
@@ -81,6 +84,7 @@ class RunningKeyd {
 
  private:
   std::string dir_;
+  size_t max_connections_;
   std::unique_ptr<Server> server_;
   std::future<int> result_;
 };
@@ -417,4 +421,26 @@ TEST_CASE("keyd server: a block is at most 1/64 of the key's cap, never cut belo
   CHECK(keyd.client().fetch_primary_block("demo", 65536).granted == 1024);
   json shown = keyd.admin({{"op", "show"}, {"name", "big"}});
   CHECK(shown["usage_count"] == kDefaultMaxBlockUses + 2048);
+}
+
+TEST_CASE("keyd server: at its connection limit the idlest kept connection makes room",
+          "[keystore][server]") {
+  const uid_t me = ::geteuid();
+  RunningKeyd keyd({}, {me}, 2);
+  keyd.admin({{"op", "create"}, {"name", "k"}});
+  Client a = keyd.client();
+  Client b = keyd.client();
+  Client c = keyd.client();
+  const KeyId id = a.fetch_primary("k").id;
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  b.fetch_version(id, 1);  // keyd now holds a's and b's connections: its limit
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  // A third peer is served (a's connection, the idlest, is closed), and every
+  // client goes on, reconnecting as needed.
+  CHECK(c.fetch_version(id, 1).version == 1);
+  for (int round = 0; round < 3; ++round) {
+    CHECK(a.fetch_version(id, 1).version == 1);
+    CHECK(b.fetch_version(id, 1).version == 1);
+    CHECK(c.fetch_version(id, 1).version == 1);
+  }
 }
