@@ -268,6 +268,9 @@ for ds in short long; do
   rows=$(rows_of $ds)
   printf '\\set id random(1, %s)\nSELECT c FROM t_plain_%s WHERE id = :id;\n' "$rows" "$ds" >"$pgb_dir/read_plain_$ds.sql"
   printf '\\set id random(1, %s)\nSELECT colcrypt.decrypt_field(c) FROM t_colcrypt_%s WHERE id = :id;\n' "$rows" "$ds" >"$pgb_dir/read_colcrypt_$ds.sql"
+  # The plaintext read with one function call per row, O(1): what calling any
+  # function in the select list costs (executor set-up, EXECUTE check, the call).
+  printf '\\set id random(1, %s)\nSELECT octet_length(c) FROM t_plain_%s WHERE id = :id;\n' "$rows" "$ds" >"$pgb_dir/read_plainfn_$ds.sql"
   printf '\\set n random(0, 999999999)\nINSERT INTO w_plain_%s (c) VALUES (%s);\n' "$ds" "$(value_expr $ds)" >"$pgb_dir/write_plain_$ds.sql"
   printf '\\set n random(0, 999999999)\nINSERT INTO w_colcrypt_%s (c) VALUES (colcrypt.encrypt_field(%s, '"'"'%s'"'"'));\n' "$ds" "$(value_expr $ds)" "$KEY" >"$pgb_dir/write_colcrypt_$ds.sql"
   psql_q -c "CREATE TABLE w_plain_$ds (id bigserial PRIMARY KEY, c text); CREATE TABLE w_colcrypt_$ds (id bigserial PRIMARY KEY, c colcrypt.encrypted);"
@@ -275,7 +278,7 @@ for ds in short long; do
 
   say "point reads, $ds values: pgbench ${PGB_CLIENTS} clients x ${PGB_SECONDS}s ($REPS repetitions)"
   for rep in $(seq "$REPS"); do
-    for v in plain colcrypt; do
+    for v in plain colcrypt plainfn; do
       tps=$(pgbench_tps "$pgb_dir/read_${v}_$ds.sql")
       record "reads.$ds.$v" "$tps"
       printf '  rep %s %-16s %10.1f tps\n' "$rep" "$v" "$tps"
