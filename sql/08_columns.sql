@@ -394,6 +394,13 @@ ALTER TABLE rewrite ALTER COLUMN t TYPE enc_free USING 'plaintext'::enc_free;
 \echo :SQLSTATE
 ALTER TABLE rewrite ALTER COLUMN t TYPE colcrypt.encrypted[] USING '{plaintext}';
 \echo :SQLSTATE
+-- ... and one too large to stay in the row: the rewrite stored it out of line
+-- before the check existed, and the validation after it fetches it
+CREATE FUNCTION big_plain_array() RETURNS text LANGUAGE sql
+    AS $$ SELECT array_agg(md5(g::text))::text FROM generate_series(1, 300) g $$;
+ALTER TABLE rewrite ALTER COLUMN t TYPE colcrypt.encrypted[] USING big_plain_array()::colcrypt.encrypted[];
+\echo :SQLSTATE
+DROP FUNCTION big_plain_array();
 SELECT colcrypt.decrypt_field(v, 'r') AS v, t FROM rewrite;
 -- CREATE TABLE AS EXECUTE of a plan cached before (the planner hook does not
 -- see it): the table is made, then its new constraint refuses the rows

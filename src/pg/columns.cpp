@@ -572,12 +572,18 @@ void check_sealed(Datum value, Oid typid, Oid type) {
 // What colcrypt.sealed() checks of a value (not null) about to be stored in
 // a column of type argtype; direct: argtype is colcrypt.encrypted or a domain
 // over it. Raises unless every colcrypt.encrypted inside is sealed.
+// True while add_sealed_checks validates the rows of a table its statement
+// wrote (a rewrite, CREATE TABLE AS): they were stored before any sealed
+// check existed, so their out-of-line values are fetched and checked too.
+bool validating_new_rows = false;
+
 void check_stored(Datum datum, Oid argtype, Oid type, bool direct) {
   const struct varlena* value = reinterpret_cast<struct varlena*>(DatumGetPointer(datum));
   // A value still in a table's TOAST storage was read from a table, where
   // it was checked when stored (an UPDATE of other columns): do not fetch it.
-  // A pending plaintext made by this statement is always in memory.
-  if (VARATT_IS_EXTERNAL_ONDISK(value)) return;
+  // A pending plaintext made by this statement is always in memory, except in
+  // the rows a rewrite stored before the check was added.
+  if (VARATT_IS_EXTERNAL_ONDISK(value) && !validating_new_rows) return;
   if (direct && !VARATT_IS_EXTERNAL(value) && !VARATT_IS_COMPRESSED(value)) {
     if (colcrypt::pg::is_pending(bytes_of(value))) refuse_unsealed();
     return;
@@ -758,7 +764,14 @@ void add_sealed_checks(Oid relid, Oid type, Oid sealed, ExistingRows rows) {
   }
   const char* sql = psprintf("ALTER TABLE %s%s", table, command.data);
   if (rows != ExistingRows::Checked) {
-    if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY) elog(ERROR, "SPI_execute failed");
+    validating_new_rows = rows == ExistingRows::Validate;
+    PG_TRY();
+    {
+      if (SPI_execute(sql, false, 0) != SPI_OK_UTILITY) elog(ERROR, "SPI_execute failed");
+    }
+    PG_FINALLY();
+    { validating_new_rows = false; }
+    PG_END_TRY();
     return;
   }
   // The same statement (event triggers see the same command), its constraints
