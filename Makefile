@@ -5,7 +5,7 @@
 EXTVERSION = 0.1.0
 
 MODULE_big = colcrypt
-OBJS = $(patsubst %.cpp,%.o,$(sort $(wildcard src/pg/*.cpp src/core/*.cpp))) keyd/client.o
+OBJS = $(patsubst %.cpp,%.o,$(sort $(wildcard src/pg/*.cpp src/client/*.cpp src/core/*.cpp)))
 DATA_built = extension/colcrypt--$(EXTVERSION).sql
 DATA = extension/colcrypt.control $(wildcard extension/colcrypt--*--*.sql)
 # Without EXTENSION (the control file is not at the top level), PGXS would install DATA into contrib/.

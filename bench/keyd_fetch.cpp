@@ -5,7 +5,7 @@
 // OP is "primary" (what encryption fetches: keyd charges the use to the key)
 // or "version" (what decryption fetches: a given key id and version).
 // CONNECTION is "kept" (each client keeps its connection between fetches, as
-// a backend's keyd::Client does) or "new" (a new connection per fetch, what
+// a backend's client::Client does) or "new" (a new connection per fetch, what
 // the first fetch of a new backend pays: connect, send, receive).
 //
 //   colcrypt-bench-keyd SOCKET KEY_NAME CLIENTS REQUESTS [primary|version] [kept|new]
@@ -29,7 +29,7 @@
 #include <thread>
 #include <vector>
 
-#include "keyd/client.hpp"
+#include "client/client.hpp"
 
 namespace {
 
@@ -65,9 +65,9 @@ int main(int argc, char** argv) {
   uint32_t key_version = 0;
   if (op == "version") {
     try {
-      colcrypt::keyd::ClientOptions options;
+      colcrypt::client::ClientOptions options;
       options.socket_path = socket_path;
-      colcrypt::keyd::Client client(std::move(options));
+      colcrypt::client::Client client(std::move(options));
       const colcrypt::wire::KeyReply reply = client.fetch_primary(key_name);
       key_id = reply.id;
       key_version = reply.version;
@@ -91,10 +91,10 @@ int main(int argc, char** argv) {
     threads.emplace_back([&, t] {
       auto& mine = latencies[static_cast<size_t>(t)];
       mine.reserve(static_cast<size_t>(requests));
-      colcrypt::keyd::ClientOptions options;
+      colcrypt::client::ClientOptions options;
       options.socket_path = socket_path;
       options.timeout_ms = 10000;
-      colcrypt::keyd::Client client(std::move(options));
+      colcrypt::client::Client client(std::move(options));
       {
         std::unique_lock<std::mutex> lock(mu);
         ++ready;

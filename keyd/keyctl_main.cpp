@@ -16,7 +16,7 @@
 
 #include "core/error.hpp"
 #include "keyd/audit.hpp"
-#include "keyd/client.hpp"
+#include "client/client.hpp"
 #include "keyd/master_secret.hpp"
 #include "keyd/store.hpp"
 
@@ -357,7 +357,7 @@ int main(int argc, char** argv) {
     if (!expires_at.empty()) request["expires_at"] = expires_at;
   }
 
-  colcrypt::keyd::ClientOptions options;
+  colcrypt::client::ClientOptions options;
   options.socket_path = socket;
   options.timeout_ms = timeout_ms;
   if (app.get_option("--timeout-ms")->count() == 0 &&
@@ -370,7 +370,7 @@ int main(int argc, char** argv) {
   }
   std::string reply_text;
   try {
-    colcrypt::keyd::Client client(options);
+    colcrypt::client::Client client(options);
     reply_text = client.admin(request.dump());
   } catch (const colcrypt::Error& e) {
     switch (e.code()) {
@@ -431,7 +431,7 @@ int main(int argc, char** argv) {
     for (;;) {
       if (wait || command == "reencrypt") {
         try {
-          colcrypt::keyd::Client client(options);
+          colcrypt::client::Client client(options);
           list =
               json::parse(client.admin(json{{"op", "jobs"}}.dump())).value("jobs", json::array());
         } catch (const colcrypt::Error& e) {

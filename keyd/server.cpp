@@ -625,7 +625,7 @@ size_t Server::live_connections() const {
 }
 
 bool Server::close_idlest() {
-  // Backends keep their connection between fetches (keyd::Client): at
+  // Backends keep their connection between fetches (client::Client): at
   // --max-connections the one idle longest makes room; its client connects
   // again when it next needs a key. A connection in the middle of a request
   // (part of a frame read, a reply queued, row counts awaited) is never taken.

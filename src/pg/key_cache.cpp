@@ -18,7 +18,7 @@
 #include "core/secure_memory.hpp"
 #include "core/siv.hpp"
 #include "core/wire.hpp"
-#include "keyd/client.hpp"
+#include "client/client.hpp"
 #include "pg/guard.hpp"
 
 #ifdef POSTGRES_H
@@ -174,9 +174,9 @@ class WaitReport {
 
 // The backend keeps one connection to keyd between fetches: a statement
 // meeting several key versions, a block refill or a TTL refresh costs no new
-// connection (keyd closes it when idle; keyd::Client then reconnects).
-keyd::Client& backend_client() {
-  static keyd::Client client{keyd::ClientOptions{}};
+// connection (keyd closes it when idle; client::Client then reconnects).
+client::Client& backend_client() {
+  static client::Client client{client::ClientOptions{}};
   return client;
 }
 
@@ -203,7 +203,7 @@ class KeyCache {
     }
     const std::string what = describe(ref);
     wire::KeyReply reply = fetch(
-        s, what, [&](keyd::Client& c) { return c.fetch_version(ref.id, ref.version, purpose); });
+        s, what, [&](client::Client& c) { return c.fetch_version(ref.id, ref.version, purpose); });
     if (reply.id != ref.id || reply.version != ref.version)
       throw SqlError(Errc::ProtocolError, "invalid reply from colcrypt-keyd for " + what,
                      "keyd answered with a different key or version");
@@ -248,7 +248,7 @@ class KeyCache {
       ask = std::min(kMaxUseBlock, std::max(kUseBlock, it->second.asked * 2));
     }
     uint64_t granted = 0;
-    wire::KeyReply reply = fetch(s, what, [&](keyd::Client& c) {
+    wire::KeyReply reply = fetch(s, what, [&](client::Client& c) {
       wire::KeyGrantReply grant = c.fetch_primary_block(name, ask);
       granted = grant.granted;
       return std::move(grant.key);
@@ -302,8 +302,8 @@ class KeyCache {
 
   template <typename Request>
   static wire::KeyReply fetch(const KeydSettings& s, const std::string& what, Request&& request) {
-    keyd::Client& client = backend_client();
-    keyd::ClientOptions options;
+    client::Client& client = backend_client();
+    client::ClientOptions options;
     options.socket_path = s.socket_path;
     options.timeout_ms = s.timeout_ms;
     options.interrupted = s.interrupted;
@@ -503,13 +503,13 @@ void decrypt_deterministic(const KeydSettings& settings, ByteView value, ByteVie
 void report_denial(const KeydSettings& settings, const char* key_name, const char* privilege,
                    const char* role, const char* database) noexcept {
   try {
-    keyd::ClientOptions options;
+    client::ClientOptions options;
     options.socket_path = settings.socket_path;
     // A report must not hold up the error for long.
     options.timeout_ms = settings.timeout_ms < 1000 ? settings.timeout_ms : 1000;
     options.interrupted = settings.interrupted;
     wire::DenialReport report{key_name, privilege, role, database};
-    keyd::Client(std::move(options)).report_denial(report);
+    client::Client(std::move(options)).report_denial(report);
   } catch (...) {
     // keyd down or an old keyd: the denial still stands, Postgres logs it.
   }

@@ -18,7 +18,7 @@
 
 #include "core/error.hpp"
 #include "harness.hpp"
-#include "keyd/client.hpp"
+#include "client/client.hpp"
 
 using namespace colcrypt::test;
 using Clock = std::chrono::steady_clock;
@@ -53,11 +53,11 @@ Sandbox::Options counting_options(const std::string& extra = "") {
 }
 
 // A key fetch straight from keyd's socket, as a backend's cache miss makes it.
-colcrypt::keyd::Client keyd_client(const Sandbox& sandbox) {
-  colcrypt::keyd::ClientOptions o;
+colcrypt::client::Client keyd_client(const Sandbox& sandbox) {
+  colcrypt::client::ClientOptions o;
   o.socket_path = sandbox.keyd_socket();
   o.timeout_ms = 5000;
-  return colcrypt::keyd::Client(o);
+  return colcrypt::client::Client(o);
 }
 
 // The sockets a process has open (its fds that are sockets), read as root.
@@ -127,10 +127,10 @@ TEST_CASE("a peer whose uid is not on the allowlist is refused and logged", "[ke
   Sandbox sandbox(options);
   const size_t log_before = sandbox.keyd_log().size();
 
-  colcrypt::keyd::ClientOptions client_options;
+  colcrypt::client::ClientOptions client_options;
   client_options.socket_path = sandbox.keyd_socket();
   client_options.timeout_ms = 3000;
-  colcrypt::keyd::Client client(client_options);
+  colcrypt::client::Client client(client_options);
   bool refused = false;
   try {
     client.fetch_primary("any_key");

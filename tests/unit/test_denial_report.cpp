@@ -8,7 +8,7 @@
 #include <string>
 
 #include "core/wire.hpp"
-#include "keyd/client.hpp"
+#include "client/client.hpp"
 #include "keyd/log.hpp"
 #include "keyd/server.hpp"
 #include "keyd/store.hpp"
@@ -67,10 +67,10 @@ TEST_CASE("keyd acknowledges a denial report", "[keystore][server]") {
   server->listen();
   auto result = std::async(std::launch::async, [&] { return server->run(); });
 
-  keyd::ClientOptions options;
+  client::ClientOptions options;
   options.socket_path = dir + "/run/keyd.sock";
   options.timeout_ms = 3000;
-  keyd::Client client(options);
+  client::Client client(options);
   CHECK_NOTHROW(client.report_denial({"customer_data", "decrypt", "app\nforged line", "shop"}));
 
   keyd::request_shutdown();

@@ -20,11 +20,11 @@
 
 #include "core/error.hpp"
 #include "core/wire.hpp"
-#include "keyd/client.hpp"
+#include "client/client.hpp"
 
 using namespace colcrypt;
-using colcrypt::keyd::Client;
-using colcrypt::keyd::ClientOptions;
+using colcrypt::client::Client;
+using colcrypt::client::ClientOptions;
 
 namespace {
 

@@ -19,13 +19,15 @@
 #include <vector>
 
 #include "core/error.hpp"
-#include "keyd/client.hpp"
+#include "client/client.hpp"
 #include "keyd/log.hpp"
 #include "keyd/server.hpp"
 #include "keyd/store.hpp"
 
 using namespace colcrypt;
 using namespace colcrypt::keyd;
+using colcrypt::client::Client;
+using colcrypt::client::ClientOptions;
 using nlohmann::json;
 
 namespace {

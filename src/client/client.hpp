@@ -11,7 +11,7 @@
 #include "core/envelope.hpp"
 #include "core/wire.hpp"
 
-namespace colcrypt::keyd {
+namespace colcrypt::client {
 
 struct ClientOptions {
   std::string socket_path;
@@ -68,4 +68,4 @@ class Client {
   pid_t pid_ = 0;  // the process that opened fd_
 };
 
-}  // namespace colcrypt::keyd
+}  // namespace colcrypt::client

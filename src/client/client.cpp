@@ -1,4 +1,4 @@
-#include "keyd/client.hpp"
+#include "client/client.hpp"
 
 #include <fcntl.h>
 #include <poll.h>
@@ -16,7 +16,7 @@
 #include "core/error.hpp"
 #include "core/secure_memory.hpp"
 
-namespace colcrypt::keyd {
+namespace colcrypt::client {
 namespace {
 
 using Clock = std::chrono::steady_clock;
@@ -334,4 +334,4 @@ std::string Client::admin(std::string_view json_request) {
   return std::string(frame.body.begin(), frame.body.end());
 }
 
-}  // namespace colcrypt::keyd
+}  // namespace colcrypt::client
