@@ -18,10 +18,18 @@ step() { printf '\n==> %s\n' "$*"; }
 step "dependencies"
 ./scripts/install-deps.sh
 
+# ccache, where installed (it is no dependency), makes builds in several work
+# trees cheap.
+pgxs_cxx=()
+if command -v ccache >/dev/null; then
+  pgxs_cxx=(CXX="ccache g++")
+  export CMAKE_CXX_COMPILER_LAUNCHER=ccache
+fi
+
 step "extension (PGXS, warnings are errors)"
-make -j"$jobs" COLCRYPT_WERROR=1
+make -j"$jobs" COLCRYPT_WERROR=1 "${pgxs_cxx[@]}"
 step "install extension, colcrypt-keyd and colcrypt-keyctl"
-make COLCRYPT_WERROR=1 CMAKE_BUILD_DIR="$build" install
+make COLCRYPT_WERROR=1 CMAKE_BUILD_DIR="$build" "${pgxs_cxx[@]}" install
 
 step "tools and tests (CMake, warnings are errors)"
 cmake -S . -B "$build" -DCOLCRYPT_WERROR=ON
