@@ -326,6 +326,11 @@ int main(int argc, char** argv) {
   Options o;
   CLI::App app{"colcrypt-keyd: the colcrypt key daemon (runs in the foreground)", "colcrypt-keyd"};
   app.set_version_flag("--version", std::string("colcrypt-keyd ") + kKeydVersion);
+  // The packaged unit reads /etc/colcrypt/keyd.conf: one `long-option-name = value`
+  // a line (TOML as CLI11 reads it; a repeatable option takes ["a", "b"]).
+  app.set_config("--config", "", "read options from this file (name = value, the long option "
+                                 "names without --); flags on the command line win");
+  app.allow_config_extras(CLI::config_extras_mode::error);
   app.add_option("--store", o.store, "key store directory (default: $ENCRYPTION_KEY_PATH)");
   app.add_option("--socket", o.socket,
                  std::string("Unix socket path (default: $COLCRYPT_KEYD_SOCKET, else ") +
