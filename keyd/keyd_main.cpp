@@ -328,8 +328,9 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("colcrypt-keyd ") + kKeydVersion);
   // The packaged unit reads /etc/colcrypt/keyd.conf: one `long-option-name = value`
   // a line (TOML as CLI11 reads it; a repeatable option takes ["a", "b"]).
-  app.set_config("--config", "", "read options from this file (name = value, the long option "
-                                 "names without --); flags on the command line win");
+  app.set_config("--config", "",
+                 "read options from this file (name = value, the long option "
+                 "names without --); flags on the command line win");
   app.allow_config_extras(CLI::config_extras_mode::error);
   app.add_option("--store", o.store, "key store directory (default: $ENCRYPTION_KEY_PATH)");
   app.add_option("--socket", o.socket,
