@@ -34,7 +34,7 @@ void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivileg
 void reset_key_privileges();
 // At transaction end: an abort forgets the cached privileges; a commit keeps
 // them unless one was read in parallel mode (from the transaction's snapshot).
-// Otherwise they live until colcrypt.key_grants or a role changes (columns.cpp).
+// Otherwise they live until colcrypt.key_grants or a role changes (key_privileges.cpp).
 void end_transaction_privileges(bool committed);
 
 // Raises 22P02 when the bytes are a pending plaintext (pending.hpp): nothing

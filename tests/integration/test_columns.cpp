@@ -365,7 +365,7 @@ TEST_CASE("a role that reuses a dropped role's OID does not inherit its key gran
   CHECK(o.sqlstate == "42501");
 }
 
-// Backends cache key privileges past their transaction (src/pg/columns.cpp):
+// Backends cache key privileges past their transaction (src/pg/key_privileges.cpp):
 // a change made in another session (grant_key / revoke_key, plain DML on
 // colcrypt.key_grants, role membership) must reach a backend that already
 // cached the old answer, at its next transaction.
