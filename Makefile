@@ -45,7 +45,7 @@ extension/colcrypt--$(EXTVERSION).sql: extension/colcrypt.sql
 CMAKE_BUILD_DIR ?= build
 PREFIX ?= /usr/local
 
-.PHONY: deps tools install-tools demo demo-stop test bench
+.PHONY: deps tools install-tools demo demo-stop test bench deb
 deps:
 	./scripts/install-deps.sh
 
@@ -68,6 +68,11 @@ demo-stop:
 
 test:
 	./scripts/test.sh
+
+# Debian packages postgresql-15-colcrypt and colcrypt-keyd, built by
+# scripts/deb.sh in build/deb/ (debian/ holds the packaging).
+deb:
+	./scripts/deb.sh
 
 # The benchmark suite (bench/run.sh): its own cluster and keyd, report in bench/RESULTS.md.
 bench:

@@ -14,6 +14,8 @@ packages=(
   libsystemd-dev             # sd_notify for keyd
   libbenchmark-dev           # benchmarks (colcrypt-bench-core)
   gnuplot-nox                # the benchmark chart (bench/report.sh)
+  debhelper dpkg-dev help2man  # make deb (debian/; help2man: the manual pages)
+  lintian                    # make deb checks the packages
   cmake g++ make pkg-config
 )
 
