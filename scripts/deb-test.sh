@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# ctest `deb`: the Debian packages, end to end, on this machine.
+#  1. builds them (scripts/deb.sh: dpkg-buildpackage and lintian) and installs
+#     both with `apt-get install ./*.deb` from a directory of their own;
+#  2. checks that the files in use are the packages' own (dpkg --verify, the
+#     extension files `make install` had put there are removed first, keyd's
+#     executable and the backend's mapped colcrypt.so are the packaged ones,
+#     no process maps a file of the source tree) and what postinst set up
+#     (user colcrypt, /etc/colcrypt, /var/lib/colcrypt, no invented password);
+#  3. runs the unit's ExecStart line (/usr/bin/colcrypt-keyd --config
+#     /etc/colcrypt/keyd.conf ...) as user colcrypt with group postgres, as
+#     systemd would (credential directory, runtime directory), creates a key,
+#     and in a fresh cluster runs CREATE EXTENSION colcrypt and an
+#     encrypt/decrypt round trip;
+#  4. purges both packages and checks that nothing of theirs remains but the
+#     key store and the master password, which purge keeps.
+# The packages replace the extension files `make install` installs: the test
+# holds /tmp/colcrypt-install.lock throughout (unless a process it runs under
+# already holds it, as in `flock /tmp/colcrypt-install.lock make test`) and
+# puts those files back at the end, whatever happened.
+# Needs root and a machine without colcrypt packages, /etc/colcrypt or
+# /var/lib/colcrypt (it refuses to touch an installation).
+set -euo pipefail
+
+src=$(cd "$(dirname "$0")/.." && pwd)
+lockfile=/tmp/colcrypt-install.lock
+PG_BIN=/usr/lib/postgresql/15/bin
+packages=(postgresql-15-colcrypt colcrypt-keyd)
+
+say() { printf 'deb-test: %s\n' "$*"; }
+fail() { printf 'deb-test: FAILED: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" -eq 0 ] || fail "run as root: it installs packages and starts postgres as user postgres"
+
+# ---------------------------------------------------------------- build
+# Before the lock: building changes nothing outside build/deb/.
+if [ -z "${COLCRYPT_DEB_TEST_BUILT:-}" ]; then
+  say "building the packages (scripts/deb.sh)"
+  start=$(date +%s)
+  log=$(mktemp /tmp/colcrypt-deb-build.XXXXXX)
+  "$src/scripts/deb.sh" >"$log" 2>&1 || { tail -n 40 "$log" >&2; rm -f "$log"; fail "make deb failed"; }
+  rm -f "$log"
+  say "built in $(($(date +%s) - start))s; lintian found no errors"
+  export COLCRYPT_DEB_TEST_BUILT=1
+fi
+
+# True when this process or an ancestor holds the flock on $lockfile.
+lock_held_by_ancestor() {
+  local ino holders pid=$$
+  ino=$(stat -c %i "$lockfile" 2>/dev/null) || return 1
+  holders=$(awk -v ino="$ino" '$2 == "FLOCK" { n = split($6, a, ":"); if (a[n] == ino) print $5 }' /proc/locks)
+  [ -n "$holders" ] || return 1
+  while [ "$pid" -gt 1 ]; do
+    grep -qx "$pid" <<<"$holders" && return 0
+    pid=$(sed 's/.*) //' "/proc/$pid/stat" | cut -d' ' -f2)
+  done
+  return 1
+}
+if [ -z "${COLCRYPT_DEB_TEST_LOCKED:-}" ] && ! lock_held_by_ancestor; then
+  say "waiting for $lockfile"
+  COLCRYPT_DEB_TEST_LOCKED=1 exec flock "$lockfile" "$0" "$@"
+fi
+
+# ---------------------------------------------------------------- preconditions
+for p in "${packages[@]}"; do
+  status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+  case $status in '' | not-installed) ;; *)
+    fail "package $p is $status here; the test installs and purges it (apt-get purge ${packages[*]})" ;;
+  esac
+done
+for d in /etc/colcrypt /var/lib/colcrypt; do
+  [ ! -e "$d" ] || fail "$d exists: this machine has a colcrypt installation the test must not touch (a failed earlier run? then remove it)"
+done
+user_existed=0
+getent passwd colcrypt >/dev/null && user_existed=1
+
+tmp=$(mktemp -d /tmp/colcrypt-deb-test.XXXXXX)
+chmod 0755 "$tmp"
+pkglib=$("$PG_BIN/pg_config" --pkglibdir)
+extdir=$("$PG_BIN/pg_config" --sharedir)/extension
+port=$((57000 + RANDOM % 1000))
+keyd_pid=
+
+finish() {
+  local rc=$? p
+  set +e
+  if [ $rc -ne 0 ]; then
+    for log in "$tmp/postgres.log" "$tmp/keyd.log" "$tmp/apt-install.log" "$tmp/apt-purge.log"; do
+      [ -s "$log" ] && { echo "--- last 30 lines of $log ---" >&2; tail -n 30 "$log" >&2; }
+    done
+  fi
+  [ -f "$tmp/data/postmaster.pid" ] &&
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$tmp/data" -m immediate -w stop >/dev/null 2>&1
+  if [ -n "$keyd_pid" ] && kill -0 "$keyd_pid" 2>/dev/null; then
+    kill -TERM "$keyd_pid"
+    wait "$keyd_pid" 2>/dev/null
+  fi
+  for p in "${packages[@]}"; do
+    if dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qv not-installed; then
+      DEBIAN_FRONTEND=noninteractive apt-get purge -y -o DPkg::Lock::Timeout=300 "$p" >/dev/null 2>&1 ||
+        echo "deb-test: could not purge $p" >&2
+    fi
+  done
+  # The machine had no colcrypt installation: leave none.
+  rm -rf /etc/colcrypt /var/lib/colcrypt
+  [ $user_existed = 1 ] || ! getent passwd colcrypt >/dev/null || deluser --quiet --system colcrypt >/dev/null 2>&1
+  local kept=0
+  for p in $(cd "$saved" 2>/dev/null && find . -type f | sed 's|^\.||'); do
+    cp -p "$saved$p" "$p" || { echo "deb-test: could not restore $p (a copy is in $saved)" >&2; rc=1; kept=1; }
+  done
+  [ $kept = 1 ] || rm -rf "$tmp"
+  [ $rc -eq 0 ] && say "passed" || echo "deb-test: FAILED (exit $rc)" >&2
+  exit $rc
+}
+saved=$tmp/saved
+trap finish EXIT
+
+# What `make install` put in the Postgres directories, set aside (and put back
+# by finish) so that only the packages' files can be found while they are installed.
+mkdir -p "$saved"
+for f in "$pkglib/colcrypt.so" "$extdir/colcrypt.control" "$extdir"/colcrypt--*.sql; do
+  [ -e "$f" ] || continue
+  mkdir -p "$saved$(dirname "$f")"
+  cp -p "$f" "$saved$f"
+  rm -f "$f"
+done
+
+# ---------------------------------------------------------------- install
+mkdir "$tmp/debs"
+cp "$src"/build/deb/postgresql-15-colcrypt_*.deb "$src"/build/deb/colcrypt-keyd_*.deb "$tmp/debs/"
+[ "$(ls "$tmp/debs" | wc -l)" -eq 2 ] || fail "expected two packages, got: $(ls "$tmp/debs")"
+
+say "apt-get install ./*.deb"
+(cd "$tmp/debs" && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+  -o DPkg::Lock::Timeout=300 ./*.deb) >"$tmp/apt-install.log" 2>&1 || fail "apt-get install failed"
+grep -q 'master password (root, 0600)' "$tmp/apt-install.log" ||
+  fail "postinst did not tell the admin to write /etc/colcrypt/master-password"
+
+# ---------------------------------------------------------------- installed files
+dpkg --verify "${packages[@]}" || fail "dpkg --verify: installed files differ from the packages"
+for p in "${packages[@]}"; do dpkg -L "$p"; done | sort -u >"$tmp/files"
+installed_files=()
+while IFS= read -r f; do [ -f "$f" ] && installed_files+=("$f"); done <"$tmp/files"
+default_version=$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$extdir/colcrypt.control")
+for f in /usr/bin/colcrypt-keyd /usr/bin/colcrypt-keyctl /etc/colcrypt/keyd.conf \
+  /lib/systemd/system/colcrypt-keyd.service "$pkglib/colcrypt.so" "$extdir/colcrypt.control" \
+  "$extdir/colcrypt--$default_version.sql"; do
+  grep -qx "$f" "$tmp/files" || fail "$f is not in the packages"
+  [ -f "$f" ] || fail "$f is missing"
+done
+check_stat() {  # path expected-"owner:group mode"
+  local got
+  got=$(stat -c '%U:%G %a' "$1")
+  [ "$got" = "$2" ] || fail "$1 is $got, expected $2"
+}
+getent passwd colcrypt | grep -q ':/usr/sbin/nologin$' || fail "no system user colcrypt with shell nologin"
+check_stat /etc/colcrypt "root:colcrypt 750"
+check_stat /etc/colcrypt/keyd.conf "root:colcrypt 640"
+check_stat /var/lib/colcrypt "colcrypt:colcrypt 700"
+[ ! -e /etc/colcrypt/master-password ] || fail "postinst made a master password"
+grep -qx /etc/colcrypt/keyd.conf /var/lib/dpkg/info/colcrypt-keyd.conffiles || fail "keyd.conf is no conffile"
+
+unit=/lib/systemd/system/colcrypt-keyd.service
+if command -v systemd-analyze >/dev/null; then
+  out=$(cd "$tmp" && systemd-analyze verify "$unit" 2>&1) && [ -z "$out" ] ||
+    fail "systemd-analyze verify $unit: $out"
+fi
+
+# ---------------------------------------------------------------- keyd as the unit runs it
+# ExecStart, continuation lines joined; the credential and runtime directories
+# are what systemd would make of LoadCredential= and RuntimeDirectory=.
+execstart=$(sed -n '/^ExecStart=/,/[^\\]$/p' "$unit" | sed 's/\\$//' | tr '\n' ' ' | sed 's/^ExecStart=//')
+case $execstart in
+  /usr/bin/colcrypt-keyd\ --config\ /etc/colcrypt/keyd.conf\ *) ;;
+  *) fail "unexpected ExecStart: $execstart" ;;
+esac
+case $execstart in *[\"\']*) fail "quotes in ExecStart: the test cannot split $execstart" ;; esac
+credential=$(sed -n 's/^LoadCredential=master-password:\(.*\)$/\1/p' "$unit")
+[ "$credential" = /etc/colcrypt/master-password ] || fail "LoadCredential of the unit: $credential"
+# What the admin does (README.Debian).
+(umask 077 && printf '%s\n' 'deb-test master password' >/etc/colcrypt/master-password)
+install -d -o colcrypt -g colcrypt -m 0500 "$tmp/credentials"
+install -o colcrypt -g colcrypt -m 0400 /etc/colcrypt/master-password "$tmp/credentials/master-password"
+install -d -o colcrypt -g postgres -m 0750 "$tmp/run"
+socket=$tmp/run/keyd.sock
+execstart=${execstart//'${CREDENTIALS_DIRECTORY}'/$tmp/credentials}
+execstart=${execstart//\/run\/colcrypt\//$tmp/run/}
+read -r -a keyd_cmd <<<"$execstart"
+# A throwaway store: 1000 PBKDF2 iterations (keyd refuses fewer than 100000 without the flag).
+keyd_cmd+=(--insecure-fast-kdf --pbkdf2-iterations 1000)
+say "keyd: ${keyd_cmd[*]} (as colcrypt, group postgres)"
+setpriv --reuid=colcrypt --regid=colcrypt --groups=postgres -- "${keyd_cmd[@]}" \
+  </dev/null >"$tmp/keyd.log" 2>&1 &
+keyd_pid=$!
+for _ in $(seq 1 300); do
+  grep -q 'INFO: ready on' "$tmp/keyd.log" && break
+  kill -0 "$keyd_pid" 2>/dev/null || fail "keyd exited during startup"
+  sleep 0.1
+done
+grep -q "INFO: ready on $socket" "$tmp/keyd.log" || fail "keyd not ready after 30s"
+[ "$(readlink "/proc/$keyd_pid/exe")" = /usr/bin/colcrypt-keyd ] || fail "keyd runs $(readlink "/proc/$keyd_pid/exe")"
+[ "$(awk '/^Uid:/ { print $2 }' "/proc/$keyd_pid/status")" = "$(id -u colcrypt)" ] ||
+  fail "keyd does not run as colcrypt"
+check_stat "$socket" "colcrypt:postgres 660"
+check_stat /var/lib/colcrypt/keystore.json "colcrypt:colcrypt 600"
+/usr/bin/colcrypt-keyctl --socket "$socket" create deb_test_key >/dev/null ||
+  fail "colcrypt-keyctl create (as root, the admin of keyd.conf)"
+
+# ---------------------------------------------------------------- a fresh cluster
+say "cluster on port $port"
+install -d -o postgres -g postgres -m 0700 "$tmp/data" "$tmp/pgsock"
+runuser -u postgres -- "$PG_BIN/initdb" -D "$tmp/data" -U postgres --auth=trust -E UTF8 \
+  --locale=C.UTF-8 --no-sync >"$tmp/initdb.log" 2>&1 || { cat "$tmp/initdb.log" >&2; fail "initdb"; }
+cat >>"$tmp/data/postgresql.conf" <<CONF
+port = $port
+listen_addresses = ''
+unix_socket_directories = '$tmp/pgsock'
+colcrypt.keyd_socket = '$socket'
+fsync = off
+CONF
+install -o postgres -g postgres -m 0600 /dev/null "$tmp/postgres.log"
+runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$tmp/data" -l "$tmp/postgres.log" -w -t 60 start >/dev/null ||
+  fail "postgres did not start"
+
+sql() { runuser -u postgres -- "$PG_BIN/psql" -h "$tmp/pgsock" -p "$port" -d postgres -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
+out=$(sql <<'SQL'
+CREATE EXTENSION colcrypt;
+CREATE TABLE t (id int, secret colcrypt.encrypted);
+INSERT INTO t VALUES (1, colcrypt.encrypt_field('deb round trip', 'deb_test_key'));
+SELECT colcrypt.decrypt_field(secret) FROM t;
+SELECT position('deb round trip' IN secret::text) FROM t;
+SELECT extversion FROM pg_extension WHERE extname = 'colcrypt';
+SELECT string_agg(DISTINCT split_part(line, ' ', -1), ',')
+  FROM regexp_split_to_table(pg_read_file('/proc/' || pg_backend_pid() || '/maps'), E'\n') AS line
+  WHERE line LIKE '%colcrypt%';
+SQL
+) || fail "CREATE EXTENSION colcrypt and the round trip"
+expected=$(printf '%s\n' 'deb round trip' 0 "$default_version" "$pkglib/colcrypt.so")
+[ "$out" = "$expected" ] || fail "round trip: expected
+$expected
+got
+$out"
+dpkg -S "$pkglib/colcrypt.so" | grep -q '^postgresql-15-colcrypt:' || fail "colcrypt.so is not the package's"
+backend_pids=$(pgrep -u postgres -f "$tmp/data" || true)
+for pid in $keyd_pid $backend_pids; do
+  ! grep -qF "$src/" "/proc/$pid/maps" 2>/dev/null || fail "process $pid maps a file of the source tree"
+done
+say "CREATE EXTENSION colcrypt $default_version and a round trip through the packaged keyd: ok"
+
+runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$tmp/data" -m fast -w stop >/dev/null
+kill -TERM "$keyd_pid"
+wait "$keyd_pid" || fail "keyd exited with $? on SIGTERM"
+keyd_pid=
+
+# ---------------------------------------------------------------- purge
+say "apt-get purge ${packages[*]}"
+DEBIAN_FRONTEND=noninteractive apt-get purge -y -o DPkg::Lock::Timeout=300 "${packages[@]}" \
+  >"$tmp/apt-purge.log" 2>&1 || fail "apt-get purge failed"
+for p in "${packages[@]}"; do
+  status=$(dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null || true)
+  case $status in '' | not-installed) ;; *) fail "$p is $status after purge" ;; esac
+done
+for f in "${installed_files[@]}"; do
+  [ ! -e "$f" ] || fail "$f remains after purge"
+done
+grep -q 'Kept: the key store /var/lib/colcrypt' "$tmp/apt-purge.log" || fail "purge did not say what it keeps"
+[ -s /var/lib/colcrypt/keystore.json ] || fail "purge deleted the key store"
+[ -s /etc/colcrypt/master-password ] || fail "purge deleted the master password"
+left=$(ls -A /etc/colcrypt)
+[ "$left" = master-password ] || fail "/etc/colcrypt holds more than master-password after purge: $left"
+say "purge removed every packaged file and kept /var/lib/colcrypt and /etc/colcrypt/master-password"
