@@ -143,7 +143,8 @@ installed_files=()
 while IFS= read -r f; do [ -f "$f" ] && installed_files+=("$f"); done <"$tmp/files"
 default_version=$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$extdir/colcrypt.control")
 for f in /usr/bin/colcrypt-keyd /usr/bin/colcrypt-keyctl /etc/colcrypt/keyd.conf \
-  /lib/systemd/system/colcrypt-keyd.service "$pkglib/colcrypt.so" "$extdir/colcrypt.control" \
+  /lib/systemd/system/colcrypt-keyd.service /usr/share/man/man8/colcrypt-keyd.8.gz \
+  /usr/share/man/man8/colcrypt-keyctl.8.gz "$pkglib/colcrypt.so" "$extdir/colcrypt.control" \
   "$extdir/colcrypt--$default_version.sql"; do
   grep -qx "$f" "$tmp/files" || fail "$f is not in the packages"
   [ -f "$f" ] || fail "$f is missing"
@@ -162,7 +163,7 @@ grep -qx /etc/colcrypt/keyd.conf /var/lib/dpkg/info/colcrypt-keyd.conffiles || f
 
 unit=/lib/systemd/system/colcrypt-keyd.service
 if command -v systemd-analyze >/dev/null; then
-  out=$(cd "$tmp" && systemd-analyze verify "$unit" 2>&1) && [ -z "$out" ] ||
+  out=$(cd "$tmp" && systemd-analyze verify --man=no "$unit" 2>&1) && [ -z "$out" ] ||
     fail "systemd-analyze verify $unit: $out"
 fi
 
