@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ctest `deb`: the Debian packages, end to end, on this machine.
-#  1. builds them (scripts/deb.sh: dpkg-buildpackage and lintian) and installs
+#  1. builds them (scripts/deb.sh: dpkg-buildpackage and lintian; nothing in
+#     the tree may change outside build/) and installs
 #     both with `apt-get install ./*.deb` from a directory of their own;
 #  2. checks that the files in use are the packages' own (dpkg --verify, the
 #     extension files `make install` had put there are removed first, keyd's
@@ -38,8 +39,17 @@ if [ -z "${COLCRYPT_DEB_TEST_BUILT:-}" ]; then
   say "building the packages (scripts/deb.sh)"
   start=$(date +%s)
   log=$(mktemp /tmp/colcrypt-deb-build.XXXXXX)
+  # Every file of the tree, build outputs included, but build directories.
+  tree_state() {
+    git -C "$src" status --porcelain --ignored --untracked-files=all 2>/dev/null |
+      grep -Ev '^.. build(-[^/]*)?/' || true
+  }
+  before=$(tree_state)
   "$src/scripts/deb.sh" >"$log" 2>&1 || { tail -n 40 "$log" >&2; rm -f "$log"; fail "make deb failed"; }
   rm -f "$log"
+  after=$(tree_state)
+  [ "$before" = "$after" ] ||
+    fail "make deb changed the source tree outside build/: $(diff <(echo "$before") <(echo "$after"))"
   say "built in $(($(date +%s) - start))s; lintian found no errors"
   export COLCRYPT_DEB_TEST_BUILT=1
 fi
