@@ -15,10 +15,11 @@
 #     encrypt/decrypt round trip;
 #  4. purges both packages and checks that nothing of theirs remains but the
 #     key store and the master password, which purge keeps.
-# The packages replace the extension files `make install` installs: the test
-# holds /tmp/colcrypt-install.lock throughout (unless a process it runs under
-# already holds it, as in `flock /tmp/colcrypt-install.lock make test`) and
-# puts those files back at the end, whatever happened.
+# The packages replace the extension files `make install` installs: once the
+# packages are built (which changes nothing outside build/deb/), the test holds
+# /tmp/colcrypt-install.lock to the end (unless a process it runs under already
+# holds it, as in `flock /tmp/colcrypt-install.lock make test`), sets those
+# files aside and puts them back at the end, whatever happened.
 # Needs root and a machine without colcrypt packages, /etc/colcrypt or
 # /var/lib/colcrypt (it refuses to touch an installation).
 set -euo pipefail
