@@ -159,7 +159,7 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
     if (struct passwd* pw = ::getpwnam("postgres")) {
       config.allow_uids.push_back(pw->pw_uid);
     } else {
-      log_warning("no user \"postgres\" and no --allow-uid: only admin uids may fetch keys");
+      log_warning("no user \"postgres\" and no --allow-uid: no uid may fetch keys");
     }
   }
   for (const auto& u : o.admin_uids) config.admin_uids.push_back(resolve_uid(u));
@@ -343,7 +343,8 @@ int main(int argc, char** argv) {
   app.add_option("--allow-uid", o.allow_uids,
                  "uid or user name allowed to fetch keys (repeatable; default: postgres)");
   app.add_option("--admin-uid", o.admin_uids,
-                 "uid or user name allowed to administer (repeatable; default: keyd's euid)");
+                 "uid or user name allowed to administer, not to fetch keys unless also on "
+                 "--allow-uid (repeatable; default: keyd's euid)");
   app.add_option("--socket-group", o.socket_group,
                  "make the socket 0660 and its new directory 0750, owned by this group");
   app.add_option("--pbkdf2-iterations", o.pbkdf2_iterations,

@@ -148,7 +148,7 @@ void Server::accept_all() {
     auto reject = [&](wire::FailureCode code, const std::string& message) {
       refusals.emplace_back(fd, wire::encode_failure(code, message));
     };
-    if (!allowed(cred.uid)) {
+    if (!may_connect(cred.uid)) {
       log_warning("refused peer " + peer_text(cred.uid, cred.pid));
       audit({{"event", "refused-peer"}, {"uid", cred.uid}, {"pid", cred.pid}});
       reject(wire::FailureCode::Denied,

@@ -31,7 +31,9 @@ constexpr uint32_t kMinBlockCeiling = 1024;
 struct ServerConfig {
   std::string socket_path;
   std::vector<uid_t> allow_uids;  // may fetch keys
-  std::vector<uid_t> admin_uids;  // may fetch keys and administer
+  // May administer; fetches keys only when on allow_uids as well (an admin
+  // uid is refused keys, audited as "fetch-denied").
+  std::vector<uid_t> admin_uids;
   std::optional<gid_t> socket_group;
   int idle_timeout_ms = 10000;
   size_t max_connections = 256;
@@ -143,8 +145,11 @@ class Server {
   void drain_signals();
   void flush_store(bool force);
   void remove_socket();
-  bool allowed(uid_t uid) const;
+  bool may_connect(uid_t uid) const;  // on either list
+  bool may_fetch(uid_t uid) const;    // on allow_uids
   bool is_admin(uid_t uid) const;
+  // A key request from a peer not on allow_uids: Denied, audited and logged.
+  void refuse_fetch(Connection& c, uint8_t type, const std::vector<uint8_t>& body);
   void audit(nlohmann::json event);
   void run_scheduler(bool force);
   nlohmann::json rotate_and_audit(const std::string& name, const std::string& reason, uid_t uid,

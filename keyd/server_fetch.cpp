@@ -20,6 +20,17 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
   try {
     switch (static_cast<wire::MsgType>(type)) {
       case wire::MsgType::FetchPrimary:
+      case wire::MsgType::FetchPrimaryBlock:
+      case wire::MsgType::FetchVersion:
+      case wire::MsgType::FetchVersionFor:
+        // Administering does not imply fetching (issue 10): keys go to --allow-uid peers only.
+        if (!may_fetch(c.uid)) return refuse_fetch(c, type, body);
+        break;
+      default:
+        break;
+    }
+    switch (static_cast<wire::MsgType>(type)) {
+      case wire::MsgType::FetchPrimary:
       case wire::MsgType::FetchPrimaryBlock: {
         const bool block = static_cast<wire::MsgType>(type) == wire::MsgType::FetchPrimaryBlock;
         uint32_t wanted = 1;  // a legacy FetchPrimary is charged one encryption
@@ -208,7 +219,7 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
       }
       case wire::MsgType::Admin:
         if (!is_admin(c.uid)) {
-          if (config_.sql_rotate && allowed(c.uid)) {
+          if (config_.sql_rotate && may_fetch(c.uid)) {
             // The one admin op a database peer may send (colcrypt.rotate_key).
             json request = json::parse(body.begin(), body.end(), nullptr, false);
             if (request.is_object() && request.value("op", "") == "rotate") {
@@ -240,6 +251,46 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
     log_error("request from peer " + peer + " failed: " + e.what());
     return fail(wire::FailureCode::Internal, "internal error in colcrypt-keyd (see its log)");
   }
+}
+
+void Server::refuse_fetch(Connection& c, uint8_t type, const std::vector<uint8_t>& body) {
+  json entry = {{"event", "fetch-denied"}, {"uid", c.uid}, {"pid", c.pid}};
+  // What was asked for, for the audit trail (a malformed body throws
+  // ProtocolError: a BadRequest, as for any peer).
+  switch (static_cast<wire::MsgType>(type)) {
+    case wire::MsgType::FetchPrimary:
+      entry["op"] = "primary";
+      entry["key"] = wire::decode_fetch_primary(ByteView(body));
+      break;
+    case wire::MsgType::FetchPrimaryBlock: {
+      uint32_t wanted = 0;
+      entry["op"] = "primary-block";
+      entry["key"] = wire::decode_fetch_primary_block(ByteView(body), wanted);
+      break;
+    }
+    default: {
+      KeyId id{};
+      uint32_t version = 0;
+      auto purpose = wire::FetchPurpose::Decrypt;
+      if (static_cast<wire::MsgType>(type) == wire::MsgType::FetchVersion) {
+        wire::decode_fetch_version(ByteView(body), id, version);
+      } else {
+        wire::decode_fetch_version_for(ByteView(body), id, version, purpose);
+      }
+      entry["op"] = "version";
+      entry["key_id"] = format_key_id(id);
+      entry["version"] = version;
+      if (const KeyRecord* key = store_.find(id)) entry["key"] = key->name;
+      break;
+    }
+  }
+  audit(entry);
+  log_warning("denied a key fetch to peer " + peer_text(c.uid, c.pid) +
+              " (not on --allow-uid; administering does not imply fetching)");
+  queue(c, wire::encode_failure(wire::FailureCode::Denied,
+                                "uid " + std::to_string(c.uid) +
+                                    " may not fetch keys from colcrypt-keyd (not on its "
+                                    "--allow-uid list)"));
 }
 
 }  // namespace colcrypt::keyd

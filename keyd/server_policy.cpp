@@ -72,10 +72,12 @@ bool Server::is_admin(uid_t uid) const {
          config_.admin_uids.end();
 }
 
-bool Server::allowed(uid_t uid) const {
-  return is_admin(uid) || std::find(config_.allow_uids.begin(), config_.allow_uids.end(), uid) !=
-                              config_.allow_uids.end();
+bool Server::may_fetch(uid_t uid) const {
+  return std::find(config_.allow_uids.begin(), config_.allow_uids.end(), uid) !=
+         config_.allow_uids.end();
 }
+
+bool Server::may_connect(uid_t uid) const { return is_admin(uid) || may_fetch(uid); }
 
 void Server::listen() {
   const std::string& path = config_.socket_path;

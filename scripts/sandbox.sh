@@ -30,6 +30,8 @@
 #   COLCRYPT_FAST_KDF=1         create the store with 1000 PBKDF2 iterations (tests only)
 #   COLCRYPT_KEYD, COLCRYPT_KEYCTL  binaries (default: colcrypt-keyd / colcrypt-keyctl on PATH)
 #   SANDBOX_KEYD_ALLOW_UID, SANDBOX_KEYD_ADMIN_UID  override keyd's allowlists
+#                               (uids, comma-separated; an admin uid fetches keys
+#                               only when on the allow list too, e.g. "$(id -u postgres),0")
 #   SANDBOX_TIMEOUT             seconds to wait for readiness (default 60)
 #   SANDBOX_KEYD_ARGS           extra keyd flags, split on whitespace; the word
 #                               @DATABASE@ becomes the sandbox database's libpq URI
@@ -110,7 +112,7 @@ keyd_pid() {  # prints the pid of a live keyd of this sandbox, or fails
 }
 
 keyd_start() {
-  local pid allow admin pwargs=() kdfargs=() keyd_path log_start rc waited=0
+  local pid allow admin uid uidargs=() pwargs=() kdfargs=() keyd_path log_start rc waited=0
   if pid=$(keyd_pid); then
     say "keyd already runs (pid $pid)"
     return 0
@@ -120,6 +122,8 @@ keyd_start() {
   keyd_path=$(readlink -f "$keyd_path")
   allow=${SANDBOX_KEYD_ALLOW_UID:-$(id -u postgres)}
   admin=${SANDBOX_KEYD_ADMIN_UID:-0}
+  for uid in ${allow//,/ }; do uidargs+=(--allow-uid "$uid"); done
+  for uid in ${admin//,/ }; do uidargs+=(--admin-uid "$uid"); done
 
   if [ -z "${ENCRYPTION_MASTER_PASSWORD:-}" ]; then
     if [ ! -f "$DIR/master-password" ]; then
@@ -142,7 +146,7 @@ keyd_start() {
   # setsid: keyd must outlive this script and its caller's process group.
   # ENCRYPTION_MASTER_PASSWORD, when set, reaches keyd through the environment.
   setsid "$keyd_path" --store "$DIR/store" --socket "$SOCKET" \
-    --allow-uid "$allow" --admin-uid "$admin" --socket-group postgres \
+    "${uidargs[@]}" --socket-group postgres \
     "${pwargs[@]}" "${kdfargs[@]}" "${extra[@]}" </dev/null >>"$DIR/keyd.log" 2>&1 &
   pid=$!
   echo "$pid" >"$DIR/keyd.pid"

@@ -16,9 +16,9 @@
 #include <string>
 #include <thread>
 
+#include "client/client.hpp"
 #include "core/error.hpp"
 #include "harness.hpp"
-#include "client/client.hpp"
 
 using namespace colcrypt::test;
 using Clock = std::chrono::steady_clock;
@@ -51,6 +51,11 @@ Sandbox::Options counting_options(const std::string& extra = "") {
   o.env = {{"SANDBOX_KEYD_ARGS", "--database @DATABASE@ --retire-grace-seconds 0 " + extra}};
   return o;
 }
+
+// keyd serves keys to its --allow-uid uids only, and these tests run as
+// root: those that fetch from keyd's socket themselves put root on the list
+// (beside postgres, for the backends).
+EnvVar root_may_fetch() { return {"SANDBOX_KEYD_ALLOW_UID", postgres_uid() + ",0"}; }
 
 // A key fetch straight from keyd's socket, as a backend's cache miss makes it.
 colcrypt::client::Client keyd_client(const Sandbox& sandbox) {
@@ -219,6 +224,26 @@ TEST_CASE("the postgres uid may fetch keys but not administer them", "[keyd][pee
   PgConn conn(sandbox.conninfo());
   CHECK(conn.value("SELECT colcrypt.decrypt_field(colcrypt.encrypt_field('ok', 'shared_key'))") ==
         "ok");
+}
+
+TEST_CASE("an admin uid administers but fetches no key unless on --allow-uid", "[keyd][peer]") {
+  // The shared sandbox's keyd: --allow-uid postgres --admin-uid 0; this test runs as root.
+  Sandbox& sandbox = shared_sandbox();
+  const std::string audit_path = sandbox.store_dir() + "/audit.log";
+  const size_t audit_before = read_file(audit_path).size();
+  REQUIRE(sandbox.keyctl({"show", "shared_key"}).exit_code == 0);
+  bool denied = false;
+  try {
+    keyd_client(sandbox).fetch_primary_block("shared_key", 0);
+  } catch (const colcrypt::Error& e) {
+    INFO("client error: " << colcrypt::errc_name(e.code()) << ": " << e.what());
+    denied = e.code() == colcrypt::Errc::PermissionDenied;
+  }
+  CHECK(denied);
+  const std::string audited = read_file(audit_path).substr(audit_before);
+  CHECK(contains(audited, "\"event\":\"fetch-denied\""));
+  CHECK(contains(audited, "\"key\":\"shared_key\""));
+  CHECK(contains(sandbox.keyd_log(), "denied a key fetch to peer uid=0"));
 }
 
 TEST_CASE("keyd and postgres restarts keep every key and version", "[keyd][restart]") {
@@ -504,7 +529,9 @@ TEST_CASE("a version that keyed deterministic values or blind indexes is pinned 
 
 TEST_CASE("row counting runs off keyd's loop: fetches are served while a table is locked",
           "[keyd][count]") {
-  Sandbox sandbox(counting_options("--count-timeout-ms 4000"));
+  Sandbox::Options options = counting_options("--count-timeout-ms 4000");
+  options.env.push_back(root_may_fetch());
+  Sandbox sandbox(options);
   sandbox.create_extension();
   sandbox.create_key("ck");
   PgConn setup(sandbox.conninfo());
@@ -606,6 +633,7 @@ TEST_CASE("a failed audit write: fetches refused (fail closed), then an audit_ga
           "[keyd][audit-gap]") {
   Sandbox::Options options;
   options.with_postgres = false;
+  options.env = {root_may_fetch()};
   Sandbox sandbox(options);
   sandbox.create_key("ak");
   for (int i = 0; i < 100; ++i) keyd_client(sandbox).fetch_primary_block("ak", 0);
@@ -649,7 +677,7 @@ TEST_CASE("a failed audit write: fetches refused (fail closed), then an audit_ga
 
   // --audit-failure serve: keys go out unaudited, the gap is recorded all the same.
   sandbox.must("keyd-stop");
-  sandbox.must("keyd-start", {{"SANDBOX_KEYD_ARGS", "--audit-failure serve"}});
+  sandbox.must("keyd-start", {{"SANDBOX_KEYD_ARGS", "--audit-failure serve"}, root_may_fetch()});
   const pid_t serving = sandbox.keyd_pid();
   REQUIRE(limit_file_size(serving, read_file(log_path).size()));
   keyd_client(sandbox).fetch_primary_block("ak", 0);
@@ -715,7 +743,7 @@ TEST_CASE("a key reply goes out only once its audit entry is in the file: kill -
   INFO("--audit-sync " << mode);
   Sandbox::Options options;
   options.with_postgres = false;
-  options.env = {{"SANDBOX_KEYD_ARGS", "--audit-sync " + mode}};
+  options.env = {{"SANDBOX_KEYD_ARGS", "--audit-sync " + mode}, root_may_fetch()};
   Sandbox sandbox(options);
   sandbox.create_key("sk");
   CHECK(json::parse(sandbox.keyctl({"--json", "status"}).output)["audit_sync"] == mode);

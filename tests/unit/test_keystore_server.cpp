@@ -18,8 +18,8 @@
 #include <thread>
 #include <vector>
 
-#include "core/error.hpp"
 #include "client/client.hpp"
+#include "core/error.hpp"
 #include "keyd/log.hpp"
 #include "keyd/server.hpp"
 #include "keyd/store.hpp"
@@ -132,7 +132,7 @@ std::vector<uint8_t> raw_exchange(const std::string& path, const std::vector<uin
 
 TEST_CASE("keyd server: create, fetch, rotate, restart", "[keystore][server]") {
   const uid_t me = ::geteuid();
-  RunningKeyd keyd({}, {me});
+  RunningKeyd keyd({me}, {me});
 
   struct stat st {};
   REQUIRE(::stat(keyd.socket_path().c_str(), &st) == 0);
@@ -186,7 +186,7 @@ TEST_CASE("keyd server: create, fetch, rotate, restart", "[keystore][server]") {
   // A clean stop removes the socket and saves the usage counters.
   CHECK(keyd.stop() == 0);
   CHECK(::access(keyd.socket_path().c_str(), F_OK) != 0);
-  keyd.start({}, {me});
+  keyd.start({me}, {me});
   json shown = keyd.admin({{"op", "show"}, {"name", "ssn"}});
   CHECK(shown["usage_count"] == 2);
   CHECK(shown["primary_version"] == 2);
@@ -233,6 +233,37 @@ TEST_CASE("keyd server: peers are checked by uid", "[keystore][server]") {
           }) == Errc::PermissionDenied);
     CHECK(error_of([&] { keyd.client().fetch_primary("k"); }) == Errc::KeyNotFound);
   }
+  SECTION("an admin uid not on the fetch list administers but gets no key (audited)") {
+    RunningKeyd keyd({other}, {me});
+    const json created = keyd.admin({{"op", "create"}, {"name", "k"}});
+    KeyId id{};
+    REQUIRE(parse_key_id(created["id"].get<std::string>(), id));
+    Client client = keyd.client();
+    CHECK(error_of([&] { client.fetch_primary("k"); }) == Errc::PermissionDenied);
+    CHECK(error_of([&] { client.fetch_primary_block("k", 64); }) == Errc::PermissionDenied);
+    CHECK(error_of([&] { client.fetch_version(id, 1); }) == Errc::PermissionDenied);
+    // Nothing was charged, and the connection still serves administration.
+    CHECK(json::parse(client.admin(json{{"op", "show"}, {"name", "k"}}.dump()))["usage_count"] ==
+          0);
+    std::ifstream in(keyd.store_dir() + "/audit.log", std::ios::binary);
+    size_t denied = 0, fetched = 0;
+    for (std::string line; std::getline(in, line);) {
+      const json entry = json::parse(line);
+      if (entry["event"] == "fetch") ++fetched;
+      if (entry["event"] != "fetch-denied") continue;
+      ++denied;
+      CHECK(entry["uid"] == me);
+      CHECK(entry["key"] == "k");
+    }
+    CHECK(denied == 3);
+    CHECK(fetched == 0);
+    CHECK(keyd.admin({{"op", "audit-verify"}})["ok"] == true);
+  }
+  SECTION("a uid on both lists administers and fetches") {
+    RunningKeyd keyd({me}, {me});
+    keyd.admin({{"op", "create"}, {"name", "k"}});
+    CHECK(keyd.client().fetch_primary("k").version == 1);
+  }
 }
 
 TEST_CASE("keyd server: a second keyd on the same socket is refused", "[keystore][server]") {
@@ -244,7 +275,7 @@ TEST_CASE("keyd server: a second keyd on the same socket is refused", "[keystore
 TEST_CASE("keyd server: block grants, version states and audit over the socket",
           "[keystore][server][lifecycle]") {
   const uid_t me = ::geteuid();
-  RunningKeyd keyd({}, {me});
+  RunningKeyd keyd({me}, {me});
   keyd.admin({{"op", "create"}, {"name", "blk"}, {"max_uses_per_version", 1500}});
 
   // Blocks are cut at the cap; the grant that uses it up is followed by a rotation.
@@ -297,7 +328,7 @@ TEST_CASE("keyd server: block grants, version states and audit over the socket",
 
   // Destroyed survives a restart; the audit chain continues across it.
   CHECK(keyd.stop() == 0);
-  keyd.start({}, {me});
+  keyd.start({me}, {me});
   CHECK(error_of([&] { keyd.client().fetch_version(id, 1); }) == Errc::KeyUnavailable);
   CHECK(keyd.admin({{"op", "audit-verify"}})["ok"] == true);
 }
@@ -337,7 +368,7 @@ TEST_CASE("wire: FetchPrimaryBlock and KeyGrant", "[wire][lifecycle]") {
 
 TEST_CASE("keyd server: a 0-use fetch returns the key and charges nothing",
           "[keystore][server][lifecycle]") {
-  RunningKeyd keyd({}, {::geteuid()});
+  RunningKeyd keyd({::geteuid()}, {::geteuid()});
   keyd.admin({{"op", "create"}, {"name", "look"}, {"max_uses_per_version", 1500}});
 
   wire::KeyGrantReply a = keyd.client().fetch_primary_block("look", 0);
@@ -373,7 +404,7 @@ TEST_CASE("keyd server: a 0-use fetch returns the key and charges nothing",
 TEST_CASE("keyd server: a fetch reply leaves only once its audit entry is written",
           "[keystore][server][lifecycle][audit]") {
   const uid_t me = ::geteuid();
-  RunningKeyd keyd({}, {me});
+  RunningKeyd keyd({me}, {me});
   keyd.admin({{"op", "create"}, {"name", "gc"}});
   const wire::KeyReply primary = keyd.client().fetch_primary("gc");
   const std::string log_path = keyd.store_dir() + "/audit.log";
@@ -413,7 +444,7 @@ TEST_CASE("keyd server: a fetch reply leaves only once its audit entry is writte
 TEST_CASE("keyd server: a block is at most 1/64 of the key's cap, never cut below 1024",
           "[keystore][server][lifecycle]") {
   const uid_t me = ::geteuid();
-  RunningKeyd keyd({}, {me});
+  RunningKeyd keyd({me}, {me});
   keyd.admin({{"op", "create"}, {"name", "big"}, {"max_uses_per_version", uint64_t{1} << 28}});
   keyd.admin({{"op", "create"}, {"name", "mid"}, {"max_uses_per_version", 1000000}});
   keyd.admin({{"op", "create"}, {"name", "demo"}, {"max_uses_per_version", 10000}});
@@ -428,7 +459,7 @@ TEST_CASE("keyd server: a block is at most 1/64 of the key's cap, never cut belo
 TEST_CASE("keyd server: at its connection limit the idlest kept connection makes room",
           "[keystore][server]") {
   const uid_t me = ::geteuid();
-  RunningKeyd keyd({}, {me}, 2);
+  RunningKeyd keyd({me}, {me}, 2);
   keyd.admin({{"op", "create"}, {"name", "k"}});
   Client a = keyd.client();
   Client b = keyd.client();
