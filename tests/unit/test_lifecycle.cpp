@@ -502,8 +502,6 @@ TEST_CASE("audit log: group commit writes a batch at once; an uncommitted batch 
 
 TEST_CASE("lifecycle: a version that keyed derived values is pinned", "[keystore][lifecycle]") {
   LifecycleDir dir;
-  const RetireGrace no_grace{static_cast<int64_t>(std::time(nullptr)), 0, false};
-  const RetireGrace forced{static_cast<int64_t>(std::time(nullptr)), 0, true};
   KeyId id{};
   {
     KeyStore store = KeyStore::create(dir.store(), pw("pw"), 1000);
@@ -532,6 +530,10 @@ TEST_CASE("lifecycle: a version that keyed derived values is pinned", "[keystore
 
   store.rotate_key("k");
   store.rotate_key("plain");
+  // Taken after the rotations: a clock second that passes between them and
+  // an earlier "now" would put the retirement in the future (a flaky refusal).
+  const RetireGrace no_grace{static_cast<int64_t>(std::time(nullptr)), 0, false};
+  const RetireGrace forced{static_cast<int64_t>(std::time(nullptr)), 0, true};
   // Disable and destroy of the pinned version are refused, saying what breaks.
   std::string message;
   try {
