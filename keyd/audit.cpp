@@ -176,8 +176,17 @@ bool AuditLog::write_batch() {
   if (batch_.empty()) return true;
   struct stat st {};
   const bool sized = ::fstat(fd_, &st) == 0;
-  if (!write_all(fd_, batch_)) {
-    int err = errno;
+  const auto started = std::chrono::steady_clock::now();
+  const bool written = write_all(fd_, batch_);
+  const int write_errno = errno;
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    stats_.write_latency.observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+    if (!written) ++stats_.write_failures;
+  }
+  if (!written) {
+    int err = write_errno;
     write_failures_ += pending_entries_;
     const std::string failure = errno_text(err);
     {
@@ -233,9 +242,23 @@ bool AuditLog::write_batch() {
   return true;
 }
 
+int AuditLog::timed_fdatasync() {
+  const auto started = std::chrono::steady_clock::now();
+  const int rc = fdatasync_(fd_);
+  const int err = errno;
+  {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    stats_.sync_latency.observe(
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count());
+    if (rc != 0) ++stats_.sync_failures;
+  }
+  errno = err;
+  return rc;
+}
+
 bool AuditLog::sync_inline() {
   const uint64_t target = committed_seq_;
-  if (fdatasync_(fd_) != 0) {
+  if (timed_fdatasync() != 0) {
     int err = errno;
     ++write_failures_;
     {
@@ -310,7 +333,7 @@ void AuditLog::sync_loop(std::function<void()> on_synced) {
                                std::chrono::steady_clock::now().time_since_epoch())
                                .count(),
                            std::memory_order_release);
-    const int rc = fdatasync_(fd_);
+    const int rc = timed_fdatasync();
     const int err = errno;
     sync_started_ns_.store(0, std::memory_order_release);
     lock.lock();

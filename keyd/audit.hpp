@@ -46,6 +46,7 @@
 
 #include "core/kdf.hpp"
 #include "core/secure_memory.hpp"
+#include "keyd/metrics.hpp"
 
 namespace colcrypt::keyd {
 
@@ -76,6 +77,15 @@ struct AuditVerdict {
 // The admin protocol's "audit-verify" reply: {"ok","entries","log","problem",
 // "gaps":[...],"lost"}.
 nlohmann::json audit_verdict_json(const AuditVerdict& verdict, const std::string& path);
+
+// What the log's writes and fdatasyncs took and how often they failed (keyd's
+// metrics): batch writes by commit()/sync(), fdatasyncs by either thread.
+struct AuditStats {
+  LatencyHistogram write_latency;
+  LatencyHistogram sync_latency;
+  uint64_t write_failures = 0;  // batches not written
+  uint64_t sync_failures = 0;   // fdatasyncs that failed
+};
 
 class AuditLog {
  public:
@@ -138,6 +148,11 @@ class AuditLog {
     return last_failure_;
   }
 
+  AuditStats stats() const {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    return stats_;
+  }
+
   // Tests only: what the log's fdatasync calls instead of ::fdatasync (to fail
   // or stall it). Set before start_sync_thread.
   void set_fdatasync_for_tests(std::function<int(int)> f) { fdatasync_ = std::move(f); }
@@ -153,6 +168,7 @@ class AuditLog {
   bool sync_inline();  // fdatasync on the calling thread; false on failure
   void sync_loop(std::function<void()> on_synced);
   void stop_sync_thread();
+  int timed_fdatasync();  // fdatasync_(fd_), its duration and failure in stats_
   bool write_head(bool durable);
   void import_pending();
 
@@ -180,6 +196,8 @@ class AuditLog {
   std::atomic<bool> sync_failing_{false};
   std::atomic<int64_t> sync_started_ns_{0};  // steady clock; 0: no fdatasync running
   std::function<int(int)> fdatasync_ = ::fdatasync;
+  mutable std::mutex stats_mutex_;  // the sync thread and the loop both record
+  AuditStats stats_;
   // The open gap: entries lost since the last successful write.
   bool gap_open_ = false;
   bool gap_entry_pending_ = false;  // batch_ starts with its audit_gap entry

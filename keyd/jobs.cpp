@@ -140,12 +140,23 @@ std::string tid(int64_t block) { return "(" + std::to_string(block) + ",0)"; }
 
 class Job {
  public:
-  Job(pqxx::connection& conn, int64_t id, const std::atomic<bool>& stop)
-      : conn_(conn), id_(id), stop_(stop) {}
+  Job(pqxx::connection& conn, int64_t id, const std::atomic<bool>& stop, JobRunner& runner)
+      : conn_(conn), id_(id), stop_(stop), runner_(runner) {}
 
   // Returns when the job is done, failed, cancelled or keyd stops.
   void run(const std::map<std::string, KeySnapshot>& keys) {
     if (!load()) return;
+    // Counted as running for as long as this call works on it.
+    struct Running {
+      JobRunner& runner;
+      const std::string& key;
+      Running(JobRunner& r, const std::string& k) : runner(r), key(k) {
+        runner.record(key, [](JobKeyStats& s) { ++s.running; });
+      }
+      ~Running() {
+        runner.record(key, [](JobKeyStats& s) { --s.running; });
+      }
+    } running(runner_, key_name_);
     int consecutive_errors = 0;
     bool row_by_row = false;
     for (;;) {
@@ -181,6 +192,10 @@ class Job {
     ++consecutive_errors;
     const bool give_up = consecutive_errors >= kMaxConsecutiveErrors;
     record_error(message, give_up);
+    runner_.record(key_name_, [give_up](JobKeyStats& s) {
+      ++s.errors;
+      if (give_up) ++s.jobs_failed;
+    });
     if (give_up) return false;
     sleep_ms(std::min(30000, 500 * consecutive_errors));
     return true;
@@ -530,6 +545,10 @@ class Job {
         " WHERE job_id = $1",
         id_, r.done);
     t.commit();
+    runner_.record(key_name_, [&r](JobKeyStats& s) {
+      s.rows_reencrypted += static_cast<uint64_t>(r.done);
+      s.rows_skipped += static_cast<uint64_t>(r.skipped);
+    });
     if (throttle_ms_ > 0) sleep_ms(throttle_ms_);
     return true;
   }
@@ -564,6 +583,10 @@ class Job {
         " updated_at = now(), last_error = coalesce($2, last_error) WHERE job_id = $1",
         id_, summary);
     t.commit();
+    runner_.record(key_name_, [skipped](JobKeyStats& s) {
+      ++s.jobs_done;
+      s.rows_left = skipped;
+    });
     log_info("rotation job " + std::to_string(id_) + " in database " + conn_.dbname() + " is done" +
              (summary ? ": " + *summary : ""));
     return false;
@@ -594,6 +617,7 @@ class Job {
   int target_ = 0;
   int batch_blocks_ = 64;
   int throttle_ms_ = 0;
+  JobRunner& runner_;
 };
 
 }  // namespace
@@ -683,6 +707,11 @@ void JobRunner::publish_keys(std::map<std::string, KeySnapshot> keys) {
   keys_ = std::move(keys);
 }
 
+std::map<std::string, JobKeyStats> JobRunner::stats() const {
+  std::lock_guard<std::mutex> lock(stats_mutex_);
+  return stats_;
+}
+
 void JobRunner::wake() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
@@ -747,7 +776,7 @@ bool JobRunner::run_database(const std::string& conninfo) {
       std::lock_guard<std::mutex> lock(mutex_);
       keys = keys_;
     }
-    Job(*conn, id, stop_).run(keys);
+    Job(*conn, id, stop_, *this).run(keys);
     if (conn->is_open()) {
       pqxx::nontransaction t(*conn);
       t.exec_params("SELECT pg_advisory_unlock($1, $2::int)", kLockClass, id);

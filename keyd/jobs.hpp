@@ -52,6 +52,20 @@ nlohmann::json create_jobs(const std::vector<std::string>& databases, const std:
 // The rotation_progress view of every database.
 nlohmann::json list_jobs(const std::vector<std::string>& databases);
 
+// What the job runner did for one key since keyd started (keyd's metrics).
+struct JobKeyStats {
+  uint64_t rows_reencrypted = 0;
+  // Rows a batch skipped (locked, or failing row by row); a later pass
+  // retries them, so a row may be counted more than once.
+  uint64_t rows_skipped = 0;
+  uint64_t jobs_done = 0;
+  uint64_t jobs_failed = 0;  // gave up after repeated errors
+  uint64_t errors = 0;       // errors recorded (each retried or the last)
+  // Rows the key's last finished job left under older versions.
+  int64_t rows_left = 0;
+  int running = 0;  // jobs of this key the runner works on now
+};
+
 class JobRunner {
  public:
   JobRunner(std::vector<std::string> databases, int poll_interval_ms);
@@ -62,6 +76,15 @@ class JobRunner {
   void start();
   void publish_keys(std::map<std::string, KeySnapshot> keys);  // by name
   void wake();
+
+  // Per key name; safe from any thread.
+  std::map<std::string, JobKeyStats> stats() const;
+  // For the worker's jobs: applies update to the key's stats.
+  template <typename Update>
+  void record(const std::string& key_name, Update update) {
+    std::lock_guard<std::mutex> lock(stats_mutex_);
+    update(stats_[key_name]);
+  }
 
  private:
   void run();
@@ -75,6 +98,8 @@ class JobRunner {
   bool woken_ = false;
   std::atomic<bool> stop_{false};
   std::thread thread_;
+  mutable std::mutex stats_mutex_;
+  std::map<std::string, JobKeyStats> stats_;
   std::string last_warning_;  // worker thread only
   std::chrono::steady_clock::time_point last_warning_at_;
 };

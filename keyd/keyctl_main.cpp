@@ -253,6 +253,7 @@ int main(int argc, char** argv) {
   auto* rotate = app.add_subcommand("rotate", "make a new random version the primary one");
   rotate->add_option("name", name, "key name")->required();
   app.add_subcommand("status", "show keyd's status and every key version's state and uses");
+  app.add_subcommand("metrics", "print keyd's metrics (Prometheus text format)");
   auto* disable = app.add_subcommand("disable", "disable an old version (reversible)");
   auto* enable = app.add_subcommand("enable", "re-enable a disabled version");
   auto* destroy = app.add_subcommand(
@@ -398,7 +399,9 @@ int main(int argc, char** argv) {
     }
     return kExitOk;
   }
-  if (command == "create") {
+  if (command == "metrics") {
+    std::fputs(reply.value("text", "").c_str(), stdout);
+  } else if (command == "create") {
     std::printf("created key '%s'\n", text_or(reply, "name").c_str());
     print_key(reply);
   } else if (command == "rotate") {

@@ -20,6 +20,7 @@
 #include "keyd/audit.hpp"
 #include "keyd/log.hpp"
 #include "keyd/master_secret.hpp"
+#include "keyd/metrics_http.hpp"
 #include "keyd/server.hpp"
 #include "keyd/store.hpp"
 
@@ -135,7 +136,93 @@ struct Options {
   int count_timeout_ms = 30000;
   std::string audit_failure = "refuse";
   std::string audit_sync = "batch";
+  std::string metrics_listen;
+  std::string log_file;
 };
+
+// Every option of colcrypt-keyd, for the start and for each SIGHUP.
+void define_options(CLI::App& app, Options& o) {
+  app.set_version_flag("--version", std::string("colcrypt-keyd ") + kKeydVersion);
+  // The packaged unit reads /etc/colcrypt/keyd.conf: one `long-option-name = value`
+  // a line (TOML as CLI11 reads it; a repeatable option takes ["a", "b"]).
+  app.set_config("--config", "",
+                 "read options from this file (name = value, the long option "
+                 "names without --); flags on the command line win");
+  app.allow_config_extras(CLI::config_extras_mode::error);
+  app.add_option("--store", o.store, "key store directory (default: $ENCRYPTION_KEY_PATH)");
+  app.add_option("--socket", o.socket,
+                 std::string("Unix socket path (default: $COLCRYPT_KEYD_SOCKET, else ") +
+                     kDefaultSocket + ")");
+  app.add_option("--password-file", o.password_file,
+                 "read the master password from this file (mode 0600/0400)");
+  app.add_option("--master-key-file", o.master_key_file,
+                 "use this file's 32 raw bytes as the master key (mode 0600/0400)");
+  app.add_option("--allow-uid", o.allow_uids,
+                 "uid or user name allowed to fetch keys (repeatable; default: postgres)");
+  app.add_option("--admin-uid", o.admin_uids,
+                 "uid or user name allowed to administer, not to fetch keys unless also on "
+                 "--allow-uid (repeatable; default: keyd's euid)");
+  app.add_option("--socket-group", o.socket_group,
+                 "make the socket 0660 and its new directory 0750, owned by this group");
+  app.add_option("--pbkdf2-iterations", o.pbkdf2_iterations,
+                 "PBKDF2 iterations for a new password-protected store (default 600000)");
+  app.add_flag("--insecure-fast-kdf", o.insecure_fast_kdf,
+               "allow --pbkdf2-iterations down to 1000 (tests only)");
+  app.add_option("--log-level", o.log_level,
+                 "error, warning, info (default) or debug (SIGHUP rereads it)");
+  app.add_option("--log-file", o.log_file,
+                 "append the log to this file instead of stderr; SIGHUP reopens it "
+                 "(logrotate)");
+  app.add_option("--audit-log", o.audit_log,
+                 "append-only, MAC-chained audit log (default: STORE/audit.log)");
+  app.add_option("--auto-rotation", o.auto_rotation,
+                 "on/off: rotate keys when their interval passes (default: "
+                 "$ENCRYPTION_AUTO_ROTATION, else on)");
+  app.add_option("--rotation-check-interval", o.rotation_check_interval_s,
+                 "seconds between rotation checks (default 60)")
+      ->check(CLI::Range(1, 86400));
+  app.add_option("--insecure-day-seconds", o.day_seconds,
+                 "length of a rotation-interval day in seconds (tests only; default 86400)")
+      ->check(CLI::Range(int64_t{1}, int64_t{86400}));
+  app.add_option("--max-uses-per-version", o.max_uses_per_version,
+                 "encryptions per key version before rotation, for new keys (default: "
+                 "$ENCRYPTION_MAX_USES_PER_VERSION, else 10000)");
+  app.add_option("--max-block-uses", o.max_block_uses,
+                 "most encryptions one backend fetch is granted (default 65536; a block "
+                 "is also cut to max(1024, the key's cap / 64))")
+      ->check(CLI::Range(1, 1 << 24));
+  app.add_option("--database", o.databases,
+                 "libpq connection string of a database whose encrypted columns keyd "
+                 "re-encrypts and counts (repeatable)");
+  app.add_option("--job-poll-interval-ms", o.job_poll_interval_ms,
+                 "how often keyd looks for new re-encryption jobs (default 2000)")
+      ->check(CLI::Range(50, 3600000));
+  app.add_option("--retire-grace-seconds", o.retire_grace_s,
+                 "seconds after a rotation before the retired version may be disabled or "
+                 "destroyed without --force (default 86400, the largest "
+                 "colcrypt.key_cache_ttl; never set it below the TTL in use)")
+      ->check(CLI::Range(int64_t{0}, int64_t{10} * 365 * 86400));
+  app.add_option("--count-timeout-ms", o.count_timeout_ms,
+                 "longest a count of the rows using a key may take (disable/destroy checks, "
+                 "references, status); a locked table makes it fail clearly (default 30000)")
+      ->check(CLI::Range(100, 3600000));
+  app.add_option("--audit-failure", o.audit_failure,
+                 "refuse (default): while the audit log cannot be written, key fetches get an "
+                 "error instead of a key; serve: hand keys out anyway (the loss is recorded "
+                 "as an audit_gap entry once the log is writable)");
+  app.add_option("--audit-sync", o.audit_sync,
+                 "batch (default): a key goes out once its audit entry is written to the log "
+                 "(a crash or kill -9 of keyd keeps it) while the disk completes fdatasyncs "
+                 "(a sync thread runs them back to back); always: only once the entry is "
+                 "fdatasynced (survives a power loss; slower). See docs/operations.md");
+  app.add_option("--metrics-listen", o.metrics_listen,
+                 "serve Prometheus metrics over HTTP at HOST:PORT, a loopback address "
+                 "(127.0.0.1:9187, [::1]:9187); default: off (colcrypt-keyctl metrics "
+                 "prints them either way)");
+  app.add_flag("--sql-rotate", o.sql_rotate,
+               "let fetch-allowed peers (the database) ask for a rotation "
+               "(colcrypt.rotate_key); nothing else");
+}
 
 bool parse_on_off(const std::string& text, const char* what) {
   if (text == "on" || text == "true" || text == "1" || text == "yes") return true;
@@ -143,10 +230,80 @@ bool parse_on_off(const std::string& text, const char* what) {
   throw UsageError(std::string(what) + " must be on or off");
 }
 
-int run(const Options& o, std::optional<MasterSecret>& env_password) {
+// The settings SIGHUP may change, from the options (resolving user names).
+ReloadableSettings reloadable_settings(const Options& o) {
+  ReloadableSettings s;
   auto level = parse_log_level(o.log_level);
   if (!level) throw UsageError("--log-level must be error, warning, info or debug");
-  set_log_level(*level);
+  s.log_level = *level;
+  for (const auto& u : o.allow_uids) s.allow_uids.push_back(resolve_uid(u));
+  if (o.allow_uids.empty()) {
+    if (struct passwd* pw = ::getpwnam("postgres")) {
+      s.allow_uids.push_back(pw->pw_uid);
+    } else {
+      log_warning("no user \"postgres\" and no --allow-uid: no uid may fetch keys");
+    }
+  }
+  for (const auto& u : o.admin_uids) s.admin_uids.push_back(resolve_uid(u));
+  if (o.admin_uids.empty()) s.admin_uids.push_back(::geteuid());
+  return s;
+}
+
+// The options that differ between a and b and that only a restart applies.
+std::vector<std::string> restart_settings_changed(const Options& a, const Options& b) {
+  std::vector<std::string> changed;
+  auto check = [&](const char* name, bool same) {
+    if (!same) changed.push_back(name);
+  };
+  check("store", a.store == b.store);
+  check("socket", a.socket == b.socket);
+  check("password-file", a.password_file == b.password_file);
+  check("master-key-file", a.master_key_file == b.master_key_file);
+  check("socket-group", a.socket_group == b.socket_group);
+  check("pbkdf2-iterations", a.pbkdf2_iterations == b.pbkdf2_iterations);
+  check("insecure-fast-kdf", a.insecure_fast_kdf == b.insecure_fast_kdf);
+  check("log-file", a.log_file == b.log_file);
+  check("audit-log", a.audit_log == b.audit_log);
+  check("auto-rotation", a.auto_rotation == b.auto_rotation);
+  check("rotation-check-interval", a.rotation_check_interval_s == b.rotation_check_interval_s);
+  check("insecure-day-seconds", a.day_seconds == b.day_seconds);
+  check("max-uses-per-version", a.max_uses_per_version == b.max_uses_per_version);
+  check("max-block-uses", a.max_block_uses == b.max_block_uses);
+  check("sql-rotate", a.sql_rotate == b.sql_rotate);
+  check("database", a.databases == b.databases);
+  check("job-poll-interval-ms", a.job_poll_interval_ms == b.job_poll_interval_ms);
+  check("retire-grace-seconds", a.retire_grace_s == b.retire_grace_s);
+  check("count-timeout-ms", a.count_timeout_ms == b.count_timeout_ms);
+  check("audit-failure", a.audit_failure == b.audit_failure);
+  check("audit-sync", a.audit_sync == b.audit_sync);
+  check("metrics-listen", a.metrics_listen == b.metrics_listen);
+  return changed;
+}
+
+// SIGHUP: the command line and the --config file read again, as at start.
+ReloadableSettings reread_config(int argc, char** argv, const Options& started,
+                                 const std::string& config_file) {
+  Options o;
+  CLI::App app{"colcrypt-keyd", "colcrypt-keyd"};
+  define_options(app, o);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    throw UsageError(e.what());
+  }
+  ReloadableSettings s = reloadable_settings(o);
+  for (const auto& name : restart_settings_changed(started, o)) {
+    log_warning("SIGHUP: " + name + " changed in " + config_file +
+                "; it needs a restart to take effect (keyd keeps the value it started with)");
+  }
+  return s;
+}
+
+int run(const Options& o, std::optional<MasterSecret>& env_password, int argc, char** argv,
+        const std::string& config_file) {
+  if (!o.log_file.empty()) set_log_file(o.log_file);  // before any thread logs
+  const ReloadableSettings access = reloadable_settings(o);
+  set_log_level(access.log_level);
 
   const std::string store_dir = o.store.empty() ? env_or("ENCRYPTION_KEY_PATH", "") : o.store;
   if (store_dir.empty()) {
@@ -154,16 +311,8 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
   }
   ServerConfig config;
   config.socket_path = o.socket.empty() ? env_or("COLCRYPT_KEYD_SOCKET", kDefaultSocket) : o.socket;
-  for (const auto& u : o.allow_uids) config.allow_uids.push_back(resolve_uid(u));
-  if (o.allow_uids.empty()) {
-    if (struct passwd* pw = ::getpwnam("postgres")) {
-      config.allow_uids.push_back(pw->pw_uid);
-    } else {
-      log_warning("no user \"postgres\" and no --allow-uid: no uid may fetch keys");
-    }
-  }
-  for (const auto& u : o.admin_uids) config.admin_uids.push_back(resolve_uid(u));
-  if (o.admin_uids.empty()) config.admin_uids.push_back(::geteuid());
+  config.allow_uids = access.allow_uids;
+  config.admin_uids = access.admin_uids;
   if (!o.socket_group.empty()) config.socket_group = resolve_gid(o.socket_group);
 
   uint32_t iterations = o.pbkdf2_iterations.value_or(kPbkdf2DefaultIterations);
@@ -203,6 +352,20 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
     throw UsageError("--audit-sync must be batch or always");
   }
   config.audit_sync = o.audit_sync == "always" ? AuditSyncMode::Always : AuditSyncMode::Batch;
+  if (!config_file.empty()) {
+    config.reload_source = config_file;
+    config.reload = [argc, argv, o, config_file] {
+      return reread_config(argc, argv, o, config_file);
+    };
+  }
+  if (!o.metrics_listen.empty()) {
+    try {
+      MetricsHttp::check_address(o.metrics_listen);
+    } catch (const Error& e) {
+      throw UsageError(e.what());
+    }
+    config.metrics_listen = o.metrics_listen;
+  }
   for (const auto& d : config.databases) with_statement_timeout(d, config.count_timeout_ms);
   uint64_t max_uses = kDefaultMaxUsesPerVersion;
   if (o.max_uses_per_version) {
@@ -325,78 +488,7 @@ int main(int argc, char** argv) {
   }
   Options o;
   CLI::App app{"colcrypt-keyd: the colcrypt key daemon (runs in the foreground)", "colcrypt-keyd"};
-  app.set_version_flag("--version", std::string("colcrypt-keyd ") + kKeydVersion);
-  // The packaged unit reads /etc/colcrypt/keyd.conf: one `long-option-name = value`
-  // a line (TOML as CLI11 reads it; a repeatable option takes ["a", "b"]).
-  app.set_config("--config", "",
-                 "read options from this file (name = value, the long option "
-                 "names without --); flags on the command line win");
-  app.allow_config_extras(CLI::config_extras_mode::error);
-  app.add_option("--store", o.store, "key store directory (default: $ENCRYPTION_KEY_PATH)");
-  app.add_option("--socket", o.socket,
-                 std::string("Unix socket path (default: $COLCRYPT_KEYD_SOCKET, else ") +
-                     kDefaultSocket + ")");
-  app.add_option("--password-file", o.password_file,
-                 "read the master password from this file (mode 0600/0400)");
-  app.add_option("--master-key-file", o.master_key_file,
-                 "use this file's 32 raw bytes as the master key (mode 0600/0400)");
-  app.add_option("--allow-uid", o.allow_uids,
-                 "uid or user name allowed to fetch keys (repeatable; default: postgres)");
-  app.add_option("--admin-uid", o.admin_uids,
-                 "uid or user name allowed to administer, not to fetch keys unless also on "
-                 "--allow-uid (repeatable; default: keyd's euid)");
-  app.add_option("--socket-group", o.socket_group,
-                 "make the socket 0660 and its new directory 0750, owned by this group");
-  app.add_option("--pbkdf2-iterations", o.pbkdf2_iterations,
-                 "PBKDF2 iterations for a new password-protected store (default 600000)");
-  app.add_flag("--insecure-fast-kdf", o.insecure_fast_kdf,
-               "allow --pbkdf2-iterations down to 1000 (tests only)");
-  app.add_option("--log-level", o.log_level, "error, warning, info (default) or debug");
-  app.add_option("--audit-log", o.audit_log,
-                 "append-only, MAC-chained audit log (default: STORE/audit.log)");
-  app.add_option("--auto-rotation", o.auto_rotation,
-                 "on/off: rotate keys when their interval passes (default: "
-                 "$ENCRYPTION_AUTO_ROTATION, else on)");
-  app.add_option("--rotation-check-interval", o.rotation_check_interval_s,
-                 "seconds between rotation checks (default 60)")
-      ->check(CLI::Range(1, 86400));
-  app.add_option("--insecure-day-seconds", o.day_seconds,
-                 "length of a rotation-interval day in seconds (tests only; default 86400)")
-      ->check(CLI::Range(int64_t{1}, int64_t{86400}));
-  app.add_option("--max-uses-per-version", o.max_uses_per_version,
-                 "encryptions per key version before rotation, for new keys (default: "
-                 "$ENCRYPTION_MAX_USES_PER_VERSION, else 10000)");
-  app.add_option("--max-block-uses", o.max_block_uses,
-                 "most encryptions one backend fetch is granted (default 65536; a block "
-                 "is also cut to max(1024, the key's cap / 64))")
-      ->check(CLI::Range(1, 1 << 24));
-  app.add_option("--database", o.databases,
-                 "libpq connection string of a database whose encrypted columns keyd "
-                 "re-encrypts and counts (repeatable)");
-  app.add_option("--job-poll-interval-ms", o.job_poll_interval_ms,
-                 "how often keyd looks for new re-encryption jobs (default 2000)")
-      ->check(CLI::Range(50, 3600000));
-  app.add_option("--retire-grace-seconds", o.retire_grace_s,
-                 "seconds after a rotation before the retired version may be disabled or "
-                 "destroyed without --force (default 86400, the largest "
-                 "colcrypt.key_cache_ttl; never set it below the TTL in use)")
-      ->check(CLI::Range(int64_t{0}, int64_t{10} * 365 * 86400));
-  app.add_option("--count-timeout-ms", o.count_timeout_ms,
-                 "longest a count of the rows using a key may take (disable/destroy checks, "
-                 "references, status); a locked table makes it fail clearly (default 30000)")
-      ->check(CLI::Range(100, 3600000));
-  app.add_option("--audit-failure", o.audit_failure,
-                 "refuse (default): while the audit log cannot be written, key fetches get an "
-                 "error instead of a key; serve: hand keys out anyway (the loss is recorded "
-                 "as an audit_gap entry once the log is writable)");
-  app.add_option("--audit-sync", o.audit_sync,
-                 "batch (default): a key goes out once its audit entry is written to the log "
-                 "(a crash or kill -9 of keyd keeps it) while the disk completes fdatasyncs "
-                 "(a sync thread runs them back to back); always: only once the entry is "
-                 "fdatasynced (survives a power loss; slower). See docs/operations.md");
-  app.add_flag("--sql-rotate", o.sql_rotate,
-               "let fetch-allowed peers (the database) ask for a rotation "
-               "(colcrypt.rotate_key); nothing else");
+  define_options(app, o);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -406,7 +498,10 @@ int main(int argc, char** argv) {
   }
   try {
     install_signal_handlers();
-    return run(o, env_password);
+    CLI::Option* config_option = app.get_option("--config");
+    const std::string config_file =
+        config_option->count() > 0 ? config_option->as<std::string>() : std::string();
+    return run(o, env_password, argc, argv, config_file);
   } catch (const std::exception& e) {
     if (!shutdown_requested()) return report_failure(e);
     log_info("stop requested during startup");

@@ -1,13 +1,24 @@
 #include "keyd/log.hpp"
 
+#include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <cstring>
+
+#include "core/error.hpp"
 
 namespace colcrypt::keyd {
 namespace {
 
-LogLevel g_level = LogLevel::Info;
+std::atomic<LogLevel> g_level{LogLevel::Info};
+std::atomic<int> g_log_fd{STDERR_FILENO};
+std::string g_log_path;  // set before threads start, read by the loop only
+
+int open_log(const std::string& path) {
+  return ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOCTTY, 0640);
+}
 
 const char* level_name(LogLevel level) {
   switch (level) {
@@ -26,6 +37,34 @@ const char* level_name(LogLevel level) {
 }  // namespace
 
 void set_log_level(LogLevel level) { g_level = level; }
+
+void set_log_file(const std::string& path) {
+  int fd = open_log(path);
+  if (fd < 0) {
+    int err = errno;
+    throw Error(Errc::Io, "cannot open log file " + path + ": " + std::strerror(err));
+  }
+  g_log_path = path;
+  g_log_fd = fd;
+}
+
+void reopen_log_file() {
+  if (g_log_path.empty()) return;
+  int fd = open_log(g_log_path);
+  if (fd < 0) {
+    int err = errno;
+    log_error("cannot reopen log file " + g_log_path + ": " + std::strerror(err) +
+              "; still logging to the old one");
+    return;
+  }
+  // dup2 swaps the file under the descriptor number atomically: a thread
+  // logging meanwhile writes whole lines to the old file or the new one.
+  if (::dup2(fd, g_log_fd) < 0) {
+    int err = errno;
+    log_error("cannot reopen log file " + g_log_path + ": " + std::strerror(err));
+  }
+  ::close(fd);
+}
 LogLevel log_level() { return g_level; }
 
 std::optional<LogLevel> parse_log_level(std::string_view text) {
@@ -49,7 +88,7 @@ void log(LogLevel level, std::string_view message) {
   line.push_back('\n');
   size_t done = 0;
   while (done < line.size()) {
-    ssize_t n = ::write(STDERR_FILENO, line.data() + done, line.size() - done);
+    ssize_t n = ::write(g_log_fd, line.data() + done, line.size() - done);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return;
     done += static_cast<size_t>(n);

@@ -15,6 +15,7 @@
 #include <memory>
 
 #include "keyd/log.hpp"
+#include "keyd/metrics_http.hpp"
 #include "keyd/server_internal.hpp"
 
 #ifdef COLCRYPT_HAVE_SYSTEMD
@@ -88,8 +89,12 @@ Server::Server(ServerConfig config, KeyStore store)
       store_(std::move(store)),
       started_(Clock::now()),
       last_flush_(Clock::now()),
-      last_schedule_(Clock::now()) {
+      last_schedule_(Clock::now()),
+      started_unix_(now_seconds()) {
   ensure_signal_pipe();
+  if (!config_.metrics_listen.empty()) {
+    metrics_http_ = std::make_unique<MetricsHttp>(config_.metrics_listen);
+  }
   if (config_.audit_log_path.empty()) {
     config_.audit_log_path =
         store_.dir() + (store_.dir().back() == '/' ? "" : "/") + kAuditFileName;
@@ -115,7 +120,7 @@ Server::~Server() {
 
 // Frames in secret memory are key replies: held until their audit entry is committed.
 void Server::queue(Connection& c, SecretBytes frame) {
-  c.out.push_back({std::move(frame), true, 0});
+  c.out.push_back({std::move(frame), true, 0, c.request_started});
 }
 
 void Server::queue(Connection& c, const std::vector<uint8_t>& frame) {
@@ -149,6 +154,7 @@ void Server::accept_all() {
       refusals.emplace_back(fd, wire::encode_failure(code, message));
     };
     if (!may_connect(cred.uid)) {
+      ++metrics_.refused_peers;
       log_warning("refused peer " + peer_text(cred.uid, cred.pid));
       audit({{"event", "refused-peer"}, {"uid", cred.uid}, {"pid", cred.pid}});
       reject(wire::FailureCode::Denied,
@@ -236,6 +242,7 @@ void Server::process_frames(Connection& c) {
     while (!c.waiting) {
       auto frame = c.reader.next();
       if (!frame) break;
+      c.request_started = Clock::now();
       handle_frame(c, static_cast<uint8_t>(frame->type), frame->body);
       secure_zero(frame->body.data(), frame->body.size());
     }
@@ -271,6 +278,7 @@ void Server::release_key_replies() {
                 "), so it hands out no keys until the log is writable again (see its log; "
                 "--audit-failure serve would serve them unaudited)")));
         o.held = false;
+        o.requested = {};  // a failure, not a fetch
         ++withheld;
         continue;
       }
@@ -307,6 +315,10 @@ void Server::handle_writable(Connection& c) {
     c.last_activity = Clock::now();
     c.out_offset += static_cast<size_t>(n);
     if (c.out_offset == front.size()) {
+      if (c.out.front().requested != Clock::time_point{}) {
+        metrics_.fetch_latency.observe(
+            std::chrono::duration<double>(Clock::now() - c.out.front().requested).count());
+      }
       c.out.pop_front();  // SecretBytes wipes the frame
       c.out_offset = 0;
     }
@@ -317,9 +329,7 @@ void Server::drain_signals() {
   char buf[64];
   while (::read(g_signal_pipe[0], buf, sizeof buf) > 0) {
   }
-  if (g_hup.exchange(false)) {
-    log_info("SIGHUP received; nothing to reload yet, ignored");
-  }
+  if (g_hup.exchange(false)) reload();
   if (g_stop && !stopping_) {
     stopping_ = true;
     log_info("shutting down");
@@ -373,6 +383,9 @@ int Server::run() {
       next_deadline = std::min(
           next_deadline, c->last_activity + std::chrono::milliseconds(config_.idle_timeout_ms));
     }
+    // Scrapers come after the peers (their own connection limit and timeouts).
+    const size_t peers_end = fds.size();
+    if (metrics_http_) metrics_http_->add_pollfds(fds, next_deadline);
     next_deadline = std::min(
         next_deadline, last_schedule_ + std::chrono::seconds(config_.rotation_check_interval_s));
     // Held key replies: the sync thread wakes the loop after its fdatasync;
@@ -398,7 +411,7 @@ int Server::run() {
     if (rc > 0) {
       // Group commit (docs/rotation.md, "Audit trail"): first every ready
       // request is handled and its reply queued, ...
-      const size_t polled = fds.size() - kFixed;
+      const size_t polled = peers_end - kFixed;
       for (size_t i = 0; i < polled; ++i) {
         Connection& c = *connections_[i];
         short revents = fds[kFixed + i].revents;
@@ -410,6 +423,9 @@ int Server::run() {
         }
       }
       if (fds[1].revents & POLLIN) accept_all();
+    }
+    if (metrics_http_) {
+      metrics_http_->handle(fds.data() + peers_end, [this] { return metrics_text(); });
     }
     finish_database_work();
     // ... then their audit entries are written once and the head replaced
@@ -441,6 +457,7 @@ int Server::run() {
   sd_notify(0, "STOPPING=1");
 #endif
   connections_.clear();
+  metrics_http_.reset();
   stopping_ = true;
   db_worker_.reset();  // a count in progress ends within --count-timeout-ms
   jobs_.reset();       // stops the worker; an unfinished batch rolls back

@@ -5,6 +5,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -15,6 +16,8 @@
 #include "core/error.hpp"
 #include "keyd/audit.hpp"
 #include "keyd/jobs.hpp"
+#include "keyd/log.hpp"
+#include "keyd/metrics.hpp"
 #include "keyd/store.hpp"
 
 namespace colcrypt::keyd {
@@ -27,6 +30,14 @@ class SocketUnavailable : public Error {
 
 constexpr uint32_t kDefaultMaxBlockUses = 65536;
 constexpr uint32_t kMinBlockCeiling = 1024;
+
+// What SIGHUP changes without a restart (docs/operations.md, "Configuration
+// file and reloading").
+struct ReloadableSettings {
+  std::vector<uid_t> allow_uids;
+  std::vector<uid_t> admin_uids;
+  LogLevel log_level = LogLevel::Info;
+};
 
 struct ServerConfig {
   std::string socket_path;
@@ -73,6 +84,15 @@ struct ServerConfig {
   // keeps it) and the disk completes fdatasyncs (none has run for
   // kAuditSyncStallMs, none failed); Always once the entry is fdatasynced.
   AuditSyncMode audit_sync = AuditSyncMode::Batch;
+  // "HOST:PORT" (loopback only) for HTTP GET /metrics; empty: no endpoint.
+  // The same text is the admin op "metrics" (colcrypt-keyctl metrics).
+  std::string metrics_listen;
+  // SIGHUP reads the configuration again through this (colcrypt-keyd: the
+  // command line and --config FILE, as at start). It throws when the
+  // configuration is bad; keyd then keeps its settings. Unset (no --config):
+  // SIGHUP only reopens the log file.
+  std::function<ReloadableSettings()> reload;
+  std::string reload_source;  // what reload reads, for the log (the --config path)
 };
 
 // conninfo (key=value or URI) as a key=value string whose sessions have
@@ -103,6 +123,8 @@ void request_shutdown();
 // exists and is not a socket; removes a stale socket file (logged).
 void claim_socket_path(const std::string& path);
 
+class MetricsHttp;
+
 class Server {
  public:
   Server(ServerConfig config, KeyStore store);
@@ -116,6 +138,9 @@ class Server {
   // Serves until SIGTERM/SIGINT, then flushes the store and removes the
   // socket. Returns the process exit code (0).
   int run();
+
+  // The metrics in the Prometheus text format (docs/operations.md, "Metrics").
+  std::string metrics_text() const;
 
  private:
   struct Connection;
@@ -143,6 +168,8 @@ class Server {
   void queue(Connection& c, SecretBytes frame);
   void queue(Connection& c, const std::vector<uint8_t>& frame);
   void drain_signals();
+  // SIGHUP: reopens the log file, then applies config_.reload's settings.
+  void reload();
   void flush_store(bool force);
   void remove_socket();
   bool may_connect(uid_t uid) const;  // on either list
@@ -172,6 +199,12 @@ class Server {
   class DatabaseWorker;
   std::unique_ptr<DatabaseWorker> db_worker_;
   uint64_t next_serial_ = 1;
+  LoopMetrics metrics_;
+  int64_t started_unix_ = 0;
+  std::unique_ptr<MetricsHttp> metrics_http_;  // with --metrics-listen
+  // The key name for a metric label: the name when the store has such a key,
+  // else kUnknownKeyLabel (peers choose the names they ask for).
+  std::string key_label(const std::string& name) const;
 };
 
 }  // namespace colcrypt::keyd

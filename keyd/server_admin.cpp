@@ -124,7 +124,7 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
   };
   auto audit_admin = [&](const std::string& outcome) {
     if (logged || op == "list" || op == "show" || op == "status" || op == "jobs" ||
-        op == "references") {
+        op == "references" || op == "metrics") {
       return;
     }
     json entry = {
@@ -333,6 +333,8 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
       }
       result["keys"] = std::move(list);
       result["databases"] = config_.databases.size();
+    } else if (op == "metrics") {
+      result = {{"text", metrics_text()}};
     } else {
       throw Error(Errc::InvalidArgument, "unknown admin op \"" + op + "\"");
     }

@@ -96,6 +96,7 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
           queue(c, wire::encode_key_reply(reply));
         }
         entry["result"] = "ok";
+        ++metrics_.fetches[key->name];
         entry["key_id"] = format_key_id(key->id);
         entry["version"] = grant.version;
         entry["granted"] = grant.granted;
@@ -188,6 +189,7 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
         queue(c, wire::encode_key_reply(reply));
         store_.record_use(key->id, now_seconds());
         entry["result"] = "ok";
+        ++metrics_.fetches[key->name];
         audit(entry);
         if (log_level() >= LogLevel::Debug)
           log_debug("peer " + peer + " fetched key '" + key->name + "' version " +
@@ -204,6 +206,7 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
           return s;
         };
         const wire::DenialReport r = wire::decode_denial_report(ByteView(body));
+        ++metrics_.denials[{key_label(r.key_name), "sql"}];
         audit({{"event", "sql-denied"},
                {"key", printable(r.key_name)},
                {"privilege", printable(r.privilege)},
@@ -284,6 +287,7 @@ void Server::refuse_fetch(Connection& c, uint8_t type, const std::vector<uint8_t
       break;
     }
   }
+  ++metrics_.denials[{key_label(entry.value("key", "")), "peer"}];
   audit(entry);
   log_warning("denied a key fetch to peer " + peer_text(c.uid, c.pid) +
               " (not on --allow-uid; administering does not imply fetching)");

@@ -62,6 +62,9 @@ struct Server::Connection {
     // Failure when that fails. Server::release_key_replies.
     bool held = false;
     uint64_t audit_seq = 0;  // the entries it waits for: set by the commit after it was queued
+    // Key replies: when their request was read (the fetch latency metric
+    // ends when the reply is written); unset for other frames.
+    Clock::time_point requested{};
   };
   bool front_held() const { return !out.empty() && out.front().held; }
   int fd = -1;
@@ -78,6 +81,7 @@ struct Server::Connection {
   bool read_closed = false;
   bool dead = false;
   Clock::time_point last_activity;
+  Clock::time_point request_started;  // of the frame being handled
 
   ~Connection() {
     if (fd >= 0) ::close(fd);

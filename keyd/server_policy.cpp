@@ -10,6 +10,7 @@
 #include <cerrno>
 
 #include "keyd/log.hpp"
+#include "keyd/metrics_http.hpp"
 #include "keyd/server_internal.hpp"
 
 namespace colcrypt::keyd {
@@ -78,6 +79,52 @@ bool Server::may_fetch(uid_t uid) const {
 }
 
 bool Server::may_connect(uid_t uid) const { return is_admin(uid) || may_fetch(uid); }
+
+void Server::reload() {
+  reopen_log_file();  // first: what follows goes to the new file
+  if (!config_.reload) {
+    log_info("SIGHUP: no --config file to read again (the log file, if any, was reopened)");
+    return;
+  }
+  ReloadableSettings settings;
+  try {
+    settings = config_.reload();
+  } catch (const std::exception& e) {
+    log_error("SIGHUP: cannot reload " + config_.reload_source + ": " + e.what() +
+              "; keeping the current settings");
+    audit({{"event", "reload"}, {"source", config_.reload_source}, {"result", "invalid"}});
+    return;
+  }
+  config_.allow_uids = std::move(settings.allow_uids);
+  config_.admin_uids = std::move(settings.admin_uids);
+  set_log_level(settings.log_level);
+  audit({{"event", "reload"},
+         {"source", config_.reload_source},
+         {"result", "ok"},
+         {"allow_uids", config_.allow_uids},
+         {"admin_uids", config_.admin_uids}});
+  // Requests are checked against the lists as they are now; a peer that may
+  // no longer connect at all loses its kept connection.
+  size_t closed = 0;
+  for (auto& c : connections_) {
+    if (!c->dead && !may_connect(c->uid)) {
+      c->dead = true;
+      ++closed;
+    }
+  }
+  auto uid_list = [](const std::vector<uid_t>& uids) {
+    std::string text;
+    for (uid_t u : uids) text += (text.empty() ? "" : ",") + std::to_string(u);
+    return text.empty() ? std::string("(none)") : text;
+  };
+  const char* level_names[] = {"error", "warning", "info", "debug"};
+  log_info("SIGHUP: reloaded " + config_.reload_source + ": allow-uid " +
+           uid_list(config_.allow_uids) + "; admin-uid " + uid_list(config_.admin_uids) +
+           "; log-level " + level_names[static_cast<int>(settings.log_level)] +
+           (closed
+                ? "; closed " + std::to_string(closed) + " connections of peers no longer allowed"
+                : ""));
+}
 
 void Server::listen() {
   const std::string& path = config_.socket_path;
@@ -156,6 +203,7 @@ void Server::listen() {
     err = errno;
     throw Error(Errc::Io, "cannot chmod socket " + path + ": " + errno_text(err));
   }
+  if (metrics_http_) metrics_http_->listen();  // loopback only (MetricsHttp::check_address)
 }
 
 void Server::remove_socket() {

@@ -32,6 +32,8 @@
 #   SANDBOX_KEYD_ALLOW_UID, SANDBOX_KEYD_ADMIN_UID  override keyd's allowlists
 #                               (uids, comma-separated; an admin uid fetches keys
 #                               only when on the allow list too, e.g. "$(id -u postgres),0")
+#   SANDBOX_KEYD_CONFIG         keyd reads its options from this file (--config);
+#                               the allowlists are then the file's, not the above
 #   SANDBOX_TIMEOUT             seconds to wait for readiness (default 60)
 #   SANDBOX_KEYD_ARGS           extra keyd flags, split on whitespace; the word
 #                               @DATABASE@ becomes the sandbox database's libpq URI
@@ -122,8 +124,12 @@ keyd_start() {
   keyd_path=$(readlink -f "$keyd_path")
   allow=${SANDBOX_KEYD_ALLOW_UID:-$(id -u postgres)}
   admin=${SANDBOX_KEYD_ADMIN_UID:-0}
-  for uid in ${allow//,/ }; do uidargs+=(--allow-uid "$uid"); done
-  for uid in ${admin//,/ }; do uidargs+=(--admin-uid "$uid"); done
+  if [ -n "${SANDBOX_KEYD_CONFIG:-}" ]; then
+    uidargs=(--config "$SANDBOX_KEYD_CONFIG")
+  else
+    for uid in ${allow//,/ }; do uidargs+=(--allow-uid "$uid"); done
+    for uid in ${admin//,/ }; do uidargs+=(--admin-uid "$uid"); done
+  fi
 
   if [ -z "${ENCRYPTION_MASTER_PASSWORD:-}" ]; then
     if [ ! -f "$DIR/master-password" ]; then
