@@ -59,6 +59,19 @@ std::string http_reply(const char* status, const std::string& content_type,
          "\r\nConnection: close\r\nCache-Control: no-store\r\n\r\n" + body;
 }
 
+// After the reply: ends the sending side, and reads (without waiting) what
+// the scraper sent and keyd did not read: unread data would make close()
+// reset the connection, and the scraper could lose the reply.
+void finish(int fd) {
+  ::shutdown(fd, SHUT_WR);
+  char drain[2048];
+  for (size_t total = 0; total < 4 * MetricsHttp::kMaxRequestBytes;) {
+    ssize_t n = ::recv(fd, drain, sizeof drain, MSG_DONTWAIT);
+    if (n <= 0) break;
+    total += static_cast<size_t>(n);
+  }
+}
+
 std::string plain(const char* status, const std::string& text) {
   return http_reply(status, "text/plain; charset=utf-8", text + "\n");
 }
@@ -149,6 +162,7 @@ void MetricsHttp::accept_all() {
       const std::string busy = plain("503 Service Unavailable", "too many metrics scrapers");
       ssize_t ignored = ::send(fd, busy.data(), busy.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
       (void)ignored;
+      finish(fd);
       ::close(fd);
       log_debug("metrics: refused a scraper (" + std::to_string(kMaxConnections) +
                 " already connected)");
@@ -222,7 +236,7 @@ void MetricsHttp::write_reply(Connection& c) {
     c.done = true;
     return;
   }
-  ::shutdown(c.fd, SHUT_WR);
+  finish(c.fd);
   c.done = true;
 }
 
