@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -135,7 +136,27 @@ struct Options {
   int count_timeout_ms = 30000;
   std::string audit_failure = "refuse";
   std::string audit_sync = "batch";
+  size_t max_connections = 256;
 };
+
+// Every connection is an fd: the soft RLIMIT_NOFILE (often 1024) is raised
+// toward the hard limit so that --max-connections fits with room for the
+// store, the log, the socket and the database connections.
+void raise_fd_limit(size_t max_connections) {
+  constexpr rlim_t kSpareFds = 64;
+  struct rlimit limit {};
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) return;
+  const rlim_t wanted = static_cast<rlim_t>(max_connections) + kSpareFds;
+  if (limit.rlim_cur >= wanted) return;
+  const rlim_t before = limit.rlim_cur;
+  limit.rlim_cur = limit.rlim_max == RLIM_INFINITY ? wanted : std::min(wanted, limit.rlim_max);
+  const rlim_t now = ::setrlimit(RLIMIT_NOFILE, &limit) == 0 ? limit.rlim_cur : before;
+  if (now < wanted) {
+    log_warning("--max-connections " + std::to_string(max_connections) + " needs " +
+                std::to_string(wanted) + " file descriptors but the limit is " +
+                std::to_string(now) + " (raise LimitNOFILE or ulimit -n)");
+  }
+}
 
 bool parse_on_off(const std::string& text, const char* what) {
   if (text == "on" || text == "true" || text == "1" || text == "yes") return true;
@@ -195,6 +216,9 @@ int run(const Options& o, std::optional<MasterSecret>& env_password) {
   config.job_poll_interval_ms = o.job_poll_interval_ms;
   config.retire_grace_s = o.retire_grace_s;
   config.count_timeout_ms = o.count_timeout_ms;
+  if (o.max_connections < 1) throw UsageError("--max-connections must be at least 1");
+  config.max_connections = o.max_connections;
+  raise_fd_limit(o.max_connections);
   if (o.audit_failure != "refuse" && o.audit_failure != "serve") {
     throw UsageError("--audit-failure must be refuse or serve");
   }
@@ -393,6 +417,11 @@ int main(int argc, char** argv) {
                  "(a crash or kill -9 of keyd keeps it) while the disk completes fdatasyncs "
                  "(a sync thread runs them back to back); always: only once the entry is "
                  "fdatasynced (survives a power loss; slower). See docs/operations.md");
+  app.add_option("--max-connections", o.max_connections,
+                 "connections keyd keeps open at once (default 256); at the limit the "
+                 "idlest kept connection makes room, and keyd raises its file descriptor "
+                 "limit to fit")
+      ->check(CLI::Range(size_t{1}, size_t{1000000}));
   app.add_flag("--sql-rotate", o.sql_rotate,
                "let fetch-allowed peers (the database) ask for a rotation "
                "(colcrypt.rotate_key); nothing else");

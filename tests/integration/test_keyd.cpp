@@ -715,6 +715,43 @@ TEST_CASE("a full disk during create and rotate: a clear error, nothing lost, ke
   CHECK((verify.exit_code == 0 || verify.exit_code == 4));
 }
 
+TEST_CASE("peers trickling frames cannot starve a client; keyd drops them", "[keyd][slowloris]") {
+  Sandbox::Options options;
+  options.with_postgres = false;
+  options.env = {{"SANDBOX_KEYD_ARGS", "--max-connections 8"}};
+  Sandbox sandbox(options);
+  sandbox.create_key("lk");
+  // Every connection keyd allows holds the start of a request, never its end.
+  std::vector<int> slow;
+  for (int i = 0; i < 8; ++i) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", sandbox.keyd_socket().c_str());
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    const uint8_t start[3] = {0, 0, 0};  // 3 of a length prefix's 4 bytes
+    REQUIRE(::send(fd, start, sizeof start, MSG_NOSIGNAL) == 3);
+    slow.push_back(fd);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // A client still gets its key: a trickling peer makes room, not the client.
+  const auto start = Clock::now();
+  CHECK_NOTHROW(keyd_client(sandbox).fetch_primary_block("lk", 1));
+  CHECK(seconds_since(start) < 2.0);
+  // And keyd drops every trickled frame 5 s after its first byte.
+  size_t closed = 0;
+  for (int fd : slow) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 8000) == 1) {
+      char c;
+      closed += ::recv(fd, &c, 1, 0) == 0;
+    }
+    ::close(fd);
+  }
+  CHECK(closed == slow.size());
+}
+
 TEST_CASE("keyctl audit verify offline: the store and the master secret, no keyd",
           "[keyd][offline-verify]") {
   Sandbox::Options options;
