@@ -1,7 +1,7 @@
 // colcrypt-load-keyd: keyd under hostile and heavy load (issue 10). Against a
 // running colcrypt-keyd, for SECONDS:
 //   * HOSTILE raw connections on its Unix socket, held open all along (each
-//     reconnects when keyd drops it): half are slow (a valid fetch request,
+//     reconnects 10-60 ms after it is dropped): half are slow (a valid fetch request,
 //     one byte per second), the rest in equal parts send an oversized frame
 //     header, garbage, or half a frame and then close;
 //   * CLIENTS well-behaved clients (client::Client, kept connections, as a
@@ -131,7 +131,7 @@ void run_hostile(const std::string& path, const std::string& key, int count,
     h.fd = -1;
     --stats.open_now;
     if (by_keyd) ++stats.dropped_by_keyd;
-    h.next_action = now + std::chrono::milliseconds(100 + rng() % 400);  // then reconnect
+    h.next_action = now + std::chrono::milliseconds(10 + rng() % 50);  // then reconnect
   };
   auto start = Clock::now();
   for (size_t i = 0; i < conns.size(); ++i) open_one(i, start);
