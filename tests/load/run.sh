@@ -14,7 +14,8 @@
 # The Postgres part uses the installed extension (on a shared machine, hold
 # the install lock). Runs as root. Exits 1 when a part fails its checks.
 # Environment: LOAD_HOSTILE (992), LOAD_CLIENTS (8), LOAD_SESSIONS (32),
-# LOAD_PORT (random), LOAD_KEEP=1 keeps the work directory.
+# LOAD_PORT (random), LOAD_KEEP=1 keeps the work directory, PG_BIN (the
+# Postgres binaries, default /usr/lib/postgresql/15/bin; also sandbox.sh's).
 set -euo pipefail
 
 [ $# -ge 4 ] && [ $# -le 6 ] || {
@@ -68,7 +69,7 @@ say "postgres: $sessions sessions for ${pg_seconds}s, keyd killed and started ev
 "$sandbox" up "$dir/pg" "$port" >/dev/null
 eval "$("$sandbox" env "$dir/pg")"
 "$COLCRYPT_KEYCTL" --socket "$COLCRYPT_KEYD_SOCKET" create load_key >/dev/null
-/usr/lib/postgresql/15/bin/psql -X -q -v ON_ERROR_STOP=1 -d postgres <<'SQL'
+"${PG_BIN:-/usr/lib/postgresql/15/bin}/psql" -X -q -v ON_ERROR_STOP=1 -d postgres <<'SQL'
 CREATE EXTENSION colcrypt;
 CREATE TABLE load_values (id int PRIMARY KEY, plain text NOT NULL,
                           v colcrypt.encrypted('load_key') NOT NULL);
