@@ -45,7 +45,7 @@ extension/colcrypt--$(EXTVERSION).sql: extension/colcrypt.sql
 CMAKE_BUILD_DIR ?= build
 PREFIX ?= /usr/local
 
-.PHONY: deps tools install-tools demo demo-stop test bench deb
+.PHONY: deps tools install-tools demo demo-stop test bench deb load
 deps:
 	./scripts/install-deps.sh
 
@@ -77,3 +77,14 @@ deb:
 # The benchmark suite (bench/run.sh): its own cluster and keyd, report in bench/RESULTS.md.
 bench:
 	./bench/run.sh
+
+# keyd under hostile load and Postgres sessions while keyd is killed
+# (tests/load/run.sh, LOAD_SECONDS each, default 60; docs/reliability.md).
+# Installs the extension (keyd and keyctl only into the build directory).
+LOAD_SECONDS ?= 60
+load:
+	$(MAKE) --no-print-directory
+	$(MAKE) --no-print-directory PREFIX=$(abspath $(CMAKE_BUILD_DIR))/load-prefix install
+	cmake --build $(CMAKE_BUILD_DIR) -j2 --target colcrypt-load-keyd colcrypt-load-pg
+	./tests/load/run.sh $(CMAKE_BUILD_DIR)/colcrypt-keyd $(CMAKE_BUILD_DIR)/colcrypt-keyctl \
+	  $(CMAKE_BUILD_DIR)/colcrypt-load-keyd $(CMAKE_BUILD_DIR)/colcrypt-load-pg $(LOAD_SECONDS)

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <ctime>
 #include <fstream>
+#include <optional>
 #include <sstream>
 
 #include "core/error.hpp"
@@ -80,12 +81,69 @@ std::string last_line(int fd) {
 
 int64_t now_seconds() { return static_cast<int64_t>(std::time(nullptr)); }
 
+// The last `max` bytes of the file (fewer when it is smaller).
+std::string tail_text(int fd, off_t max) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || st.st_size == 0) return {};
+  const off_t chunk = std::min<off_t>(st.st_size, max);
+  std::string buf(static_cast<size_t>(chunk), '\0');
+  if (::pread(fd, buf.data(), buf.size(), st.st_size - chunk) != chunk) return {};
+  return buf;
+}
+
+// Whether the log's last entries chain on from the entry the head names:
+// `tail` ends with the log's last line and holds entry `seq` (its first line
+// may be cut). That is a head left behind by a crash, kill -9 or power loss
+// between a batch's write and the head's update, not tampering: only a holder
+// of the audit key can write entries that chain.
+bool chains_on_from(HmacSha256& hmac, const std::string& tail, uint64_t seq, const std::string& mac,
+                    uint64_t log_seq) {
+  std::istringstream lines(tail);
+  std::string previous = mac;
+  uint64_t expected = seq == 0 && mac.empty() ? 1 : 0;  // 0: entry `seq` not seen yet
+  for (std::string line; std::getline(lines, line);) {
+    if (line.empty()) continue;
+    json entry;
+    try {
+      entry = json::parse(line);
+    } catch (const json::exception&) {
+      if (expected != 0) return false;
+      continue;
+    }
+    if (!entry.is_object() || !entry.contains("seq") || !entry["seq"].is_number_unsigned() ||
+        !entry.contains("mac") || !entry["mac"].is_string()) {
+      if (expected != 0) return false;
+      continue;
+    }
+    const uint64_t entry_seq = entry["seq"].get<uint64_t>();
+    const std::string entry_mac_text = entry["mac"].get<std::string>();
+    if (expected == 0) {
+      if (entry_seq == seq && entry_mac_text == mac) expected = seq + 1;
+      continue;
+    }
+    entry.erase("mac");
+    if (entry_seq != expected || entry_mac(hmac, previous, entry.dump()) != entry_mac_text) {
+      return false;
+    }
+    previous = entry_mac_text;
+    ++expected;
+  }
+  return expected != 0 && expected == log_seq + 1;
+}
+
+// How far back from the end of the log keyd looks for the head's entry at start.
+constexpr off_t kHeadBehindWindow = off_t{4} << 20;
+
 }  // namespace
 
 json audit_verdict_json(const AuditVerdict& verdict, const std::string& path) {
-  return {{"ok", verdict.ok},     {"entries", verdict.entries},
-          {"log", path},          {"problem", verdict.ok ? json(nullptr) : json(verdict.problem)},
-          {"gaps", verdict.gaps}, {"lost", verdict.lost}};
+  return {{"ok", verdict.ok},
+          {"entries", verdict.entries},
+          {"log", path},
+          {"problem", verdict.ok ? json(nullptr) : json(verdict.problem)},
+          {"gaps", verdict.gaps},
+          {"lost", verdict.lost},
+          {"head_behind", verdict.head_behind}};
 }
 
 AuditLog::AuditLog(std::string path, SecretBytes mac_key)
@@ -102,6 +160,8 @@ AuditLog::AuditLog(std::string path, SecretBytes mac_key)
   uint64_t log_seq = 0;
   std::string log_mac;
   std::string problem;
+  uint64_t head_seq = 0;
+  bool head_behind = false;
   if (!tail.empty()) {
     try {
       json last = json::parse(tail);
@@ -121,8 +181,15 @@ AuditLog::AuditLog(std::string path, SecretBytes mac_key)
       if (head.at("head_mac").get<std::string>() != head_mac(mac_, seq, mac)) {
         problem = "its head file does not authenticate";
       } else if (problem.empty() && (seq != log_seq || mac != log_mac)) {
-        problem = "the head names entry " + std::to_string(seq) + " but the log ends at entry " +
-                  std::to_string(log_seq);
+        int tfd = seq < log_seq ? ::open(path_.c_str(), O_RDONLY | O_CLOEXEC) : -1;
+        head_behind =
+            tfd >= 0 && chains_on_from(mac_, tail_text(tfd, kHeadBehindWindow), seq, mac, log_seq);
+        if (tfd >= 0) ::close(tfd);
+        head_seq = seq;
+        if (!head_behind) {
+          problem = "the head names entry " + std::to_string(seq) + " but the log ends at entry " +
+                    std::to_string(log_seq);
+        }
       }
     } catch (const json::exception&) {
       problem = "its head file is not valid";
@@ -140,6 +207,12 @@ AuditLog::AuditLog(std::string path, SecretBytes mac_key)
       write_all(fd_, "\n");
     }
     append({{"event", "audit-chain-break"}, {"problem", problem}});
+  } else if (head_behind) {
+    log_warning("audit log " + path_ + ": its head names entry " + std::to_string(head_seq) +
+                " and entries up to " + std::to_string(log_seq) +
+                " chain on from it (keyd stopped between writing entries and updating the "
+                "head: a crash, kill -9 or power loss); the head is brought up to date");
+    append({{"event", "audit-head-behind"}, {"head_seq", head_seq}, {"log_seq", log_seq}});
   }
   import_pending();
   sync();  // also writes the head when there was none (a new, empty log)
@@ -468,6 +541,16 @@ AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
     return verdict;
   }
   HmacSha256 hmac(mac_key);
+  // The head is read first: the walk remembers the mac of the entry it names.
+  bool head_exists = false;
+  const std::string head_text = read_whole(path + ".head", head_exists);
+  uint64_t head_seq = 0;
+  std::optional<std::string> mac_at_head;
+  try {
+    if (head_exists) head_seq = json::parse(head_text).at("seq").get<uint64_t>();
+  } catch (const json::exception&) {
+  }
+  if (head_seq == 0) mac_at_head = "";
   std::string previous;
   uint64_t expected = 1;
   size_t pos = 0;
@@ -521,10 +604,9 @@ AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
     }
     previous = mac;
     verdict.entries = seq;
+    if (seq == head_seq) mac_at_head = mac;
     ++expected;
   }
-  bool head_exists = false;
-  const std::string head_text = read_whole(path + ".head", head_exists);
   if (!head_exists) {
     verdict.problem = "head file " + path + ".head is missing";
     return verdict;
@@ -537,7 +619,11 @@ AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
       verdict.problem = "head file does not authenticate";
       return verdict;
     }
-    if (seq != verdict.entries || mac != previous) {
+    if (seq < verdict.entries && mac_at_head == mac) {
+      // Entries chain on past the head: keyd stopped between their write and
+      // the head's update; its next start records it and updates the head.
+      verdict.head_behind = verdict.entries - seq;
+    } else if (seq != verdict.entries || mac != previous) {
       verdict.problem = "the head names entry " + std::to_string(seq) +
                         " but the log ends at entry " + std::to_string(verdict.entries) +
                         " (truncated or extended tail)";

@@ -72,10 +72,14 @@ struct AuditVerdict {
   // not write. Their descriptions and the total lost.
   std::vector<std::string> gaps;
   uint64_t lost = 0;
+  // Entries written after the head's last update (keyd stopped between the
+  // two writes): they chain on from the entry the head names, so the chain
+  // is whole; keyd's next start records an "audit-head-behind" entry.
+  uint64_t head_behind = 0;
 };
 
 // The admin protocol's "audit-verify" reply: {"ok","entries","log","problem",
-// "gaps":[...],"lost"}.
+// "gaps":[...],"lost","head_behind"}.
 nlohmann::json audit_verdict_json(const AuditVerdict& verdict, const std::string& path);
 
 // What the log's writes and fdatasyncs took and how often they failed (keyd's
@@ -90,9 +94,11 @@ struct AuditStats {
 class AuditLog {
  public:
   // Opens (creating 0600 if missing) the log at path. When the log's last
-  // entry and the head disagree (a truncated or edited log, or a crash
-  // between the two writes), the problem is logged and recorded in the
-  // chain as an "audit-chain-break" entry, which verify() reports.
+  // entry and the head disagree (a truncated or edited log), the problem is
+  // logged and recorded in the chain as an "audit-chain-break" entry, which
+  // verify() reports. A head behind the log whose later entries chain on from
+  // the one it names (keyd stopped between a batch's write and the head's
+  // update) is no break: logged, recorded as "audit-head-behind", updated.
   // Imports PATH.pending. Throws Error(Io) when the file cannot be opened.
   AuditLog(std::string path, SecretBytes mac_key);
   ~AuditLog();

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -138,7 +139,27 @@ struct Options {
   std::string audit_sync = "batch";
   std::string metrics_listen;
   std::string log_file;
+  size_t max_connections = 256;
 };
+
+// Every connection is an fd: the soft RLIMIT_NOFILE (often 1024) is raised
+// toward the hard limit so that --max-connections fits with room for the
+// store, the log, the socket and the database connections.
+void raise_fd_limit(size_t max_connections) {
+  constexpr rlim_t kSpareFds = 64;
+  struct rlimit limit {};
+  if (::getrlimit(RLIMIT_NOFILE, &limit) != 0) return;
+  const rlim_t wanted = static_cast<rlim_t>(max_connections) + kSpareFds;
+  if (limit.rlim_cur >= wanted) return;
+  const rlim_t before = limit.rlim_cur;
+  limit.rlim_cur = limit.rlim_max == RLIM_INFINITY ? wanted : std::min(wanted, limit.rlim_max);
+  const rlim_t now = ::setrlimit(RLIMIT_NOFILE, &limit) == 0 ? limit.rlim_cur : before;
+  if (now < wanted) {
+    log_warning("--max-connections " + std::to_string(max_connections) + " needs " +
+                std::to_string(wanted) + " file descriptors but the limit is " +
+                std::to_string(now) + " (raise LimitNOFILE or ulimit -n)");
+  }
+}
 
 // Every option of colcrypt-keyd, for the start and for each SIGHUP.
 void define_options(CLI::App& app, Options& o) {
@@ -219,6 +240,11 @@ void define_options(CLI::App& app, Options& o) {
                  "serve Prometheus metrics over HTTP at HOST:PORT, a loopback address "
                  "(127.0.0.1:9187, [::1]:9187); default: off (colcrypt-keyctl metrics "
                  "prints them either way)");
+  app.add_option("--max-connections", o.max_connections,
+                 "connections keyd keeps open at once (default 256); at the limit the "
+                 "idlest kept connection makes room, and keyd raises its file descriptor "
+                 "limit to fit")
+      ->check(CLI::Range(size_t{1}, size_t{1000000}));
   app.add_flag("--sql-rotate", o.sql_rotate,
                "let fetch-allowed peers (the database) ask for a rotation "
                "(colcrypt.rotate_key); nothing else");
@@ -344,6 +370,9 @@ int run(const Options& o, std::optional<MasterSecret>& env_password, int argc, c
   config.job_poll_interval_ms = o.job_poll_interval_ms;
   config.retire_grace_s = o.retire_grace_s;
   config.count_timeout_ms = o.count_timeout_ms;
+  if (o.max_connections < 1) throw UsageError("--max-connections must be at least 1");
+  config.max_connections = o.max_connections;
+  raise_fd_limit(o.max_connections);
   if (o.audit_failure != "refuse" && o.audit_failure != "serve") {
     throw UsageError("--audit-failure must be refuse or serve");
   }

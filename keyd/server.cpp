@@ -171,7 +171,7 @@ void Server::accept_all() {
     c->uid = cred.uid;
     c->pid = cred.pid;
     c->serial = next_serial_++;
-    c->last_activity = Clock::now();
+    c->last_activity = c->last_request = Clock::now();
     if (log_level() >= LogLevel::Debug) log_debug("accepted peer " + peer_text(c->uid, c->pid));
     connections_.push_back(std::move(c));
   }
@@ -196,13 +196,15 @@ size_t Server::live_connections() const {
 
 bool Server::close_idlest() {
   // Backends keep their connection between fetches (client::Client): at
-  // --max-connections the one idle longest makes room; its client connects
-  // again when it next needs a key. A connection in the middle of a request
-  // (part of a frame read, a reply queued, row counts awaited) is never taken.
+  // --max-connections the one whose last whole request is oldest makes room;
+  // its client connects again when it next needs a key. A peer trickling a
+  // frame (or sending nothing) ranks by its accept, so it goes before a
+  // client that keeps asking. A connection with a reply queued or row counts
+  // awaited is never taken.
   Connection* idlest = nullptr;
   for (auto& c : connections_) {
-    if (c->dead || c->waiting || !c->out.empty() || c->reader.buffered() > 0) continue;
-    if (idlest == nullptr || c->last_activity < idlest->last_activity) idlest = c.get();
+    if (c->dead || c->waiting || !c->out.empty()) continue;
+    if (idlest == nullptr || c->last_request < idlest->last_request) idlest = c.get();
   }
   if (idlest == nullptr) return false;
   if (log_level() >= LogLevel::Debug)
@@ -217,8 +219,9 @@ void Server::handle_readable(Connection& c) {
   for (;;) {
     ssize_t n = ::recv(c.fd, buf, sizeof buf, 0);
     if (n > 0) {
-      c.reader.feed(buf, static_cast<size_t>(n));
       c.last_activity = Clock::now();
+      if (c.reader.buffered() == 0) c.frame_started = c.last_activity;
+      c.reader.feed(buf, static_cast<size_t>(n));
       if (static_cast<size_t>(n) < sizeof buf) break;
       continue;
     }
@@ -245,6 +248,7 @@ void Server::process_frames(Connection& c) {
       c.request_started = Clock::now();
       handle_frame(c, static_cast<uint8_t>(frame->type), frame->body);
       secure_zero(frame->body.data(), frame->body.size());
+      c.last_request = Clock::now();
     }
   } catch (const Error& e) {
     if (e.code() != Errc::ProtocolError) throw;
@@ -382,6 +386,10 @@ int Server::run() {
       if (c->waiting) continue;  // no idle timeout while keyd counts
       next_deadline = std::min(
           next_deadline, c->last_activity + std::chrono::milliseconds(config_.idle_timeout_ms));
+      if (c->reader.buffered() > 0) {
+        next_deadline = std::min(
+            next_deadline, c->frame_started + std::chrono::milliseconds(config_.frame_timeout_ms));
+      }
     }
     // Scrapers come after the peers (their own connection limit and timeouts).
     const size_t peers_end = fds.size();
@@ -443,6 +451,14 @@ int Server::run() {
       if (!c->dead && !c->waiting &&
           now - c->last_activity >= std::chrono::milliseconds(config_.idle_timeout_ms)) {
         log_debug("closing idle connection of peer " + peer_text(c->uid, c->pid));
+        c->dead = true;
+      } else if (!c->dead && !c->waiting && c->reader.buffered() > 0 &&
+                 now - c->frame_started >= std::chrono::milliseconds(config_.frame_timeout_ms)) {
+        // A client writes a frame at once; one trickled byte by byte holds
+        // a connection for nothing (slowloris).
+        log_debug("closing the connection of peer " + peer_text(c->uid, c->pid) +
+                  ": its frame did not arrive within " + std::to_string(config_.frame_timeout_ms) +
+                  " ms");
         c->dead = true;
       }
     }

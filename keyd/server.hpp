@@ -47,6 +47,8 @@ struct ServerConfig {
   std::vector<uid_t> admin_uids;
   std::optional<gid_t> socket_group;
   int idle_timeout_ms = 10000;
+  // A frame must arrive whole within this long of its first byte.
+  int frame_timeout_ms = 5000;
   size_t max_connections = 256;
   int usage_flush_interval_s = 10;
 

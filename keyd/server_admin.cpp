@@ -343,8 +343,13 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
     wire::FailureCode code = failure_code(e.code());
     if (code == wire::FailureCode::Internal) {
       log_error("admin " + op + " from peer " + peer + " failed: " + e.what());
+      // An admin is told why a write failed (a full disk: paths and errno
+      // text, no secrets); the change was not applied.
       queue(c, wire::encode_failure(
-                   code, "colcrypt-keyd could not complete \"" + op + "\" (see its log)"));
+                   code, "colcrypt-keyd could not complete \"" + op + "\"" +
+                             (e.code() == Errc::Io
+                                  ? std::string(": ") + e.what() + "; nothing was changed"
+                                  : std::string(" (see its log)"))));
     } else {
       log_info("admin " + op + " from peer " + peer + " refused: " + e.what());
       queue(c, wire::encode_failure(code, e.what()));

@@ -82,6 +82,10 @@ struct Server::Connection {
   bool dead = false;
   Clock::time_point last_activity;
   Clock::time_point request_started;  // of the frame being handled
+  // The accept, then every whole request: close_idlest() ranks by it, so a
+  // peer that never completes a request (a slowloris) makes room first.
+  Clock::time_point last_request;
+  Clock::time_point frame_started;  // first byte of the partial frame in `reader`
 
   ~Connection() {
     if (fd >= 0) ::close(fd);

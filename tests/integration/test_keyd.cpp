@@ -1,14 +1,18 @@
 // colcrypt-keyd seen from Postgres and from its clients: outages and restarts,
 // peer allowlists, refusals at startup (exit codes), hangs under
 // statement_timeout and cancel, and keyctl's JSON output.
+#include <poll.h>
 #include <signal.h>
 #include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 
 #include <algorithm>
 #include <atomic>
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <future>
@@ -685,6 +689,95 @@ TEST_CASE("a failed audit write: fetches refused (fail closed), then an audit_ga
   keyd_client(sandbox).fetch_primary_block("ak", 0);
   const json served = json::parse(sandbox.keyctl({"--json", "audit", "verify"}).output);
   CHECK(served["gaps"].size() == 2);
+}
+
+TEST_CASE("a full disk during create and rotate: a clear error, nothing lost, keyd recovers",
+          "[keyd][full-disk]") {
+  Sandbox::Options options;
+  options.with_postgres = false;
+  Sandbox sandbox(options);
+  sandbox.create_key("fk");
+  const auto v1 = keyd_client(sandbox).fetch_primary_block("fk", 1).key;
+  sandbox.keyctl({"audit", "verify"});  // a sync point: nothing is left to write
+  const std::string store_before = read_file(sandbox.store_file());
+  const pid_t pid = sandbox.keyd_pid();
+  // Every file keyd writes is full: the store's temp file and the audit log.
+  if (!limit_file_size(pid, 64)) {
+    WARN("prlimit(RLIMIT_FSIZE) is not available here: skipping the full disk test");
+    return;
+  }
+  CommandResult create = sandbox.keyctl({"create", "fk2"});
+  INFO(create.output);
+  CHECK(create.exit_code == 1);
+  CHECK(contains(create.output, "cannot write key store"));
+  CHECK(contains(create.output, "File too large"));
+  CommandResult rotate = sandbox.keyctl({"rotate", "fk"});
+  INFO(rotate.output);
+  CHECK(rotate.exit_code == 1);
+  CHECK(contains(rotate.output, "cannot write key store"));
+  // Nothing changed, on disk or in keyd; no temp file is left.
+  CHECK(read_file(sandbox.store_file()) == store_before);
+  CHECK_FALSE(path_exists(sandbox.store_dir() + "/keystore.json.tmp"));
+  json shown = keyctl_json(sandbox, {"show", "fk"});
+  CHECK(shown["primary_version"] == 1);
+  CHECK(shown["versions"].size() == 1);
+  CHECK(keyctl_json(sandbox, {"list"})["keys"].size() == 1);
+
+  // Space returns: the same requests succeed, without a restart.
+  REQUIRE(limit_file_size(pid, RLIM_INFINITY));
+  CHECK(sandbox.keyctl({"create", "fk2"}).exit_code == 0);
+  CHECK(sandbox.keyctl({"rotate", "fk"}).exit_code == 0);
+  sandbox.must("keyd-stop");
+  sandbox.must("keyd-start");
+  shown = keyctl_json(sandbox, {"show", "fk"});
+  CHECK(shown["primary_version"] == 2);
+  CHECK(keyctl_json(sandbox, {"list"})["keys"].size() == 2);
+  const auto again = keyd_client(sandbox).fetch_version(v1.id, 1);
+  auto bytes = [](const colcrypt::SecretBytes& b) {
+    return std::string(reinterpret_cast<const char*>(b.data()), b.size());
+  };
+  CHECK(bytes(again.key) == bytes(v1.key));
+  // The audit entries keyd could not write are a recorded gap, not a break.
+  CommandResult verify = sandbox.keyctl({"audit", "verify"});
+  INFO(verify.output);
+  CHECK((verify.exit_code == 0 || verify.exit_code == 4));
+}
+
+TEST_CASE("peers trickling frames cannot starve a client; keyd drops them", "[keyd][slowloris]") {
+  Sandbox::Options options;
+  options.with_postgres = false;
+  options.env = {{"SANDBOX_KEYD_ARGS", "--max-connections 8"}};
+  Sandbox sandbox(options);
+  sandbox.create_key("lk");
+  // Every connection keyd allows holds the start of a request, never its end.
+  std::vector<int> slow;
+  for (int i = 0; i < 8; ++i) {
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::snprintf(addr.sun_path, sizeof addr.sun_path, "%s", sandbox.keyd_socket().c_str());
+    REQUIRE(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+    const uint8_t start[3] = {0, 0, 0};  // 3 of a length prefix's 4 bytes
+    REQUIRE(::send(fd, start, sizeof start, MSG_NOSIGNAL) == 3);
+    slow.push_back(fd);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  // A client still gets its key: a trickling peer makes room, not the client.
+  const auto start = Clock::now();
+  CHECK_NOTHROW(keyd_client(sandbox).fetch_primary_block("lk", 1));
+  CHECK(seconds_since(start) < 2.0);
+  // And keyd drops every trickled frame 5 s after its first byte.
+  size_t closed = 0;
+  for (int fd : slow) {
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, 8000) == 1) {
+      char c;
+      closed += ::recv(fd, &c, 1, 0) == 0;
+    }
+    ::close(fd);
+  }
+  CHECK(closed == slow.size());
 }
 
 TEST_CASE("keyctl audit verify offline: the store and the master secret, no keyd",

@@ -447,6 +447,51 @@ TEST_CASE("audit log: keyd records a break it finds at start", "[lifecycle][audi
   CHECK(v.problem.find("inconsistent") != std::string::npos);
 }
 
+TEST_CASE("audit log: a head left behind by a crash between the two writes is no break",
+          "[lifecycle][audit]") {
+  // keyd writes a batch, then updates the head: a kill -9 (or a power loss)
+  // between the two leaves entries that chain on past the entry the head names.
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  {
+    AuditLog log(dir.audit(), SecretBytes(key.view()));
+    for (int i = 0; i < 3; ++i) log.append({{"event", "fetch"}, {"pid", i}});
+  }
+  const std::string old_head = slurp(dir.audit() + ".head");
+  {
+    AuditLog log(dir.audit(), SecretBytes(key.view()));
+    for (int i = 3; i < 5; ++i) log.append({{"event", "fetch"}, {"pid", i}});
+  }
+  const std::string whole_log = slurp(dir.audit());
+  spit(dir.audit() + ".head", old_head);  // the head as the crash left it
+  AuditVerdict behind = AuditLog::verify(dir.audit(), key.view());
+  INFO(behind.problem);
+  CHECK(behind.ok);
+  CHECK(behind.head_behind == behind.entries - 3);
+
+  SECTION("the next start records it, brings the head up to date, and the chain verifies") {
+    { AuditLog log(dir.audit(), SecretBytes(key.view())); }
+    const std::string log_text = slurp(dir.audit());
+    CHECK(log_text.find("\"event\":\"audit-head-behind\"") != std::string::npos);
+    CHECK(log_text.find("audit-chain-break") == std::string::npos);
+    AuditVerdict v = AuditLog::verify(dir.audit(), key.view());
+    INFO(v.problem);
+    CHECK(v.ok);
+    CHECK(v.head_behind == 0);
+  }
+  SECTION("entries past the head that do not chain on are still a break") {
+    auto lines = lines_of(whole_log);
+    json e = json::parse(lines.back());
+    e["pid"] = 99;
+    lines.back() = e.dump();
+    spit(dir.audit(), join(lines));
+    CHECK_FALSE(AuditLog::verify(dir.audit(), key.view()).ok);
+    { AuditLog log(dir.audit(), SecretBytes(key.view())); }
+    AuditVerdict v = AuditLog::verify(dir.audit(), key.view());
+    CHECK_FALSE(v.ok);
+  }
+}
+
 TEST_CASE("audit log: pending failed unlocks are chained at the next start", "[lifecycle][audit]") {
   LifecycleDir dir;
   SecretBytes key = SecretBytes::random(32);
@@ -548,8 +593,7 @@ TEST_CASE("lifecycle: a version that keyed derived values is pinned", "[keystore
   CHECK(code_of([&] { store.disable_version("k", 1, no_grace); }) == Errc::InvalidArgument);
   CHECK(store.find("k")->versions[0].state == wire::KeyState::DecryptOnly);
   // A version without such uses is not pinned; --force overrides the pin.
-  CHECK(store.disable_version("plain", 1, no_grace).versions[0].state ==
-        wire::KeyState::Disabled);
+  CHECK(store.disable_version("plain", 1, no_grace).versions[0].state == wire::KeyState::Disabled);
   CHECK(store.destroy_version("k", 1, forced).versions[0].state == wire::KeyState::Destroyed);
 }
 
