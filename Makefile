@@ -45,7 +45,7 @@ extension/colcrypt--$(EXTVERSION).sql: extension/colcrypt.sql
 CMAKE_BUILD_DIR ?= build
 PREFIX ?= /usr/local
 
-.PHONY: deps tools install-tools demo demo-stop test bench deb load
+.PHONY: deps tools install-tools demo demo-stop test bench deb load crash
 deps:
 	./scripts/install-deps.sh
 
@@ -77,6 +77,13 @@ deb:
 # The benchmark suite (bench/run.sh): its own cluster and keyd, report in bench/RESULTS.md.
 bench:
 	./bench/run.sh
+
+# Crash consistency at every write point of keyd's store and audit log, in
+# every fault mode (make test takes every 8th point); docs/reliability.md.
+crash:
+	cmake -S . -B $(CMAKE_BUILD_DIR) -DCOLCRYPT_WERROR=$(if $(COLCRYPT_WERROR),ON,OFF)
+	cmake --build $(CMAKE_BUILD_DIR) -j2 --target colcrypt-integration-tests colcrypt-keyd colcrypt-keyctl
+	COLCRYPT_CRASH_STRIDE=1 $(CMAKE_BUILD_DIR)/colcrypt-integration-tests "[crash]"
 
 # keyd under hostile load and Postgres sessions while keyd is killed
 # (tests/load/run.sh, LOAD_SECONDS each, default 60; docs/reliability.md).
