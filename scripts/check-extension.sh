@@ -6,6 +6,9 @@
 #     upgrade script with the ALTER EXTENSION ... UPDATE guard;
 #   - every released version (a committed colcrypt--X.sql) reaches
 #     EXTVERSION through upgrade scripts;
+#   - released scripts (install scripts of released versions, upgrade scripts
+#     to them) are unchanged: extension/released.sha256 lists each one's
+#     SHA-256, and a release adds its scripts there (never edit a line);
 #   - every C symbol any script names (AS 'MODULE_PATHNAME', 'symbol') is
 #     exported by the library, with its pg_finfo_ record: between installing
 #     a new colcrypt.so and ALTER EXTENSION colcrypt UPDATE, databases still
@@ -74,6 +77,27 @@ for i in "${installs[@]}"; do
   v=${i#colcrypt--}
   reaches "$v" || fail "no chain of upgrade scripts from released version $v to $extversion"
 done
+
+# Released scripts: every install script but the current version's, and
+# every upgrade script to a version other than the current one.
+sums=$dir/released.sha256
+if [ ! -f "$sums" ]; then
+  fail "no $sums: the checksums of the released scripts"
+else
+  for f in "${scripts[@]}"; do
+    name=$(basename "$f")
+    case $name in
+      colcrypt.sql | colcrypt--*--"$extversion".sql) continue ;;
+    esac
+    want=$(awk -v n="$name" '$2 == n {print $1}' "$sums")
+    have=$(sha256sum "$f" | awk '{print $1}')
+    if [ -z "$want" ]; then
+      fail "$name is a released script but not in $(basename "$sums")"
+    elif [ "$want" != "$have" ]; then
+      fail "$name differs from the released script (sha256 $want): never edit a released script; put the change in colcrypt.sql and the newest upgrade script"
+    fi
+  done
+fi
 
 exported=$(nm -D --defined-only "$lib" | awk 'NF == 3 {print $3}' | sort -u)
 for f in "${scripts[@]}"; do
