@@ -2,12 +2,19 @@
 # points. The Postgres-free parts (keyd, keyctl, tests) build with CMake into
 # build/; `make install` installs both.
 
-EXTVERSION = 0.1.0
+# The extension's SQL version: extension/colcrypt.sql is its install script,
+# copied to colcrypt--$(EXTVERSION).sql at build. Released versions keep their
+# committed install script (colcrypt--X.sql, never edited again), and every
+# release has an upgrade script from the one before (colcrypt--X--Y.sql):
+# docs/upgrading.md. Keep default_version in extension/colcrypt.control equal.
+EXTVERSION = 0.2.0
 
 MODULE_big = colcrypt
 OBJS = $(patsubst %.cpp,%.o,$(sort $(wildcard src/pg/*.cpp src/client/*.cpp src/core/*.cpp)))
 DATA_built = extension/colcrypt--$(EXTVERSION).sql
-DATA = extension/colcrypt.control $(wildcard extension/colcrypt--*--*.sql)
+# Every committed script: released install scripts and all upgrade scripts.
+DATA = extension/colcrypt.control \
+	$(filter-out $(DATA_built),$(sort $(wildcard extension/colcrypt--*.sql)))
 # Without EXTENSION (the control file is not at the top level), PGXS would install DATA into contrib/.
 MODULEDIR = extension
 REGRESS = $(patsubst sql/%.sql,%,$(sort $(wildcard sql/*.sql)))

@@ -900,6 +900,11 @@ CREATE FUNCTION colcrypt.cancel_rotation_job(job bigint)
         RETURNING true;
     END;
 
+-- last_error can carry what a table owner's trigger or constraint said about
+-- a row (its message's first line): it is shown only to roles that may read
+-- colcrypt.rotation_jobs.last_error themselves, the key administrators
+-- (superusers, and roles granted SELECT on colcrypt.rotation_jobs), and is
+-- NULL for everyone else (colcrypt_user).
 CREATE VIEW colcrypt.rotation_progress AS
 SELECT j.job_id, j.key_name, j.target_version, j.state,
        j.rows_done, j.rows_total,
@@ -910,7 +915,10 @@ SELECT j.job_id, j.key_name, j.target_version, j.state,
             THEN round((j.rows_done / extract(epoch FROM coalesce(j.finished_at, j.updated_at)
                                                         - j.started_at))::numeric, 1)
        END AS rows_per_second,
-       j.passes, j.errors, j.last_error,
+       j.passes, j.errors,
+       CASE WHEN pg_catalog.has_column_privilege('colcrypt.rotation_jobs'::pg_catalog.regclass,
+                                                 'last_error', 'SELECT')
+            THEN j.last_error END AS last_error,
        j.created_at, j.started_at, j.updated_at, j.finished_at, j.requested_by,
        coalesce((SELECT sum(c.rows_skipped) FROM colcrypt.rotation_job_columns c
                   WHERE c.job_id = j.job_id), 0)::bigint AS rows_skipped

@@ -16,6 +16,7 @@ packages=(
   gnuplot-nox                # the benchmark chart (bench/report.sh)
   debhelper dpkg-dev help2man  # make deb (debian/; help2man: the manual pages)
   lintian                    # make deb checks the packages
+  binutils                   # nm, for the exported-symbol check (scripts/check-extension.sh)
   cmake g++ make pkg-config
 )
 
