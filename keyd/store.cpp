@@ -251,8 +251,8 @@ KeyRecord parse_key(const std::string& path, const json& j) {
     if (jv.contains("retired_at")) {
       v.retired_at = parse_time_field(path, jv.at("retired_at"), true);
     }
-    for (auto [field, use] : {std::pair{"deterministic", &v.deterministic},
-                              std::pair{"blind_index", &v.blind_index}}) {
+    for (auto [field, use] :
+         {std::pair{"deterministic", &v.deterministic}, std::pair{"blind_index", &v.blind_index}}) {
       if (!jv.contains(field)) continue;
       use->first_used = parse_time_field(path, jv.at(field).at("first_used"), false);
       use->last_used = parse_time_field(path, jv.at(field).at("last_used"), false);
@@ -358,8 +358,8 @@ json key_metadata_json(const KeyRecord& k) {
                {"usage_count", v.usage_count}};
     if (v.destroyed_at) jv["destroyed_at"] = format_timestamp(*v.destroyed_at);
     if (v.retired_at) jv["retired_at"] = format_timestamp(*v.retired_at);
-    for (auto [field, use] : {std::pair{"deterministic", &v.deterministic},
-                              std::pair{"blind_index", &v.blind_index}}) {
+    for (auto [field, use] :
+         {std::pair{"deterministic", &v.deterministic}, std::pair{"blind_index", &v.blind_index}}) {
       if (use->first_used) {
         jv[field] = {{"first_used", format_timestamp(*use->first_used)},
                      {"last_used", format_timestamp(use->last_used.value_or(*use->first_used))}};
@@ -527,7 +527,7 @@ KeyStore KeyStore::create(const std::string& dir, const MasterSecret& secret,
     }
     store.kek_ = SecretBytes(secret.bytes.view());
   }
-  store.mac_key_ = hkdf_sha256(store.kek_.view(), {}, ByteView::of(kMacInfo), 32);
+  store.mac_key_ = store_mac_key(store.kek_.view());
   store.kek_check_ = make_kek_check(store.kek_.view());
   store.save({});
   return store;
@@ -617,7 +617,7 @@ KeyStore KeyStore::open_impl(const std::string& dir, const MasterSecret& secret,
                       (store.kek_source_ == MasterSecret::Kind::Password ? "password" : "key") +
                       " for key store " + path);
     }
-    store.mac_key_ = hkdf_sha256(store.kek_.view(), {}, ByteView::of(kMacInfo), 32);
+    store.mac_key_ = store_mac_key(store.kek_.view());
     std::string mac = body.at("mac").get<std::string>();
     body.erase("mac");
     auto expected = hmac_sha256(store.mac_key_.view(), ByteView::of(body.dump()));
@@ -827,8 +827,8 @@ void KeyStore::check_retire_grace(const KeyRecord& key, uint32_t version, std::s
                   std::to_string(wait) + " s), or pass --force");
 }
 
-void KeyStore::check_derivation_pin(const KeyRecord& key, uint32_t version,
-                                    std::string_view action, bool force) {
+void KeyStore::check_derivation_pin(const KeyRecord& key, uint32_t version, std::string_view action,
+                                    bool force) {
   if (force) return;
   const KeyVersion* v = key.find_version(version);
   if (!v || !v->keys_derived_values() || v->state == wire::KeyState::Destroyed) return;
@@ -837,7 +837,8 @@ void KeyStore::check_derivation_pin(const KeyRecord& key, uint32_t version,
   if (v->deterministic.first_used) {
     what = "deterministic values (colcrypt.encrypt_deterministic)";
     used = "deterministic values since " + format_timestamp(*v->deterministic.first_used) +
-           ", last " + format_timestamp(v->deterministic.last_used.value_or(*v->deterministic.first_used));
+           ", last " +
+           format_timestamp(v->deterministic.last_used.value_or(*v->deterministic.first_used));
   }
   if (v->blind_index.first_used) {
     what += std::string(what.empty() ? "" : " and ") + "blind indexes (colcrypt.blind_index)";
@@ -850,8 +851,7 @@ void KeyStore::check_derivation_pin(const KeyRecord& key, uint32_t version,
               v_text + " keys " + what + " (" + used + "): they are always keyed from version " +
                   std::to_string(version) + ", rotation jobs do not re-encrypt them and no row " +
                   "count sees them, so " + (action == "disable" ? "disabling" : "destroying") +
-                  " it makes all " + what +
-                  " of key '" + key.name + "' unusable" +
+                  " it makes all " + what + " of key '" + key.name + "' unusable" +
                   (action == "disable" ? " until it is enabled again" : " for ever") +
                   ". Keep this version (it encrypts nothing new), or first move those values to "
                   "another key (decrypt and re-encrypt them, rebuild the blind indexes), then "
@@ -1018,9 +1018,11 @@ RotationReason KeyStore::rotation_due(const KeyRecord& key, int64_t now,
   return RotationReason::None;
 }
 
-SecretBytes KeyStore::audit_mac_key() const {
-  return hkdf_sha256(kek_.view(), {}, ByteView::of(std::string_view("colcrypt-audit-mac-v1")), 32);
+SecretBytes audit_mac_key(ByteView kek) {
+  return hkdf_sha256(kek, {}, ByteView::of(std::string_view("colcrypt-audit-mac-v1")), 32);
 }
+
+SecretBytes KeyStore::audit_mac_key() const { return keyd::audit_mac_key(kek_.view()); }
 
 SecretBytes KeyStore::unwrap(const KeyRecord& key, uint32_t version) const {
   const KeyVersion* v = key.find_version(version);
@@ -1076,7 +1078,19 @@ void KeyStore::flush(bool release_reservations) {
   dirty_ = false;
 }
 
-void KeyStore::save(const std::vector<KeyRecord>& keys) {
+SecretBytes store_mac_key(ByteView kek) { return hkdf_sha256(kek, {}, ByteView::of(kMacInfo), 32); }
+
+std::string signed_store_text(nlohmann::json doc, ByteView mac_key) {
+  doc.erase("mac");
+  doc.erase("checksum");
+  doc["mac"] = to_hex(ByteView(hmac_sha256(mac_key, ByteView::of(doc.dump()))));
+  doc["checksum"] = to_hex(ByteView(sha256(doc.dump())));
+  return doc.dump(2) + "\n";
+}
+
+std::string KeyStore::file_text() const { return serialize(keys_); }
+
+std::string KeyStore::serialize(const std::vector<KeyRecord>& keys) const {
   json kek;
   if (kek_source_ == MasterSecret::Kind::Password) {
     kek = {{"source", "password"},
@@ -1093,9 +1107,11 @@ void KeyStore::save(const std::vector<KeyRecord>& keys) {
               {"kek", std::move(kek)},
               {"kek_check", to_hex(ByteView(kek_check_))},
               {"keys", std::move(jkeys)}};
-  doc["mac"] = to_hex(ByteView(hmac_sha256(mac_key_.view(), ByteView::of(doc.dump()))));
-  doc["checksum"] = to_hex(ByteView(sha256(doc.dump())));
-  const std::string text = doc.dump(2) + "\n";
+  return signed_store_text(std::move(doc), mac_key_.view());
+}
+
+void KeyStore::save(const std::vector<KeyRecord>& keys) {
+  const std::string text = serialize(keys);
 
   const std::string tmp = join_path(dir_, kStoreTempFileName);
   const std::string path = file_path();

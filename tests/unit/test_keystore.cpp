@@ -19,6 +19,7 @@
 
 #include "core/error.hpp"
 #include "keyd/store.hpp"
+#include "support.hpp"
 
 using namespace colcrypt;
 using namespace colcrypt::keyd;
@@ -545,4 +546,44 @@ TEST_CASE("key store: timestamps", "[keystore]") {
   for (int64_t t : {int64_t{0}, int64_t{951782400}, int64_t{1795960800}, int64_t{4102444799}}) {
     CHECK(parse_timestamp(format_timestamp(t)) == t);
   }
+}
+
+TEST_CASE("file_text is what a save writes, and reopens unchanged", "[keystore]") {
+  TempDir dir;
+  const MasterSecret secret = key_file_secret(7);
+  std::string written;
+  {
+    KeyStore store = KeyStore::create(dir.store(), secret, kTestIterations);
+    store.create_key("customer_data", {});
+    store.rotate_key("customer_data");
+    std::ifstream in(dir.store_file(), std::ios::binary);
+    written.assign(std::istreambuf_iterator<char>(in), {});
+    CHECK(store.file_text() == written);
+  }
+  const KeyStore reopened = KeyStore::open(dir.store(), secret);
+  CHECK(reopened.file_text() == written);
+}
+
+TEST_CASE("signed_store_text signs as a save does: edits need the KEK", "[keystore]") {
+  TempDir dir;
+  const MasterSecret secret = key_file_secret(9);
+  {
+    KeyStore store = KeyStore::create(dir.store(), secret, kTestIterations);
+    store.create_key("customer_data", {});
+  }
+  std::ifstream in(dir.store_file(), std::ios::binary);
+  json doc = json::parse(std::string(std::istreambuf_iterator<char>(in), {}));
+  doc["keys"][0]["rotation_interval_days"] = 7;
+  // Signed with the right KEK, the edit is a valid store ...
+  {
+    std::ofstream(dir.store_file(), std::ios::binary | std::ios::trunc)
+        << signed_store_text(doc, store_mac_key(secret.bytes.view()).view());
+    const KeyStore store = KeyStore::open(dir.store(), secret);
+    CHECK(store.find("customer_data")->rotation_interval_days == 7);
+  }
+  // ... signed with another, it is refused.
+  const MasterSecret other = key_file_secret(10);
+  std::ofstream(dir.store_file(), std::ios::binary | std::ios::trunc)
+      << signed_store_text(doc, store_mac_key(other.bytes.view()).view());
+  REQUIRE_ERRC(KeyStore::open(dir.store(), secret), Errc::StoreCorrupt);
 }
