@@ -16,6 +16,8 @@ packages=(
   gnuplot-nox                # the benchmark chart (bench/report.sh)
   debhelper dpkg-dev help2man  # make deb (debian/; help2man: the manual pages)
   lintian                    # make deb checks the packages
+  clang libclang-rt-14-dev   # fuzz targets: clang++ with libFuzzer and ASan/UBSan runtimes
+  valgrind                   # make test-sanitize: memcheck of keyd
   cmake g++ make pkg-config
 )
 
