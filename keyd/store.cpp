@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <ctime>
 #include <nlohmann/json.hpp>
@@ -391,8 +392,11 @@ std::string format_timestamp(int64_t unix_seconds) {
   std::time_t t = static_cast<std::time_t>(unix_seconds);
   std::tm tm{};
   if (!::gmtime_r(&t, &tm)) return "1970-01-01T00:00:00Z";
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  // Four digits of year, always: strftime's %Y writes year 999 as "999",
+  // which parse_timestamp (and so the next start of keyd) would refuse.
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
   return buf;
 }
 
@@ -436,8 +440,15 @@ std::optional<int64_t> parse_timestamp(std::string_view s) {
     }
   }
   if (!s.empty()) return std::nullopt;
-  return days_from_civil(year, static_cast<unsigned>(month), static_cast<unsigned>(day)) * 86400 +
-         hour * 3600 + minute * 60 + second - offset;
+  const int64_t t =
+      days_from_civil(year, static_cast<unsigned>(month), static_cast<unsigned>(day)) * 86400 +
+      hour * 3600 + minute * 60 + second - offset;
+  // A zone offset or a leap second must not leave years 0000..9999: what
+  // format_timestamp writes must parse again.
+  static const int64_t kFirst = days_from_civil(0, 1, 1) * 86400;
+  static const int64_t kLast = days_from_civil(10000, 1, 1) * 86400 - 1;
+  if (t < kFirst || t > kLast) return std::nullopt;
+  return t;
 }
 
 std::vector<uint8_t> wrap_key(ByteView kek, const KeyId& id, uint32_t version, ByteView key) {

@@ -548,6 +548,25 @@ TEST_CASE("key store: timestamps", "[keystore]") {
   }
 }
 
+TEST_CASE("key store: every timestamp that parses is written so that it parses again",
+          "[keystore]") {
+  // Years below 1000 were written with fewer than four digits ("999-01-01..."):
+  // a key created with such an expiry made the store unreadable at the next start.
+  for (const char* text :
+       {"0999-01-01", "0001-06-15T12:00:00Z", "0000-01-01", "9999-12-31T23:59:59Z"}) {
+    INFO(text);
+    const auto t = parse_timestamp(text);
+    REQUIRE(t);
+    CHECK(format_timestamp(*t).size() == 20);
+    CHECK(parse_timestamp(format_timestamp(*t)) == t);
+  }
+  CHECK(format_timestamp(*parse_timestamp("0999-01-01")) == "0999-01-01T00:00:00Z");
+  // An offset or a leap second that leaves years 0000..9999 is refused.
+  CHECK_FALSE(parse_timestamp("0000-01-01T00:00+01:00"));
+  CHECK_FALSE(parse_timestamp("9999-12-31T23:59:60Z"));
+  CHECK_FALSE(parse_timestamp("9999-12-31T23:00-02:00"));
+}
+
 TEST_CASE("file_text is what a save writes, and reopens unchanged", "[keystore]") {
   TempDir dir;
   const MasterSecret secret = key_file_secret(7);
