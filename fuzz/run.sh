@@ -27,6 +27,11 @@ fi
 targets=("$@")
 [ ${#targets[@]} -gt 0 ] || targets=(envelope deterministic text recv wire store audit)
 
+# The store and audit targets write and fsync files on every input: on a
+# busy disk that is a few executions per second, on tmpfs thousands.
+if [ -z "${TMPDIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ]; then
+  export TMPDIR=/dev/shm
+fi
 work=$(mktemp -d "${TMPDIR:-/tmp}/colcrypt-fuzz-run.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$src/fuzz/crashes"
