@@ -569,6 +569,10 @@ KeyStore KeyStore::open_impl(const std::string& dir, const MasterSecret& secret,
     doc = json::parse(raw);
   } catch (const json::parse_error& e) {
     corrupt(path, "not valid JSON (at byte " + std::to_string(e.byte) + ")");
+  } catch (const json::exception&) {
+    // Not only parse_error: a number too large for a double ("8e4896") is an
+    // out_of_range, which escaped and terminated keyd (found by fuzz/ store).
+    corrupt(path, "not valid JSON (a number out of range)");
   }
   try {
     if (!doc.is_object() || doc.dump(2) + "\n" != raw) {
