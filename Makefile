@@ -28,6 +28,14 @@ endif
 # PGXS tracks no header dependencies for C++: let the compiler write them, or a
 # changed header leaves objects built against the old struct layouts.
 PG_CXXFLAGS += -MMD -MP
+# An ASan+UBSan build of the extension (scripts/test-sanitize.sh builds it in
+# a copy of the tree and runs it in a postmaster that preloads libasan).
+ifeq ($(COLCRYPT_SANITIZE),1)
+PG_CXXFLAGS += -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+# GCC's false positives under the sanitizers (see CMakeLists.txt).
+PG_CXXFLAGS += -Wno-maybe-uninitialized
+SHLIB_LINK += -fsanitize=address,undefined
+endif
 EXTRA_CLEAN = $(OBJS:.o=.d)
 SHLIB_LINK = -lcrypto -lstdc++
 # Debian's PG 15 would build LLVM bitcode with clang, which ignores PG_CXXFLAGS;
@@ -52,7 +60,7 @@ extension/colcrypt--$(EXTVERSION).sql: extension/colcrypt.sql
 CMAKE_BUILD_DIR ?= build
 PREFIX ?= /usr/local
 
-.PHONY: deps tools install-tools demo demo-stop test bench deb load crash
+.PHONY: deps tools install-tools demo demo-stop test test-sanitize fuzz bench deb load crash
 deps:
 	./scripts/install-deps.sh
 
@@ -80,6 +88,20 @@ test:
 # scripts/deb.sh in build/deb/ (debian/ holds the packaging).
 deb:
 	./scripts/deb.sh
+
+# The unit, Wycheproof and integration tests, pg_regress and a valgrind run of
+# keyd against ASan+UBSan builds in build-asan/ (docs/reliability.md).
+test-sanitize:
+	./scripts/test-sanitize.sh
+
+# Every libFuzzer target of fuzz/ for FUZZ_SECONDS each, under ASan+UBSan,
+# built with clang in build-fuzz/ (docs/reliability.md).
+FUZZ_SECONDS ?= 60
+FUZZ_BUILD_DIR ?= build-fuzz
+fuzz:
+	CXX=clang++ cmake -S . -B $(FUZZ_BUILD_DIR) -DCOLCRYPT_FUZZ=ON
+	cmake --build $(FUZZ_BUILD_DIR) -j2
+	./fuzz/run.sh $(FUZZ_BUILD_DIR) $(FUZZ_SECONDS)
 
 # The benchmark suite (bench/run.sh): its own cluster and keyd, report in bench/RESULTS.md.
 bench:

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <ctime>
 #include <nlohmann/json.hpp>
@@ -251,8 +252,8 @@ KeyRecord parse_key(const std::string& path, const json& j) {
     if (jv.contains("retired_at")) {
       v.retired_at = parse_time_field(path, jv.at("retired_at"), true);
     }
-    for (auto [field, use] : {std::pair{"deterministic", &v.deterministic},
-                              std::pair{"blind_index", &v.blind_index}}) {
+    for (auto [field, use] :
+         {std::pair{"deterministic", &v.deterministic}, std::pair{"blind_index", &v.blind_index}}) {
       if (!jv.contains(field)) continue;
       use->first_used = parse_time_field(path, jv.at(field).at("first_used"), false);
       use->last_used = parse_time_field(path, jv.at(field).at("last_used"), false);
@@ -358,8 +359,8 @@ json key_metadata_json(const KeyRecord& k) {
                {"usage_count", v.usage_count}};
     if (v.destroyed_at) jv["destroyed_at"] = format_timestamp(*v.destroyed_at);
     if (v.retired_at) jv["retired_at"] = format_timestamp(*v.retired_at);
-    for (auto [field, use] : {std::pair{"deterministic", &v.deterministic},
-                              std::pair{"blind_index", &v.blind_index}}) {
+    for (auto [field, use] :
+         {std::pair{"deterministic", &v.deterministic}, std::pair{"blind_index", &v.blind_index}}) {
       if (use->first_used) {
         jv[field] = {{"first_used", format_timestamp(*use->first_used)},
                      {"last_used", format_timestamp(use->last_used.value_or(*use->first_used))}};
@@ -391,8 +392,11 @@ std::string format_timestamp(int64_t unix_seconds) {
   std::time_t t = static_cast<std::time_t>(unix_seconds);
   std::tm tm{};
   if (!::gmtime_r(&t, &tm)) return "1970-01-01T00:00:00Z";
-  char buf[32];
-  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  // Four digits of year, always: strftime's %Y writes year 999 as "999",
+  // which parse_timestamp (and so the next start of keyd) would refuse.
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%04d-%02d-%02dT%02d:%02d:%02dZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec);
   return buf;
 }
 
@@ -436,8 +440,15 @@ std::optional<int64_t> parse_timestamp(std::string_view s) {
     }
   }
   if (!s.empty()) return std::nullopt;
-  return days_from_civil(year, static_cast<unsigned>(month), static_cast<unsigned>(day)) * 86400 +
-         hour * 3600 + minute * 60 + second - offset;
+  const int64_t t =
+      days_from_civil(year, static_cast<unsigned>(month), static_cast<unsigned>(day)) * 86400 +
+      hour * 3600 + minute * 60 + second - offset;
+  // A zone offset or a leap second must not leave years 0000..9999: what
+  // format_timestamp writes must parse again.
+  static const int64_t kFirst = days_from_civil(0, 1, 1) * 86400;
+  static const int64_t kLast = days_from_civil(10000, 1, 1) * 86400 - 1;
+  if (t < kFirst || t > kLast) return std::nullopt;
+  return t;
 }
 
 std::vector<uint8_t> wrap_key(ByteView kek, const KeyId& id, uint32_t version, ByteView key) {
@@ -527,7 +538,7 @@ KeyStore KeyStore::create(const std::string& dir, const MasterSecret& secret,
     }
     store.kek_ = SecretBytes(secret.bytes.view());
   }
-  store.mac_key_ = hkdf_sha256(store.kek_.view(), {}, ByteView::of(kMacInfo), 32);
+  store.mac_key_ = store_mac_key(store.kek_.view());
   store.kek_check_ = make_kek_check(store.kek_.view());
   store.save({});
   return store;
@@ -558,6 +569,10 @@ KeyStore KeyStore::open_impl(const std::string& dir, const MasterSecret& secret,
     doc = json::parse(raw);
   } catch (const json::parse_error& e) {
     corrupt(path, "not valid JSON (at byte " + std::to_string(e.byte) + ")");
+  } catch (const json::exception&) {
+    // Not only parse_error: a number too large for a double ("8e4896") is an
+    // out_of_range, which escaped and terminated keyd (found by fuzz/ store).
+    corrupt(path, "not valid JSON (a number out of range)");
   }
   try {
     if (!doc.is_object() || doc.dump(2) + "\n" != raw) {
@@ -617,7 +632,7 @@ KeyStore KeyStore::open_impl(const std::string& dir, const MasterSecret& secret,
                       (store.kek_source_ == MasterSecret::Kind::Password ? "password" : "key") +
                       " for key store " + path);
     }
-    store.mac_key_ = hkdf_sha256(store.kek_.view(), {}, ByteView::of(kMacInfo), 32);
+    store.mac_key_ = store_mac_key(store.kek_.view());
     std::string mac = body.at("mac").get<std::string>();
     body.erase("mac");
     auto expected = hmac_sha256(store.mac_key_.view(), ByteView::of(body.dump()));
@@ -827,8 +842,8 @@ void KeyStore::check_retire_grace(const KeyRecord& key, uint32_t version, std::s
                   std::to_string(wait) + " s), or pass --force");
 }
 
-void KeyStore::check_derivation_pin(const KeyRecord& key, uint32_t version,
-                                    std::string_view action, bool force) {
+void KeyStore::check_derivation_pin(const KeyRecord& key, uint32_t version, std::string_view action,
+                                    bool force) {
   if (force) return;
   const KeyVersion* v = key.find_version(version);
   if (!v || !v->keys_derived_values() || v->state == wire::KeyState::Destroyed) return;
@@ -837,7 +852,8 @@ void KeyStore::check_derivation_pin(const KeyRecord& key, uint32_t version,
   if (v->deterministic.first_used) {
     what = "deterministic values (colcrypt.encrypt_deterministic)";
     used = "deterministic values since " + format_timestamp(*v->deterministic.first_used) +
-           ", last " + format_timestamp(v->deterministic.last_used.value_or(*v->deterministic.first_used));
+           ", last " +
+           format_timestamp(v->deterministic.last_used.value_or(*v->deterministic.first_used));
   }
   if (v->blind_index.first_used) {
     what += std::string(what.empty() ? "" : " and ") + "blind indexes (colcrypt.blind_index)";
@@ -850,8 +866,7 @@ void KeyStore::check_derivation_pin(const KeyRecord& key, uint32_t version,
               v_text + " keys " + what + " (" + used + "): they are always keyed from version " +
                   std::to_string(version) + ", rotation jobs do not re-encrypt them and no row " +
                   "count sees them, so " + (action == "disable" ? "disabling" : "destroying") +
-                  " it makes all " + what +
-                  " of key '" + key.name + "' unusable" +
+                  " it makes all " + what + " of key '" + key.name + "' unusable" +
                   (action == "disable" ? " until it is enabled again" : " for ever") +
                   ". Keep this version (it encrypts nothing new), or first move those values to "
                   "another key (decrypt and re-encrypt them, rebuild the blind indexes), then "
@@ -1018,9 +1033,11 @@ RotationReason KeyStore::rotation_due(const KeyRecord& key, int64_t now,
   return RotationReason::None;
 }
 
-SecretBytes KeyStore::audit_mac_key() const {
-  return hkdf_sha256(kek_.view(), {}, ByteView::of(std::string_view("colcrypt-audit-mac-v1")), 32);
+SecretBytes audit_mac_key(ByteView kek) {
+  return hkdf_sha256(kek, {}, ByteView::of(std::string_view("colcrypt-audit-mac-v1")), 32);
 }
+
+SecretBytes KeyStore::audit_mac_key() const { return keyd::audit_mac_key(kek_.view()); }
 
 SecretBytes KeyStore::unwrap(const KeyRecord& key, uint32_t version) const {
   const KeyVersion* v = key.find_version(version);
@@ -1076,7 +1093,19 @@ void KeyStore::flush(bool release_reservations) {
   dirty_ = false;
 }
 
-void KeyStore::save(const std::vector<KeyRecord>& keys) {
+SecretBytes store_mac_key(ByteView kek) { return hkdf_sha256(kek, {}, ByteView::of(kMacInfo), 32); }
+
+std::string signed_store_text(nlohmann::json doc, ByteView mac_key) {
+  doc.erase("mac");
+  doc.erase("checksum");
+  doc["mac"] = to_hex(ByteView(hmac_sha256(mac_key, ByteView::of(doc.dump()))));
+  doc["checksum"] = to_hex(ByteView(sha256(doc.dump())));
+  return doc.dump(2) + "\n";
+}
+
+std::string KeyStore::file_text() const { return serialize(keys_); }
+
+std::string KeyStore::serialize(const std::vector<KeyRecord>& keys) const {
   json kek;
   if (kek_source_ == MasterSecret::Kind::Password) {
     kek = {{"source", "password"},
@@ -1093,9 +1122,11 @@ void KeyStore::save(const std::vector<KeyRecord>& keys) {
               {"kek", std::move(kek)},
               {"kek_check", to_hex(ByteView(kek_check_))},
               {"keys", std::move(jkeys)}};
-  doc["mac"] = to_hex(ByteView(hmac_sha256(mac_key_.view(), ByteView::of(doc.dump()))));
-  doc["checksum"] = to_hex(ByteView(sha256(doc.dump())));
-  const std::string text = doc.dump(2) + "\n";
+  return signed_store_text(std::move(doc), mac_key_.view());
+}
+
+void KeyStore::save(const std::vector<KeyRecord>& keys) {
+  const std::string text = serialize(keys);
 
   const std::string tmp = join_path(dir_, kStoreTempFileName);
   const std::string path = file_path();

@@ -231,10 +231,14 @@ class KeyStore {
   // Key for the audit log's MAC chain (HKDF of the KEK, its own label).
   SecretBytes audit_mac_key() const;
 
+  // The file a save would write now (tests, the store's fuzz target).
+  std::string file_text() const;
+
  private:
   KeyStore() = default;
   static KeyStore open_impl(const std::string& dir, const MasterSecret& secret, bool read_only);
   void save(const std::vector<KeyRecord>& keys);  // atomic write of the whole store
+  std::string serialize(const std::vector<KeyRecord>& keys) const;
 
   std::string dir_;
   int lock_fd_ = -1;  // the store directory, flock()ed while the store is open
@@ -253,6 +257,13 @@ class KeyStore {
   KeyRecord& mutable_key(std::string_view name, std::vector<KeyRecord>& keys);
   void rotate_in_place(std::vector<KeyRecord>& next, size_t index, int64_t now);
 };
+
+// The store file's MAC key (HKDF of the KEK) and its signing: doc (without
+// "mac" and "checksum") gains both and is printed as keyd writes it.
+SecretBytes store_mac_key(ByteView kek);
+std::string signed_store_text(nlohmann::json doc, ByteView mac_key);
+// The audit log's MAC key (KeyStore::audit_mac_key of a store under kek).
+SecretBytes audit_mac_key(ByteView kek);
 
 // Wrapping of one data key under the KEK; the AAD binds the key id and the
 // version, so a wrapped key moved to another key or version fails to open.

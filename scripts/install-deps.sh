@@ -17,6 +17,8 @@ packages=(
   debhelper dpkg-dev help2man  # make deb (debian/; help2man: the manual pages)
   lintian                    # make deb checks the packages
   binutils                   # nm, for the exported-symbol check (scripts/check-extension.sh)
+  clang libclang-rt-14-dev   # fuzz targets: clang++ with libFuzzer and ASan/UBSan runtimes
+  valgrind                   # memcheck of keyd (ctest valgrind-keyd, make test-sanitize)
   cmake g++ make pkg-config
 )
 

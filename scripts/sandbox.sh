@@ -35,6 +35,8 @@
 #   SANDBOX_KEYD_CONFIG         keyd reads its options from this file (--config);
 #                               the allowlists are then the file's, not the above
 #   SANDBOX_TIMEOUT             seconds to wait for readiness (default 60)
+#   SANDBOX_PG_ENV              NAME=VALUE words added to the postmaster's environment
+#                               (scripts/test-sanitize.sh: LD_PRELOAD of libasan)
 #   SANDBOX_KEYD_ARGS           extra keyd flags, split on whitespace; the word
 #                               @DATABASE@ becomes the sandbox database's libpq URI
 #                               (for --database: rotation jobs, reference counts)
@@ -252,8 +254,10 @@ pg_start() {
     return 0
   fi
   [ -f "$PGDATA/PG_VERSION" ] || die "no cluster in $PGDATA (run: $0 up $DIR)"
-  if ! as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$DIR/postgres.log" -w -t "$TIMEOUT" \
-      start >/dev/null; then
+  local pg_env=() word
+  for word in ${SANDBOX_PG_ENV:-}; do pg_env+=("$word"); done
+  if ! as_postgres env "${pg_env[@]}" "$PG_BIN/pg_ctl" -D "$PGDATA" -l "$DIR/postgres.log" -w \
+      -t "$TIMEOUT" start >/dev/null; then
     tail_log "$DIR/postgres.log"
     die "postgres did not start"
   fi

@@ -2,7 +2,8 @@
 # The README's test command (`make test`) and what .ci/run calls: installs what
 # is missing, builds everything with warnings as errors, installs the extension
 # and the daemon, then runs every test through ctest: unit, wycheproof (skipped
-# when the vectors are absent), integration and pg_regress.
+# when the vectors are absent), integration and pg_regress; then a smoke run of
+# every fuzz target (build-fuzz/, ctest fuzz-smoke).
 set -euo pipefail
 
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -36,5 +37,11 @@ cmake -S . -B "$build" -DCOLCRYPT_WERROR=ON
 cmake --build "$build" -j"$jobs"
 
 step "ctest"
-cd "$build"
-ctest --output-on-failure
+(cd "$build" && ctest --output-on-failure)
+
+# The fuzz targets (clang, libFuzzer, ASan+UBSan) in their own build
+# directory, and a few seconds of each (ctest fuzz-smoke), so none can rot.
+step "fuzz targets: build and smoke run (build-fuzz)"
+CXX=clang++ cmake -S . -B build-fuzz -DCOLCRYPT_FUZZ=ON >/dev/null
+cmake --build build-fuzz -j"$jobs"
+(cd build-fuzz && ctest --output-on-failure -R '^fuzz-smoke$')

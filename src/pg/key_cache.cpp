@@ -11,14 +11,14 @@
 #include <unordered_map>
 #include <utility>
 
+#include "client/client.hpp"
 #include "core/aead.hpp"
+#include "core/deterministic.hpp"
 #include "core/envelope.hpp"
 #include "core/error.hpp"
 #include "core/kdf.hpp"
 #include "core/secure_memory.hpp"
-#include "core/siv.hpp"
 #include "core/wire.hpp"
-#include "client/client.hpp"
 #include "pg/guard.hpp"
 
 #ifdef POSTGRES_H
@@ -422,27 +422,14 @@ void verify_value(const KeydSettings& settings, ByteView envelope, ByteView cont
 
 namespace {
 
-constexpr size_t kDetHeader = 24;
-
 VersionRef deterministic_ref(ByteView value) {
-  VersionRef ref;
-  std::memcpy(ref.id.data(), value.data + 4, kKeyIdSize);
-  ref.version = (uint32_t{value.data[20]} << 24) | (uint32_t{value.data[21]} << 16) |
-                (uint32_t{value.data[22]} << 8) | uint32_t{value.data[23]};
-  return ref;
+  const DeterministicHeader header = parse_deterministic(value);
+  return VersionRef{header.key_id, header.key_version};
 }
 
 }  // namespace
 
-void check_deterministic(ByteView value) {
-  if (value.size < kDeterministicOverhead)
-    throw Error(Errc::MalformedValue, "deterministic value too short");
-  if (value.data[0] != 1) throw Error(Errc::MalformedValue, "unsupported deterministic format");
-  if (value.data[1] != 2) throw Error(Errc::MalformedValue, "unknown deterministic algorithm");
-  if (value.data[2] > 1) throw Error(Errc::MalformedValue, "unknown payload type");
-  if (value.data[3] != 0) throw Error(Errc::MalformedValue, "reserved byte not zero");
-  if (deterministic_ref(value).version == 0) throw Error(Errc::MalformedValue, "key version 0");
-}
+void check_deterministic(ByteView value) { parse_deterministic(value); }
 
 void encrypt_deterministic(const KeydSettings& settings, std::string_view key_name,
                            PayloadType payload, ByteView context, ByteView plaintext,
@@ -452,27 +439,11 @@ void encrypt_deterministic(const KeydSettings& settings, std::string_view key_na
   cache().primary(settings, key_name, ref);
   ref.version = 1;  // the first version: equal plaintexts stay equal across rotations
   KeyEntry& entry = cache().by_version(settings, ref, wire::FetchPurpose::Deterministic);
-  out[0] = 1;
-  out[1] = 2;
-  out[2] = static_cast<uint8_t>(payload);
-  out[3] = 0;
-  std::memcpy(out + 4, ref.id.data(), kKeyIdSize);
-  out[20] = 0;
-  out[21] = 0;
-  out[22] = 0;
-  out[23] = 1;
-  SecretBytes data(plaintext.size + 1);
-  data.data()[0] = static_cast<uint8_t>(payload);
-  if (plaintext.size > 0) std::memcpy(data.data() + 1, plaintext.data, plaintext.size);
-  std::string aad(reinterpret_cast<const char*>(out), kDetHeader);
-  aad.append(reinterpret_cast<const char*>(context.data), context.size);
-  aes_siv_seal(entry.siv_key.view(), ByteView::of(aad), data.view(), out + kDetHeader,
-               out + kDetHeader + kSivSize);
+  seal_deterministic(entry.siv_key.view(), ref.id, ref.version, payload, context, plaintext, out);
 }
 
 size_t deterministic_key_name(const KeydSettings& settings, ByteView value, char (&out)[64]) {
   CallScope scope(settings);
-  check_deterministic(value);
   const KeyEntry& entry =
       cache().by_version(settings, deterministic_ref(value), wire::FetchPurpose::Deterministic);
   if (!valid_key_name(entry.name) || entry.name.size() >= sizeof out)
@@ -486,18 +457,9 @@ size_t deterministic_key_name(const KeydSettings& settings, ByteView value, char
 void decrypt_deterministic(const KeydSettings& settings, ByteView value, ByteView context,
                            uint8_t* out) {
   CallScope scope(settings);
-  check_deterministic(value);
   KeyEntry& entry =
       cache().by_version(settings, deterministic_ref(value), wire::FetchPurpose::Deterministic);
-  const size_t n = value.size - kDeterministicOverhead;
-  SecretBytes data(n + 1);
-  std::string aad(reinterpret_cast<const char*>(value.data), kDetHeader);
-  aad.append(reinterpret_cast<const char*>(context.data), context.size);
-  if (!aes_siv_open(entry.siv_key.view(), ByteView::of(aad), value.data + kDetHeader,
-                    ByteView(value.data + kDetHeader + kSivSize, n + 1), data.data()) ||
-      data.data()[0] != value.data[2])
-    throw Error(Errc::DecryptionFailed, "decryption failed");
-  if (n > 0) std::memcpy(out, data.data() + 1, n);
+  open_deterministic(entry.siv_key.view(), value, context, out);
 }
 
 void report_denial(const KeydSettings& settings, const char* key_name, const char* privilege,

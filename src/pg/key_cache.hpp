@@ -14,6 +14,7 @@
 #include <string_view>
 
 #include "core/bytes.hpp"
+#include "core/deterministic.hpp"
 #include "core/envelope.hpp"
 
 namespace colcrypt::pg {
@@ -58,21 +59,11 @@ constexpr size_t kBlindIndexSize = 32;
 void blind_index(const KeydSettings& settings, std::string_view key_name, ByteView data,
                  uint8_t (&out)[kBlindIndexSize]);
 
-// Deterministic values (docs/columns.md): AES-256-SIV under a 64-byte key
-// derived by HKDF-SHA256 from version 1 of the named key (salt "colcrypt
-// deterministic", info = key id), so that rotation keeps equal plaintexts
-// equal. Layout:
-//   off len
-//    0   1  format 1
-//    1   1  algorithm 2 (AES-256-SIV)
-//    2   1  payload type (0 bytes, 1 text)
-//    3   1  reserved 0
-//    4  16  key id
-//   20   4  key version (big-endian)
-//   24  16  SIV
-//   40 n+1  AES-SIV ciphertext of (payload type byte || plaintext)
-// AAD = bytes [0, 24) || context.
-constexpr size_t kDeterministicOverhead = 41;
+// Deterministic values (docs/columns.md, core/deterministic.hpp): AES-256-SIV
+// under a 64-byte key derived by HKDF-SHA256 from version 1 of the named key
+// (salt "colcrypt deterministic", info = key id), so that rotation keeps
+// equal plaintexts equal.
+using colcrypt::kDeterministicOverhead;
 void encrypt_deterministic(const KeydSettings& settings, std::string_view key_name,
                            PayloadType payload, ByteView context, ByteView plaintext, uint8_t* out);
 // Structure check without a key; throws Errc::MalformedValue.

@@ -19,6 +19,7 @@
 
 #include "core/error.hpp"
 #include "keyd/store.hpp"
+#include "support.hpp"
 
 using namespace colcrypt;
 using namespace colcrypt::keyd;
@@ -545,4 +546,63 @@ TEST_CASE("key store: timestamps", "[keystore]") {
   for (int64_t t : {int64_t{0}, int64_t{951782400}, int64_t{1795960800}, int64_t{4102444799}}) {
     CHECK(parse_timestamp(format_timestamp(t)) == t);
   }
+}
+
+TEST_CASE("key store: every timestamp that parses is written so that it parses again",
+          "[keystore]") {
+  // Years below 1000 were written with fewer than four digits ("999-01-01..."):
+  // a key created with such an expiry made the store unreadable at the next start.
+  for (const char* text :
+       {"0999-01-01", "0001-06-15T12:00:00Z", "0000-01-01", "9999-12-31T23:59:59Z"}) {
+    INFO(text);
+    const auto t = parse_timestamp(text);
+    REQUIRE(t);
+    CHECK(format_timestamp(*t).size() == 20);
+    CHECK(parse_timestamp(format_timestamp(*t)) == t);
+  }
+  CHECK(format_timestamp(*parse_timestamp("0999-01-01")) == "0999-01-01T00:00:00Z");
+  // An offset or a leap second that leaves years 0000..9999 is refused.
+  CHECK_FALSE(parse_timestamp("0000-01-01T00:00+01:00"));
+  CHECK_FALSE(parse_timestamp("9999-12-31T23:59:60Z"));
+  CHECK_FALSE(parse_timestamp("9999-12-31T23:00-02:00"));
+}
+
+TEST_CASE("file_text is what a save writes, and reopens unchanged", "[keystore]") {
+  TempDir dir;
+  const MasterSecret secret = key_file_secret(7);
+  std::string written;
+  {
+    KeyStore store = KeyStore::create(dir.store(), secret, kTestIterations);
+    store.create_key("customer_data", {});
+    store.rotate_key("customer_data");
+    std::ifstream in(dir.store_file(), std::ios::binary);
+    written.assign(std::istreambuf_iterator<char>(in), {});
+    CHECK(store.file_text() == written);
+  }
+  const KeyStore reopened = KeyStore::open(dir.store(), secret);
+  CHECK(reopened.file_text() == written);
+}
+
+TEST_CASE("signed_store_text signs as a save does: edits need the KEK", "[keystore]") {
+  TempDir dir;
+  const MasterSecret secret = key_file_secret(9);
+  {
+    KeyStore store = KeyStore::create(dir.store(), secret, kTestIterations);
+    store.create_key("customer_data", {});
+  }
+  std::ifstream in(dir.store_file(), std::ios::binary);
+  json doc = json::parse(std::string(std::istreambuf_iterator<char>(in), {}));
+  doc["keys"][0]["rotation_interval_days"] = 7;
+  // Signed with the right KEK, the edit is a valid store ...
+  {
+    std::ofstream(dir.store_file(), std::ios::binary | std::ios::trunc)
+        << signed_store_text(doc, store_mac_key(secret.bytes.view()).view());
+    const KeyStore store = KeyStore::open(dir.store(), secret);
+    CHECK(store.find("customer_data")->rotation_interval_days == 7);
+  }
+  // ... signed with another, it is refused.
+  const MasterSecret other = key_file_secret(10);
+  std::ofstream(dir.store_file(), std::ios::binary | std::ios::trunc)
+      << signed_store_text(doc, store_mac_key(other.bytes.view()).view());
+  REQUIRE_ERRC(KeyStore::open(dir.store(), secret), Errc::StoreCorrupt);
 }
