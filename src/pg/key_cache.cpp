@@ -11,6 +11,7 @@
 #include <unordered_map>
 #include <utility>
 
+#include "client/client.hpp"
 #include "core/aead.hpp"
 #include "core/envelope.hpp"
 #include "core/error.hpp"
@@ -18,7 +19,6 @@
 #include "core/secure_memory.hpp"
 #include "core/siv.hpp"
 #include "core/wire.hpp"
-#include "client/client.hpp"
 #include "pg/guard.hpp"
 
 #ifdef POSTGRES_H
@@ -28,13 +28,9 @@
 namespace colcrypt::pg {
 namespace {
 
-// CLOCK_MONOTONIC_COARSE: a few ns per read, millisecond-ish resolution, which
-// is plenty for a TTL counted in seconds and cheap enough to read per row.
-int64_t now_ms() noexcept {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
+KeyCacheClock cache_clock = boottime_ms;
+
+int64_t now_ms() noexcept { return cache_clock(); }
 
 bool fresh(int64_t fetched_ms, int ttl_s, int64_t now) noexcept {
   return ttl_s > 0 && now - fetched_ms < static_cast<int64_t>(ttl_s) * 1000;
@@ -186,7 +182,13 @@ class KeyCache {
   // for; keyd records deterministic and blind-index uses (wire::FetchPurpose).
   KeyEntry& by_version(const KeydSettings& s, const VersionRef& ref,
                        wire::FetchPurpose purpose = wire::FetchPurpose::Decrypt) {
-    const int64_t now = now_ms();
+    return by_version_at(s, ref, purpose, now_ms());
+  }
+
+  // by_version at a time the caller read: primary() reads the clock once per
+  // value, not once for the name and again for its version.
+  KeyEntry& by_version_at(const KeydSettings& s, const VersionRef& ref, wire::FetchPurpose purpose,
+                          int64_t now) {
     const unsigned bit = purpose == wire::FetchPurpose::Decrypt ? 0 : purpose_bit(purpose);
     if (last_ != nullptr && last_->first == ref &&
         fresh(last_->second.fetched_ms, s.cache_ttl_s, now) &&
@@ -226,7 +228,7 @@ class KeyCache {
         (!consume || last_primary_->second.uses_left > 0)) {
       ref = last_primary_->second.ref;
       if (consume) --last_primary_->second.uses_left;
-      return by_version(s, ref);
+      return by_version_at(s, ref, wire::FetchPurpose::Decrypt, now);
     }
     if (!valid_key_name(name))
       throw SqlError(Errc::InvalidArgument, "invalid colcrypt key name",
@@ -239,7 +241,7 @@ class KeyCache {
       last_primary_ = &*it;
       ref = it->second.ref;
       if (consume) --it->second.uses_left;
-      return by_version(s, ref);
+      return by_version_at(s, ref, wire::FetchPurpose::Decrypt, now);
     }
     const std::string what = describe(name);
     uint32_t ask = !consume ? 0 : s.cache_ttl_s > 0 ? kUseBlock : 1;
@@ -548,6 +550,16 @@ uint32_t primary_version(const KeydSettings& settings, std::string_view key_name
 
 void clear_key_cache() noexcept {
   if (the_cache != nullptr) the_cache->clear();
+}
+
+int64_t boottime_ms() noexcept {
+  struct timespec ts;
+  clock_gettime(CLOCK_BOOTTIME, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+void set_key_cache_clock(KeyCacheClock clock) noexcept {
+  cache_clock = clock != nullptr ? clock : boottime_ms;
 }
 
 void evict_expired_keys(int ttl_s) noexcept {

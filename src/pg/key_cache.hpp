@@ -99,6 +99,17 @@ size_t key_name_of(const KeydSettings& settings, const EnvelopeHeader& header,
 // fetched when missing). For colcrypt.rewrap (src/pg/lifecycle.cpp).
 uint32_t primary_version(const KeydSettings& settings, std::string_view key_name);
 
+// The clock the TTL counts on, in milliseconds. boottime_ms (CLOCK_BOOTTIME)
+// keeps counting while the machine is suspended, where CLOCK_MONOTONIC stops:
+// a backend resumed after a long suspend fetches its keys again instead of
+// encrypting under a version that keyd retired or destroyed meanwhile. It is
+// read once per value (about 30 ns of CPU; the two CLOCK_MONOTONIC_COARSE
+// reads it replaced took 16 ns: bench/core_bench.cpp, BM_CacheClock*).
+using KeyCacheClock = int64_t (*)() noexcept;
+int64_t boottime_ms() noexcept;
+// Replaces the clock (tests); nullptr restores boottime_ms.
+void set_key_cache_clock(KeyCacheClock clock) noexcept;
+
 // Drops (and wipes) every cached key: at backend exit.
 void clear_key_cache() noexcept;
 // Drops the entries older than ttl_s seconds: at transaction end.
