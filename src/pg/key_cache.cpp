@@ -130,6 +130,12 @@ std::string describe(std::string_view name) { return "colcrypt key \"" + std::st
                      "colcrypt-keyd serves keys only to the uids given with --allow-uid; the "
                      "database server's uid must be one of them.");
     case Errc::KeydUnavailable:
+      if (dynamic_cast<const client::UntrustedKeyd*>(&e) != nullptr)
+        throw SqlError(Errc::KeydUnavailable,
+                       "refusing colcrypt-keyd at " + socket + ": it runs as an unexpected user",
+                       e.what(),
+                       "If colcrypt-keyd really runs as that uid, a superuser sets "
+                       "colcrypt.keyd_uid to it (docs/operations.md).");
       throw SqlError(Errc::KeydUnavailable, "could not connect to colcrypt-keyd at " + socket,
                      e.what(),
                      "Check that colcrypt-keyd is running and that colcrypt.keyd_socket names "
@@ -305,14 +311,10 @@ class KeyCache {
   template <typename Request>
   static wire::KeyReply fetch(const KeydSettings& s, const std::string& what, Request&& request) {
     client::Client& client = backend_client();
-    client::ClientOptions options;
-    options.socket_path = s.socket_path;
-    options.timeout_ms = s.timeout_ms;
-    options.interrupted = s.interrupted;
     wire::KeyReply reply;
     try {
       WaitReport waiting(s);
-      client.set_options(std::move(options));
+      client.set_options(client_options(s));
       reply = request(client);
     } catch (const Error& e) {
       rethrow_keyd_failure(e, s, what);
@@ -505,11 +507,9 @@ void decrypt_deterministic(const KeydSettings& settings, ByteView value, ByteVie
 void report_denial(const KeydSettings& settings, const char* key_name, const char* privilege,
                    const char* role, const char* database) noexcept {
   try {
-    client::ClientOptions options;
-    options.socket_path = settings.socket_path;
+    client::ClientOptions options = client_options(settings);
     // A report must not hold up the error for long.
     options.timeout_ms = settings.timeout_ms < 1000 ? settings.timeout_ms : 1000;
-    options.interrupted = settings.interrupted;
     wire::DenialReport report{key_name, privilege, role, database};
     client::Client(std::move(options)).report_denial(report);
   } catch (...) {
@@ -550,6 +550,15 @@ uint32_t primary_version(const KeydSettings& settings, std::string_view key_name
 
 void clear_key_cache() noexcept {
   if (the_cache != nullptr) the_cache->clear();
+}
+
+client::ClientOptions client_options(const KeydSettings& settings) {
+  client::ClientOptions options;
+  options.socket_path = settings.socket_path;
+  options.timeout_ms = settings.timeout_ms;
+  options.interrupted = settings.interrupted;
+  if (settings.keyd_uid >= 0) options.keyd_uid = static_cast<uid_t>(settings.keyd_uid);
+  return options;
 }
 
 int64_t boottime_ms() noexcept {

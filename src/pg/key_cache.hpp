@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string_view>
 
+#include "client/client.hpp"
 #include "core/bytes.hpp"
 #include "core/envelope.hpp"
 
@@ -23,6 +24,7 @@ struct KeydSettings {
   const char* socket_path = nullptr;  // colcrypt.keyd_socket
   int timeout_ms = 5000;              // colcrypt.keyd_timeout
   int cache_ttl_s = 60;               // colcrypt.key_cache_ttl
+  int64_t keyd_uid = -1;              // colcrypt.keyd_uid; -1: unset (client.hpp, keyd_uid)
   // Reads Postgres' interrupt flags; never throws, never longjmps.
   bool (*interrupted)() = nullptr;
   // Bracket each keyd exchange (pg_stat_activity shows the wait); plain stores.
@@ -109,6 +111,9 @@ using KeyCacheClock = int64_t (*)() noexcept;
 int64_t boottime_ms() noexcept;
 // Replaces the clock (tests); nullptr restores boottime_ms.
 void set_key_cache_clock(KeyCacheClock clock) noexcept;
+
+// The keyd client's options for these settings.
+client::ClientOptions client_options(const KeydSettings& settings);
 
 // Drops (and wipes) every cached key: at backend exit.
 void clear_key_cache() noexcept;

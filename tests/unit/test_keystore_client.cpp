@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -280,4 +281,131 @@ TEST_CASE("keyd client: a forked child opens its own connection", "[keystore][cl
   CHECK(client.fetch_version(id, 3).version == 3);  // the parent's connection still works
   CHECK(keyd.requests() == 3);
   CHECK(keyd.connections() == 2);
+}
+
+namespace {
+
+constexpr uid_t kNobody = 65534;
+
+// The message of the UntrustedKeyd that f throws ("" and a failed check if it
+// throws none or another error).
+std::string untrusted_message(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const client::UntrustedKeyd& e) {
+    CHECK(e.code() == Errc::KeydUnavailable);
+    return e.what();
+  } catch (const Error& e) {
+    FAIL("another error: " << e.what());
+  }
+  FAIL("no error");
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("keyd client: a socket served by another uid than keyd_uid is refused, nothing sent",
+          "[keystore][client][peer]") {
+  FakeKeyd keyd(admin_ok);
+  const uid_t self = ::geteuid();
+  ClientOptions options = options_for(keyd.path());
+  options.keyd_uid = self + 1;
+  Client client(options);
+  CHECK(untrusted_message([&] { client.admin("{}"); }) ==
+        "colcrypt-keyd's socket " + keyd.path() + " is served by uid " + std::to_string(self) +
+            ", not by the expected keyd uid " + std::to_string(self + 1));
+  options.keyd_uid = self;
+  client.set_options(options);
+  CHECK(client.admin("{}") == "{}");
+  CHECK(keyd.requests() == 1);  // the refused connection sent nothing
+  CHECK(keyd.connections() == 2);
+}
+
+TEST_CASE("keyd client: without keyd_uid, only root or the client's own uid may serve",
+          "[keystore][client][peer]") {
+  if (::geteuid() != 0) {
+    WARN("not root: cannot run a fake keyd as another uid");
+    return;
+  }
+  // A keyd listening as uid nobody (the kernel records the uid at listen()).
+  REQUIRE(::seteuid(kNobody) == 0);
+  std::optional<FakeKeyd> keyd;
+  try {
+    keyd.emplace(admin_ok);
+  } catch (...) {
+    REQUIRE(::seteuid(0) == 0);
+    throw;
+  }
+  REQUIRE(::seteuid(0) == 0);
+
+  Client client(options_for(keyd->path()));
+  CHECK(untrusted_message([&] { client.admin("{}"); }) ==
+        "colcrypt-keyd's socket " + keyd->path() +
+            " is served by uid 65534, neither root nor this process's uid 0, and no keyd uid is "
+            "configured");
+  ClientOptions expected = options_for(keyd->path());
+  expected.keyd_uid = kNobody;  // configured: that uid is keyd's
+  client.set_options(expected);
+  CHECK(client.admin("{}") == "{}");
+  CHECK(keyd->requests() == 1);
+}
+
+TEST_CASE("keyd client: without keyd_uid, the uid of the first connection may not change",
+          "[keystore][client][peer]") {
+  if (::geteuid() != 0) {
+    WARN("not root: cannot switch uids");
+    return;
+  }
+  // In a child running as nobody (root is trusted too, and nobody is its own
+  // uid): first a keyd of uid nobody, then one of root on the same path.
+  pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    int result = 10;
+    try {
+      if (::seteuid(kNobody) != 0) ::_exit(2);
+      std::string path;
+      std::string dir;
+      std::optional<Client> client;
+      {
+        FakeKeyd keyd(admin_ok);
+        path = keyd.path();
+        dir = path.substr(0, path.rfind('/'));
+        client.emplace(options_for(path));
+        if (client->admin("{}") != "{}") ::_exit(3);
+      }  // keyd gone, its directory too
+      if (::seteuid(0) != 0) ::_exit(4);
+      if (::mkdir(dir.c_str(), 0755) != 0) ::_exit(5);
+      const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+      if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+          ::listen(fd, 4) != 0 || ::chmod(path.c_str(), 0666) != 0)
+        ::_exit(6);
+      if (::seteuid(kNobody) != 0) ::_exit(7);
+      try {
+        client->admin("{}");
+        result = 8;  // accepted
+      } catch (const client::UntrustedKeyd& e) {
+        const std::string expected = "colcrypt-keyd's socket " + path +
+                                     " is served by uid 0, but by uid 65534 at this client's "
+                                     "first connection";
+        result = e.what() == expected ? 0 : 9;
+        if (result != 0) std::fprintf(stderr, "unexpected message: %s\n", e.what());
+      }
+      if (::seteuid(0) != 0) ::_exit(11);
+      ::close(fd);
+      ::unlink(path.c_str());
+      ::rmdir(dir.c_str());
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "child failed: %s\n", e.what());
+      result = 12;
+    }
+    ::_exit(result);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
 }
