@@ -2,10 +2,13 @@
 // Exit codes: 0 ok, 1 keyd answered with an error (or the audit log failed
 // verification), 2 usage, 3 cannot reach keyd, 4 the audit log verified but
 // records lost entries (audit_gap). docs/operations.md.
+#include <pwd.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -14,9 +17,9 @@
 #include <utility>
 #include <vector>
 
+#include "client/client.hpp"
 #include "core/error.hpp"
 #include "keyd/audit.hpp"
-#include "client/client.hpp"
 #include "keyd/master_secret.hpp"
 #include "keyd/store.hpp"
 
@@ -65,8 +68,7 @@ void print_key(const json& k) {
                                       std::pair{"blind_index", "blind indexes"}}) {
       if (!v.contains(field)) continue;
       std::printf("        keys %s (first %s, last %s): disable/destroy need --force\n", what,
-                  text_or(v[field], "first_used").c_str(),
-                  text_or(v[field], "last_used").c_str());
+                  text_or(v[field], "first_used").c_str(), text_or(v[field], "last_used").c_str());
     }
   }
 }
@@ -88,10 +90,11 @@ int report_verdict(const json& reply) {
   }
   const json gaps = reply.value("gaps", json::array());
   if (!gaps.empty()) {
-    std::printf("audit log %s verified (%s entries, chain and head intact) but it records %s "
-                "lost entries:\n",
-                text_or(reply, "log").c_str(), text_or(reply, "entries").c_str(),
-                text_or(reply, "lost", "?").c_str());
+    std::printf(
+        "audit log %s verified (%s entries, chain and head intact) but it records %s "
+        "lost entries:\n",
+        text_or(reply, "log").c_str(), text_or(reply, "entries").c_str(),
+        text_or(reply, "lost", "?").c_str());
     for (const auto& g : gaps) std::printf("  gap at %s\n", g.get<std::string>().c_str());
     return kExitAuditGaps;
   }
@@ -235,6 +238,10 @@ int main(int argc, char** argv) {
   app.add_option("--socket", socket,
                  std::string("colcrypt-keyd socket (default: $COLCRYPT_KEYD_SOCKET, else ") +
                      kDefaultSocket + ")");
+  std::string keyd_uid;
+  app.add_option("--keyd-uid", keyd_uid,
+                 "uid or user name colcrypt-keyd runs as; keyctl refuses a socket served by "
+                 "any other (default: $COLCRYPT_KEYD_UID, else root or keyctl's own uid)");
   app.add_flag("--json", raw_json, "print keyd's JSON reply instead of text");
   app.add_option("--timeout-ms", timeout_ms, "how long to wait for keyd (default 5000)")
       ->check(CLI::Range(1, 3600 * 1000));
@@ -361,6 +368,24 @@ int main(int argc, char** argv) {
   colcrypt::client::ClientOptions options;
   options.socket_path = socket;
   options.timeout_ms = timeout_ms;
+  if (keyd_uid.empty()) {
+    const char* env = std::getenv("COLCRYPT_KEYD_UID");
+    if (env != nullptr) keyd_uid = env;
+  }
+  if (!keyd_uid.empty()) {
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long n = std::strtoul(keyd_uid.c_str(), &end, 10);
+    if (std::isdigit(static_cast<unsigned char>(keyd_uid[0])) && *end == '\0') {
+      if (errno != 0 || n > 0x7fffffffUL)
+        return fail(kExitUsage, "--keyd-uid: invalid uid " + keyd_uid);
+      options.keyd_uid = static_cast<uid_t>(n);
+    } else if (const struct passwd* pw = ::getpwnam(keyd_uid.c_str())) {
+      options.keyd_uid = pw->pw_uid;
+    } else {
+      return fail(kExitUsage, "--keyd-uid: unknown user " + keyd_uid);
+    }
+  }
   if (app.get_option("--timeout-ms")->count() == 0 &&
       ((command == "disable" || command == "destroy") && !force)) {
     options.timeout_ms = kCountingTimeoutMs;

@@ -215,7 +215,7 @@ grep -q "INFO: ready on $socket" "$tmp/keyd.log" || fail "keyd not ready after 3
   fail "keyd does not run as colcrypt"
 check_stat "$socket" "colcrypt:postgres 660"
 check_stat /var/lib/colcrypt/keystore.json "colcrypt:colcrypt 600"
-/usr/bin/colcrypt-keyctl --socket "$socket" create deb_test_key >/dev/null ||
+/usr/bin/colcrypt-keyctl --socket "$socket" --keyd-uid colcrypt create deb_test_key >/dev/null ||
   fail "colcrypt-keyctl create (as root, the admin of keyd.conf)"
 
 # ---------------------------------------------------------------- a fresh cluster
@@ -228,6 +228,7 @@ port = $port
 listen_addresses = ''
 unix_socket_directories = '$tmp/pgsock'
 colcrypt.keyd_socket = '$socket'
+colcrypt.keyd_uid = 'colcrypt'
 fsync = off
 CONF
 install -o postgres -g postgres -m 0600 /dev/null "$tmp/postgres.log"

@@ -244,8 +244,41 @@ Client::Client(ClientOptions options) : options_(std::move(options)) {}
 Client::~Client() { disconnect(); }
 
 void Client::set_options(ClientOptions options) {
-  if (options.socket_path != options_.socket_path) disconnect();
+  if (options.socket_path != options_.socket_path || options.keyd_uid != options_.keyd_uid) {
+    disconnect();
+    first_uid_.reset();
+  }
   options_ = std::move(options);
+}
+
+// An impostor that bound the socket path (keyd down, a writable directory)
+// would receive key requests and could serve chosen keys; the kernel tells
+// who listens on the other end.
+void Client::check_peer(int fd) {
+  struct ucred cred {};
+  socklen_t len = sizeof cred;
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 || len != sizeof cred) {
+    const int err = errno;
+    throw UntrustedKeyd("cannot tell who serves colcrypt-keyd's socket " + options_.socket_path +
+                        " (SO_PEERCRED: " + std::strerror(err) + ")");
+  }
+  const uid_t peer = cred.uid;
+  const std::string serving = "colcrypt-keyd's socket " + options_.socket_path +
+                              " is served by uid " + std::to_string(peer);
+  if (options_.keyd_uid) {
+    if (peer != *options_.keyd_uid)
+      throw UntrustedKeyd(serving + ", not by the expected keyd uid " +
+                          std::to_string(*options_.keyd_uid));
+    return;
+  }
+  const uid_t self = ::geteuid();
+  if (peer != 0 && peer != self)
+    throw UntrustedKeyd(serving + ", neither root nor this process's uid " + std::to_string(self) +
+                        ", and no keyd uid is configured");
+  if (first_uid_ && peer != *first_uid_)
+    throw UntrustedKeyd(serving + ", but by uid " + std::to_string(*first_uid_) +
+                        " at this client's first connection");
+  first_uid_ = peer;
 }
 
 void Client::disconnect() noexcept {
@@ -264,6 +297,7 @@ wire::Frame Client::exchange(const std::vector<uint8_t>& request, Retry retry) {
       if (fd_ < 0) {
         fd_ = ex.connect_socket();
         pid_ = ::getpid();
+        check_peer(fd_);
       }
       ex.send_all(fd_, request);
       return ex.receive(fd_);

@@ -5,10 +5,12 @@
 #include <sys/types.h>
 
 #include <functional>
+#include <optional>
 #include <string>
 #include <string_view>
 
 #include "core/envelope.hpp"
+#include "core/error.hpp"
 #include "core/wire.hpp"
 
 namespace colcrypt::client {
@@ -19,6 +21,19 @@ struct ClientOptions {
   // Called at least every 100 ms while waiting; returning true abandons the
   // exchange with Errc::Cancelled. Must not throw or longjmp.
   std::function<bool()> interrupted;
+  // Who must serve the socket, checked with SO_PEERCRED after every connect
+  // and before anything is sent (docs/threat-model.md). Set: that uid. Unset:
+  // root or this process's effective uid, and from the Client's first
+  // connection on, the uid seen then. A mismatch throws UntrustedKeyd.
+  std::optional<uid_t> keyd_uid;
+};
+
+// The socket is served by a uid the client does not trust (ClientOptions::
+// keyd_uid): nothing was sent. Its code is KeydUnavailable, as for a keyd
+// that is not there: the keyd this client may talk to is not reachable.
+class UntrustedKeyd : public Error {
+ public:
+  explicit UntrustedKeyd(const std::string& message) : Error(Errc::KeydUnavailable, message) {}
 };
 
 // A Client keeps its connection open between exchanges (keyd closes it after
@@ -28,7 +43,8 @@ struct ClientOptions {
 // before any reply arrived is sent once more on a new connection; an admin
 // request always goes on a new connection and is never sent twice. Failures
 // throw colcrypt::Error:
-//   KeydUnavailable (cannot connect; message names the socket path),
+//   KeydUnavailable (cannot connect; message names the socket path; or
+//   UntrustedKeyd: the socket is served by a uid not trusted),
 //   KeydTimeout, Cancelled, ProtocolError,
 //   and the mapping of keyd's Failure replies:
 //   NotFound -> KeyNotFound, Denied -> PermissionDenied,
@@ -41,8 +57,8 @@ class Client {
   Client(const Client&) = delete;
   Client& operator=(const Client&) = delete;
 
-  // New options for later exchanges; the connection is kept if the socket
-  // path is the same.
+  // New options for later exchanges; the connection (and the uid learnt at the
+  // first one) is kept if the socket path and keyd_uid are the same.
   void set_options(ClientOptions options);
   // Closes the kept connection (the next exchange connects again).
   void disconnect() noexcept;
@@ -63,9 +79,11 @@ class Client {
  private:
   enum class Retry { OnStaleConnection, Never };
   wire::Frame exchange(const std::vector<uint8_t>& request, Retry retry);
+  void check_peer(int fd);
   ClientOptions options_;
-  int fd_ = -1;    // the kept connection, or -1
-  pid_t pid_ = 0;  // the process that opened fd_
+  std::optional<uid_t> first_uid_;  // the server's uid at the first connection
+  int fd_ = -1;                     // the kept connection, or -1
+  pid_t pid_ = 0;                   // the process that opened fd_
 };
 
 }  // namespace colcrypt::client

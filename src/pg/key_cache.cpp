@@ -28,13 +28,9 @@
 namespace colcrypt::pg {
 namespace {
 
-// CLOCK_MONOTONIC_COARSE: a few ns per read, millisecond-ish resolution, which
-// is plenty for a TTL counted in seconds and cheap enough to read per row.
-int64_t now_ms() noexcept {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
-  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
-}
+KeyCacheClock cache_clock = boottime_ms;
+
+int64_t now_ms() noexcept { return cache_clock(); }
 
 bool fresh(int64_t fetched_ms, int ttl_s, int64_t now) noexcept {
   return ttl_s > 0 && now - fetched_ms < static_cast<int64_t>(ttl_s) * 1000;
@@ -134,6 +130,12 @@ std::string describe(std::string_view name) { return "colcrypt key \"" + std::st
                      "colcrypt-keyd serves keys only to the uids given with --allow-uid; the "
                      "database server's uid must be one of them.");
     case Errc::KeydUnavailable:
+      if (dynamic_cast<const client::UntrustedKeyd*>(&e) != nullptr)
+        throw SqlError(Errc::KeydUnavailable,
+                       "refusing colcrypt-keyd at " + socket + ": it runs as an unexpected user",
+                       e.what(),
+                       "If colcrypt-keyd really runs as that uid, a superuser sets "
+                       "colcrypt.keyd_uid to it (docs/operations.md).");
       throw SqlError(Errc::KeydUnavailable, "could not connect to colcrypt-keyd at " + socket,
                      e.what(),
                      "Check that colcrypt-keyd is running and that colcrypt.keyd_socket names "
@@ -186,7 +188,13 @@ class KeyCache {
   // for; keyd records deterministic and blind-index uses (wire::FetchPurpose).
   KeyEntry& by_version(const KeydSettings& s, const VersionRef& ref,
                        wire::FetchPurpose purpose = wire::FetchPurpose::Decrypt) {
-    const int64_t now = now_ms();
+    return by_version_at(s, ref, purpose, now_ms());
+  }
+
+  // by_version at a time the caller read: primary() reads the clock once per
+  // value, not once for the name and again for its version.
+  KeyEntry& by_version_at(const KeydSettings& s, const VersionRef& ref, wire::FetchPurpose purpose,
+                          int64_t now) {
     const unsigned bit = purpose == wire::FetchPurpose::Decrypt ? 0 : purpose_bit(purpose);
     if (last_ != nullptr && last_->first == ref &&
         fresh(last_->second.fetched_ms, s.cache_ttl_s, now) &&
@@ -226,7 +234,7 @@ class KeyCache {
         (!consume || last_primary_->second.uses_left > 0)) {
       ref = last_primary_->second.ref;
       if (consume) --last_primary_->second.uses_left;
-      return by_version(s, ref);
+      return by_version_at(s, ref, wire::FetchPurpose::Decrypt, now);
     }
     if (!valid_key_name(name))
       throw SqlError(Errc::InvalidArgument, "invalid colcrypt key name",
@@ -239,7 +247,7 @@ class KeyCache {
       last_primary_ = &*it;
       ref = it->second.ref;
       if (consume) --it->second.uses_left;
-      return by_version(s, ref);
+      return by_version_at(s, ref, wire::FetchPurpose::Decrypt, now);
     }
     const std::string what = describe(name);
     uint32_t ask = !consume ? 0 : s.cache_ttl_s > 0 ? kUseBlock : 1;
@@ -303,14 +311,10 @@ class KeyCache {
   template <typename Request>
   static wire::KeyReply fetch(const KeydSettings& s, const std::string& what, Request&& request) {
     client::Client& client = backend_client();
-    client::ClientOptions options;
-    options.socket_path = s.socket_path;
-    options.timeout_ms = s.timeout_ms;
-    options.interrupted = s.interrupted;
     wire::KeyReply reply;
     try {
       WaitReport waiting(s);
-      client.set_options(std::move(options));
+      client.set_options(client_options(s));
       reply = request(client);
     } catch (const Error& e) {
       rethrow_keyd_failure(e, s, what);
@@ -465,11 +469,9 @@ void decrypt_deterministic(const KeydSettings& settings, ByteView value, ByteVie
 void report_denial(const KeydSettings& settings, const char* key_name, const char* privilege,
                    const char* role, const char* database) noexcept {
   try {
-    client::ClientOptions options;
-    options.socket_path = settings.socket_path;
+    client::ClientOptions options = client_options(settings);
     // A report must not hold up the error for long.
     options.timeout_ms = settings.timeout_ms < 1000 ? settings.timeout_ms : 1000;
-    options.interrupted = settings.interrupted;
     wire::DenialReport report{key_name, privilege, role, database};
     client::Client(std::move(options)).report_denial(report);
   } catch (...) {
@@ -510,6 +512,25 @@ uint32_t primary_version(const KeydSettings& settings, std::string_view key_name
 
 void clear_key_cache() noexcept {
   if (the_cache != nullptr) the_cache->clear();
+}
+
+client::ClientOptions client_options(const KeydSettings& settings) {
+  client::ClientOptions options;
+  options.socket_path = settings.socket_path;
+  options.timeout_ms = settings.timeout_ms;
+  options.interrupted = settings.interrupted;
+  if (settings.keyd_uid >= 0) options.keyd_uid = static_cast<uid_t>(settings.keyd_uid);
+  return options;
+}
+
+int64_t boottime_ms() noexcept {
+  struct timespec ts;
+  clock_gettime(CLOCK_BOOTTIME, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
+}
+
+void set_key_cache_clock(KeyCacheClock clock) noexcept {
+  cache_clock = clock != nullptr ? clock : boottime_ms;
 }
 
 void evict_expired_keys(int ttl_s) noexcept {

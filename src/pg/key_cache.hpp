@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <string_view>
 
+#include "client/client.hpp"
 #include "core/bytes.hpp"
 #include "core/deterministic.hpp"
 #include "core/envelope.hpp"
@@ -24,6 +25,7 @@ struct KeydSettings {
   const char* socket_path = nullptr;  // colcrypt.keyd_socket
   int timeout_ms = 5000;              // colcrypt.keyd_timeout
   int cache_ttl_s = 60;               // colcrypt.key_cache_ttl
+  int64_t keyd_uid = -1;              // colcrypt.keyd_uid; -1: unset (client.hpp, keyd_uid)
   // Reads Postgres' interrupt flags; never throws, never longjmps.
   bool (*interrupted)() = nullptr;
   // Bracket each keyd exchange (pg_stat_activity shows the wait); plain stores.
@@ -89,6 +91,20 @@ size_t key_name_of(const KeydSettings& settings, const EnvelopeHeader& header,
 // The version encrypt_value would use now for key_name (the cached primary,
 // fetched when missing). For colcrypt.rewrap (src/pg/lifecycle.cpp).
 uint32_t primary_version(const KeydSettings& settings, std::string_view key_name);
+
+// The clock the TTL counts on, in milliseconds. boottime_ms (CLOCK_BOOTTIME)
+// keeps counting while the machine is suspended, where CLOCK_MONOTONIC stops:
+// a backend resumed after a long suspend fetches its keys again instead of
+// encrypting under a version that keyd retired or destroyed meanwhile. It is
+// read once per value (about 30 ns of CPU; the two CLOCK_MONOTONIC_COARSE
+// reads it replaced took 16 ns: bench/core_bench.cpp, BM_CacheClock*).
+using KeyCacheClock = int64_t (*)() noexcept;
+int64_t boottime_ms() noexcept;
+// Replaces the clock (tests); nullptr restores boottime_ms.
+void set_key_cache_clock(KeyCacheClock clock) noexcept;
+
+// The keyd client's options for these settings.
+client::ClientOptions client_options(const KeydSettings& settings);
 
 // Drops (and wipes) every cached key: at backend exit.
 void clear_key_cache() noexcept;

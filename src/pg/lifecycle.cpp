@@ -60,9 +60,9 @@ extern "C" {
 #include <string>
 #include <string_view>
 
+#include "client/client.hpp"
 #include "core/envelope.hpp"
 #include "core/secure_memory.hpp"
-#include "client/client.hpp"
 #include "pg/columns.hpp"
 #include "pg/guard.hpp"
 #include "pg/key_cache.hpp"
@@ -319,13 +319,9 @@ extern "C" Datum colcrypt_rotate_key(PG_FUNCTION_ARGS) {
     const std::string key_name(reinterpret_cast<const char*>(name.data), name.size);
     if (!colcrypt::valid_key_name(key_name))
       throw colcrypt::pg::SqlError(colcrypt::Errc::InvalidArgument, "invalid colcrypt key name");
-    colcrypt::client::ClientOptions options;
-    options.socket_path = settings.socket_path;
-    options.timeout_ms = settings.timeout_ms;
-    options.interrupted = settings.interrupted;
     std::string reply;
     try {
-      reply = colcrypt::client::Client(std::move(options))
+      reply = colcrypt::client::Client(colcrypt::pg::client_options(settings))
                   .admin("{\"op\":\"rotate\",\"name\":\"" + key_name + "\"}");
     } catch (const colcrypt::Error& e) {
       if (e.code() == colcrypt::Errc::PermissionDenied)

@@ -18,8 +18,11 @@ extern "C" {
 
 #include "pg/module.hpp"
 
+#include <pwd.h>
 #include <sys/un.h>
 
+#include <cerrno>
+#include <cstdlib>
 #include <cstring>
 
 #include "core/wire.hpp"
@@ -36,6 +39,8 @@ void _PG_init(void);
 namespace {
 
 char* keyd_socket_guc = nullptr;
+char* keyd_uid_guc = nullptr;
+int64_t keyd_uid = -1;  // colcrypt.keyd_uid resolved; -1: unset
 int key_cache_ttl_guc = 60;
 int keyd_timeout_guc = 5000;
 
@@ -57,6 +62,45 @@ bool check_keyd_socket(char** newval, void** extra, GucSource source) {
   }
   return true;
 }
+
+// colcrypt.keyd_uid: empty, a uid, or the name of a user (resolved now, so
+// that a typo fails the SET, not every later fetch).
+bool check_keyd_uid(char** newval, void** extra, GucSource source) {
+  const char* value = *newval != nullptr ? *newval : "";
+  int64_t uid = -1;
+  if (value[0] != '\0') {
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long long n = std::strtoull(value, &end, 10);
+    if (value[0] >= '0' && value[0] <= '9' && *end == '\0') {
+      if (errno != 0 || n >= static_cast<unsigned long long>(static_cast<uid_t>(-1))) {
+        GUC_check_errdetail("\"%s\" is not a valid uid.", value);
+        return false;
+      }
+      uid = static_cast<int64_t>(n);
+    } else {
+      struct passwd entry;
+      struct passwd* found = nullptr;
+      char buffer[4096];
+      if (getpwnam_r(value, &entry, buffer, sizeof buffer, &found) != 0 || found == nullptr) {
+        GUC_check_errdetail(
+            "There is no user \"%s\"; give the uid or the user name colcrypt-keyd "
+            "runs as.",
+            value);
+        return false;
+      }
+      uid = static_cast<int64_t>(found->pw_uid);
+    }
+  }
+  // PG 15 frees a GUC extra with free(): malloc it.
+  int64_t* resolved = static_cast<int64_t*>(malloc(sizeof(int64_t)));
+  if (resolved == nullptr) return false;
+  *resolved = uid;
+  *extra = resolved;
+  return true;
+}
+
+void assign_keyd_uid(const char* newval, void* extra) { keyd_uid = *static_cast<int64_t*>(extra); }
 
 // Read by the keyd client at least every 100 ms while it waits. Only reads the
 // flags: the interrupt itself is serviced (CHECK_FOR_INTERRUPTS) after the C++
@@ -123,6 +167,12 @@ void _PG_init(void) {
                              "Every backend and parallel worker fetches its keys from this socket.",
                              &keyd_socket_guc, "/run/colcrypt/keyd.sock", PGC_SUSET, 0,
                              check_keyd_socket, nullptr, nullptr);
+  DefineCustomStringVariable(
+      "colcrypt.keyd_uid", "The uid (or user name) colcrypt-keyd runs as.",
+      "The server on colcrypt.keyd_socket must run as this uid, or nothing is asked of it. "
+      "Empty: root or the database server's own uid, and in each backend the uid seen at its "
+      "first connection.",
+      &keyd_uid_guc, "", PGC_SUSET, 0, check_keyd_uid, assign_keyd_uid, nullptr);
   // The maximum is also colcrypt-keyd's default --retire-grace-seconds
   // (docs/rotation.md): keep them one constant.
   DefineCustomIntVariable("colcrypt.key_cache_ttl",
@@ -144,8 +194,7 @@ namespace colcrypt::pg {
 
 void check_sealable_size(size_t plaintext_size) {
   // Largest envelope whose text form, plus its terminating NUL, fits a palloc.
-  constexpr size_t kMaxEnvelope =
-      (MaxAllocSize - 1 - colcrypt::kTextPrefix.size()) / 4 * 3;
+  constexpr size_t kMaxEnvelope = (MaxAllocSize - 1 - colcrypt::kTextPrefix.size()) / 4 * 3;
   constexpr size_t kMaxPlaintext = kMaxEnvelope - colcrypt::kEnvelopeOverhead;
   if (plaintext_size > kMaxPlaintext)
     ereport(ERROR, (errcode(ERRCODE_PROGRAM_LIMIT_EXCEEDED), errmsg("value too large to encrypt"),
@@ -163,6 +212,7 @@ KeydSettings prepare_key_access() {
   settings.socket_path = keyd_socket_guc;
   settings.timeout_ms = keyd_timeout_guc;
   settings.cache_ttl_s = key_cache_ttl_guc;
+  settings.keyd_uid = keyd_uid;
   settings.interrupted = interrupt_requested;
   settings.wait_start = keyd_wait_start;
   settings.wait_end = keyd_wait_end;

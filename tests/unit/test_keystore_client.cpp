@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <stdlib.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -18,116 +19,18 @@
 #include <thread>
 #include <vector>
 
+#include "client/client.hpp"
 #include "core/error.hpp"
 #include "core/wire.hpp"
-#include "client/client.hpp"
+#include "fake_keyd.hpp"
 
 using namespace colcrypt;
 using colcrypt::client::Client;
 using colcrypt::client::ClientOptions;
+using colcrypt::test::Answer;
+using colcrypt::test::FakeKeyd;
 
 namespace {
-
-// What a fake keyd does with one request: write `reply` (if any), then keep
-// the connection (close_after false) or close it. No reply and no close: stay
-// silent until stopped.
-struct Answer {
-  Answer(std::vector<uint8_t> r, bool close = false)  // NOLINT: lambdas return the reply bytes
-      : reply(std::move(r)), close_after(close) {}
-  std::vector<uint8_t> reply;
-  bool close_after;
-};
-
-// A scripted fake keyd: serves each connection on a thread of its own, reads
-// request frames from it and hands them to `respond`.
-class FakeKeyd {
- public:
-  using Responder = std::function<Answer(const wire::Frame&)>;
-
-  explicit FakeKeyd(Responder respond) : respond_(std::move(respond)) {
-    char pattern[] = "/tmp/colcrypt-client-test-XXXXXX";
-    if (!::mkdtemp(pattern)) throw std::runtime_error("mkdtemp failed");
-    dir_ = pattern;
-    path_ = dir_ + "/keyd.sock";
-    listen_fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    sockaddr_un addr{};
-    addr.sun_family = AF_UNIX;
-    std::strncpy(addr.sun_path, path_.c_str(), sizeof addr.sun_path - 1);
-    if (::bind(listen_fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
-        ::listen(listen_fd_, 4) != 0) {
-      throw std::runtime_error("bind/listen failed");
-    }
-    thread_ = std::thread([this] { serve(); });
-  }
-  ~FakeKeyd() {
-    stop_ = true;
-    thread_.join();
-    for (auto& t : connection_threads_) t.join();
-    ::close(listen_fd_);
-    std::error_code ec;
-    std::filesystem::remove_all(dir_, ec);
-  }
-  const std::string& path() const { return path_; }
-  wire::MsgType request_type() const { return request_type_; }
-  int connections() const { return connections_; }
-  int requests() const { return requests_; }
-
- private:
-  bool wait_readable(int fd) {
-    while (!stop_) {
-      pollfd p{fd, POLLIN, 0};
-      if (::poll(&p, 1, 20) > 0) return true;
-    }
-    return false;
-  }
-  void serve() {
-    while (wait_readable(listen_fd_)) {
-      int fd = ::accept(listen_fd_, nullptr, nullptr);
-      if (fd < 0) continue;
-      ++connections_;
-      connection_threads_.emplace_back([this, fd] {
-        serve_connection(fd);
-        ::close(fd);
-      });
-    }
-  }
-  void serve_connection(int fd) {
-    wire::FrameReader reader;
-    for (;;) {
-      std::optional<wire::Frame> frame = reader.next();
-      if (!frame) {
-        uint8_t buf[512];
-        if (!wait_readable(fd)) return;
-        ssize_t n = ::read(fd, buf, sizeof buf);
-        if (n <= 0) return;
-        reader.feed(buf, static_cast<size_t>(n));
-        continue;
-      }
-      request_type_ = frame->type;
-      ++requests_;
-      Answer answer = respond_(*frame);
-      if (!answer.reply.empty()) {
-        ssize_t ignored = ::send(fd, answer.reply.data(), answer.reply.size(), MSG_NOSIGNAL);
-        (void)ignored;
-      }
-      if (answer.close_after) return;
-      if (answer.reply.empty()) {
-        while (!stop_) std::this_thread::sleep_for(std::chrono::milliseconds(5));
-        return;
-      }
-    }
-  }
-
-  Responder respond_;
-  std::string dir_, path_;
-  int listen_fd_ = -1;
-  std::thread thread_;
-  std::vector<std::thread> connection_threads_;  // used by thread_ only, joined after it
-  std::atomic<bool> stop_{false};
-  std::atomic<wire::MsgType> request_type_{wire::MsgType::Failure};
-  std::atomic<int> connections_{0};
-  std::atomic<int> requests_{0};
-};
 
 // A key reply for whatever version a FetchVersion asked for.
 std::vector<uint8_t> echo_version(const wire::Frame& request) {
@@ -378,4 +281,131 @@ TEST_CASE("keyd client: a forked child opens its own connection", "[keystore][cl
   CHECK(client.fetch_version(id, 3).version == 3);  // the parent's connection still works
   CHECK(keyd.requests() == 3);
   CHECK(keyd.connections() == 2);
+}
+
+namespace {
+
+constexpr uid_t kNobody = 65534;
+
+// The message of the UntrustedKeyd that f throws ("" and a failed check if it
+// throws none or another error).
+std::string untrusted_message(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const client::UntrustedKeyd& e) {
+    CHECK(e.code() == Errc::KeydUnavailable);
+    return e.what();
+  } catch (const Error& e) {
+    FAIL("another error: " << e.what());
+  }
+  FAIL("no error");
+  return "";
+}
+
+}  // namespace
+
+TEST_CASE("keyd client: a socket served by another uid than keyd_uid is refused, nothing sent",
+          "[keystore][client][peer]") {
+  FakeKeyd keyd(admin_ok);
+  const uid_t self = ::geteuid();
+  ClientOptions options = options_for(keyd.path());
+  options.keyd_uid = self + 1;
+  Client client(options);
+  CHECK(untrusted_message([&] { client.admin("{}"); }) ==
+        "colcrypt-keyd's socket " + keyd.path() + " is served by uid " + std::to_string(self) +
+            ", not by the expected keyd uid " + std::to_string(self + 1));
+  options.keyd_uid = self;
+  client.set_options(options);
+  CHECK(client.admin("{}") == "{}");
+  CHECK(keyd.requests() == 1);  // the refused connection sent nothing
+  CHECK(keyd.connections() == 2);
+}
+
+TEST_CASE("keyd client: without keyd_uid, only root or the client's own uid may serve",
+          "[keystore][client][peer]") {
+  if (::geteuid() != 0) {
+    WARN("not root: cannot run a fake keyd as another uid");
+    return;
+  }
+  // A keyd listening as uid nobody (the kernel records the uid at listen()).
+  REQUIRE(::seteuid(kNobody) == 0);
+  std::optional<FakeKeyd> keyd;
+  try {
+    keyd.emplace(admin_ok);
+  } catch (...) {
+    REQUIRE(::seteuid(0) == 0);
+    throw;
+  }
+  REQUIRE(::seteuid(0) == 0);
+
+  Client client(options_for(keyd->path()));
+  CHECK(untrusted_message([&] { client.admin("{}"); }) ==
+        "colcrypt-keyd's socket " + keyd->path() +
+            " is served by uid 65534, neither root nor this process's uid 0, and no keyd uid is "
+            "configured");
+  ClientOptions expected = options_for(keyd->path());
+  expected.keyd_uid = kNobody;  // configured: that uid is keyd's
+  client.set_options(expected);
+  CHECK(client.admin("{}") == "{}");
+  CHECK(keyd->requests() == 1);
+}
+
+TEST_CASE("keyd client: without keyd_uid, the uid of the first connection may not change",
+          "[keystore][client][peer]") {
+  if (::geteuid() != 0) {
+    WARN("not root: cannot switch uids");
+    return;
+  }
+  // In a child running as nobody (root is trusted too, and nobody is its own
+  // uid): first a keyd of uid nobody, then one of root on the same path.
+  pid_t child = ::fork();
+  REQUIRE(child >= 0);
+  if (child == 0) {
+    int result = 10;
+    try {
+      if (::seteuid(kNobody) != 0) ::_exit(2);
+      std::string path;
+      std::string dir;
+      std::optional<Client> client;
+      {
+        FakeKeyd keyd(admin_ok);
+        path = keyd.path();
+        dir = path.substr(0, path.rfind('/'));
+        client.emplace(options_for(path));
+        if (client->admin("{}") != "{}") ::_exit(3);
+      }  // keyd gone, its directory too
+      if (::seteuid(0) != 0) ::_exit(4);
+      if (::mkdir(dir.c_str(), 0755) != 0) ::_exit(5);
+      const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_un addr{};
+      addr.sun_family = AF_UNIX;
+      std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+      if (::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0 ||
+          ::listen(fd, 4) != 0 || ::chmod(path.c_str(), 0666) != 0)
+        ::_exit(6);
+      if (::seteuid(kNobody) != 0) ::_exit(7);
+      try {
+        client->admin("{}");
+        result = 8;  // accepted
+      } catch (const client::UntrustedKeyd& e) {
+        const std::string expected = "colcrypt-keyd's socket " + path +
+                                     " is served by uid 0, but by uid 65534 at this client's "
+                                     "first connection";
+        result = e.what() == expected ? 0 : 9;
+        if (result != 0) std::fprintf(stderr, "unexpected message: %s\n", e.what());
+      }
+      if (::seteuid(0) != 0) ::_exit(11);
+      ::close(fd);
+      ::unlink(path.c_str());
+      ::rmdir(dir.c_str());
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "child failed: %s\n", e.what());
+      result = 12;
+    }
+    ::_exit(result);
+  }
+  int status = 0;
+  REQUIRE(::waitpid(child, &status, 0) == child);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 0);
 }
