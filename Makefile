@@ -52,12 +52,12 @@ deps:
 # Only what `make install` ships; the tests are built by scripts/test.sh.
 tools:
 	cmake -S . -B $(CMAKE_BUILD_DIR) -DCOLCRYPT_WERROR=$(if $(COLCRYPT_WERROR),ON,OFF)
-	cmake --build $(CMAKE_BUILD_DIR) -j$$(nproc) --target colcrypt-keyd colcrypt-keyctl
+	cmake --build $(CMAKE_BUILD_DIR) -j$$(nproc) --target colcrypt-keyd colcrypt-keyctl colcrypt-file
 
 install: install-tools
 install-tools: tools
 	install -d $(DESTDIR)$(PREFIX)/bin
-	install -m 0755 $(CMAKE_BUILD_DIR)/colcrypt-keyd $(CMAKE_BUILD_DIR)/colcrypt-keyctl $(DESTDIR)$(PREFIX)/bin/
+	install -m 0755 $(CMAKE_BUILD_DIR)/colcrypt-keyd $(CMAKE_BUILD_DIR)/colcrypt-keyctl $(CMAKE_BUILD_DIR)/colcrypt-file $(DESTDIR)$(PREFIX)/bin/
 
 # The README's two commands.
 demo:
