@@ -16,6 +16,9 @@ packages=(
   gnuplot-nox                # the benchmark chart (bench/report.sh)
   debhelper dpkg-dev help2man  # make deb (debian/; help2man: the manual pages)
   lintian                    # make deb checks the packages
+  openssl                    # the AES-GCM baseline of the colcrypt-file bench (openssl speed)
+  python3-cryptography       # the colcrypt-file interop test (an independent decryptor)
+  time                       # /usr/bin/time -v: colcrypt-file's memory in its test and bench
   cmake g++ make pkg-config
 )
 
