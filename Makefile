@@ -45,7 +45,7 @@ extension/colcrypt--$(EXTVERSION).sql: extension/colcrypt.sql
 CMAKE_BUILD_DIR ?= build
 PREFIX ?= /usr/local
 
-.PHONY: deps tools install-tools demo demo-stop test bench deb load
+.PHONY: deps tools install-tools demo demo-stop test bench bench-file deb load
 deps:
 	./scripts/install-deps.sh
 
@@ -88,3 +88,7 @@ load:
 	cmake --build $(CMAKE_BUILD_DIR) -j2 --target colcrypt-load-keyd colcrypt-load-pg
 	./tests/load/run.sh $(CMAKE_BUILD_DIR)/colcrypt-keyd $(CMAKE_BUILD_DIR)/colcrypt-keyctl \
 	  $(CMAKE_BUILD_DIR)/colcrypt-load-keyd $(CMAKE_BUILD_DIR)/colcrypt-load-pg $(LOAD_SECONDS)
+
+# colcrypt-file against openssl speed, age and gpg, and its memory (bench/FILE_RESULTS.md).
+bench-file: tools
+	./bench/file.sh $(CMAKE_BUILD_DIR)/colcrypt-file $(CMAKE_BUILD_DIR)/colcrypt-keyd $(CMAKE_BUILD_DIR)/colcrypt-keyctl
