@@ -250,7 +250,13 @@ TEST_CASE("colcrypt-file: rewrap after a rotation, and destroy shreds the files 
 }
 
 TEST_CASE("colcrypt-file: a pg_dump -Fc archive through pipes restores", "[file]") {
-  Sandbox& sandbox = shared_sandbox();
+  // A sandbox of its own: colcrypt-file runs as root, which must be on the
+  // fetch allowlist (the shared sandbox allows postgres only).
+  Sandbox::Options options;
+  options.env = {{"SANDBOX_KEYD_ALLOW_UID", postgres_uid() + ",0"}};
+  Sandbox sandbox(options);
+  sandbox.create_extension();
+  sandbox.create_key("shared_key");
   {
     pqxx::connection c = sandbox.connect();
     pqxx::work w(c);
