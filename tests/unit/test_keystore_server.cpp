@@ -480,7 +480,7 @@ TEST_CASE("keyd server: at its connection limit the idlest kept connection makes
 
 TEST_CASE("keyd server: file fetches are audited as such, charge the wrap, pin nothing",
           "[keystore][server][audit]") {
-  RunningKeyd keyd({}, {::geteuid()});
+  RunningKeyd keyd({::geteuid()}, {::geteuid()});
   keyd.admin({{"op", "create"}, {"name", "files"}});
   const wire::KeyReply primary = keyd.client().fetch_primary("files", wire::FetchPurpose::File);
   CHECK(primary.version == 1);
