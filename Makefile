@@ -60,19 +60,19 @@ extension/colcrypt--$(EXTVERSION).sql: extension/colcrypt.sql
 CMAKE_BUILD_DIR ?= build
 PREFIX ?= /usr/local
 
-.PHONY: deps tools install-tools demo demo-stop test test-sanitize fuzz bench deb load crash
+.PHONY: deps tools install-tools demo demo-stop test test-sanitize fuzz bench bench-file deb load crash
 deps:
 	./scripts/install-deps.sh
 
 # Only what `make install` ships; the tests are built by scripts/test.sh.
 tools:
 	cmake -S . -B $(CMAKE_BUILD_DIR) -DCOLCRYPT_WERROR=$(if $(COLCRYPT_WERROR),ON,OFF)
-	cmake --build $(CMAKE_BUILD_DIR) -j$$(nproc) --target colcrypt-keyd colcrypt-keyctl
+	cmake --build $(CMAKE_BUILD_DIR) -j$$(nproc) --target colcrypt-keyd colcrypt-keyctl colcrypt-file
 
 install: install-tools
 install-tools: tools
 	install -d $(DESTDIR)$(PREFIX)/bin
-	install -m 0755 $(CMAKE_BUILD_DIR)/colcrypt-keyd $(CMAKE_BUILD_DIR)/colcrypt-keyctl $(DESTDIR)$(PREFIX)/bin/
+	install -m 0755 $(CMAKE_BUILD_DIR)/colcrypt-keyd $(CMAKE_BUILD_DIR)/colcrypt-keyctl $(CMAKE_BUILD_DIR)/colcrypt-file $(DESTDIR)$(PREFIX)/bin/
 
 # The README's two commands.
 demo:
@@ -124,3 +124,7 @@ load:
 	cmake --build $(CMAKE_BUILD_DIR) -j2 --target colcrypt-load-keyd colcrypt-load-pg
 	./tests/load/run.sh $(CMAKE_BUILD_DIR)/colcrypt-keyd $(CMAKE_BUILD_DIR)/colcrypt-keyctl \
 	  $(CMAKE_BUILD_DIR)/colcrypt-load-keyd $(CMAKE_BUILD_DIR)/colcrypt-load-pg $(LOAD_SECONDS)
+
+# colcrypt-file against openssl speed, age and gpg, and its memory (bench/FILE_RESULTS.md).
+bench-file: tools
+	./bench/file.sh $(CMAKE_BUILD_DIR)/colcrypt-file $(CMAKE_BUILD_DIR)/colcrypt-keyd $(CMAKE_BUILD_DIR)/colcrypt-keyctl

@@ -20,6 +20,7 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
   try {
     switch (static_cast<wire::MsgType>(type)) {
       case wire::MsgType::FetchPrimary:
+      case wire::MsgType::FetchPrimaryFor:
       case wire::MsgType::FetchPrimaryBlock:
       case wire::MsgType::FetchVersion:
       case wire::MsgType::FetchVersionFor:
@@ -31,11 +32,15 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
     }
     switch (static_cast<wire::MsgType>(type)) {
       case wire::MsgType::FetchPrimary:
+      case wire::MsgType::FetchPrimaryFor:
       case wire::MsgType::FetchPrimaryBlock: {
         const bool block = static_cast<wire::MsgType>(type) == wire::MsgType::FetchPrimaryBlock;
-        uint32_t wanted = 1;  // a legacy FetchPrimary is charged one encryption
+        auto purpose = wire::FetchPurpose::Decrypt;
+        uint32_t wanted = 1;  // a FetchPrimary(For) is charged one encryption
         std::string name = block ? wire::decode_fetch_primary_block(ByteView(body), wanted)
-                                 : wire::decode_fetch_primary(ByteView(body));
+                           : static_cast<wire::MsgType>(type) == wire::MsgType::FetchPrimaryFor
+                               ? wire::decode_fetch_primary_for(ByteView(body), purpose)
+                               : wire::decode_fetch_primary(ByteView(body));
         wanted = std::min(wanted, config_.max_block_uses);
         if (const KeyRecord* k = store_.find(name)) {
           // Blocks are charged whole: one never exceeds 1/64 of the key's cap
@@ -49,6 +54,8 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
                       {"uid", c.uid},
                       {"pid", c.pid},
                       {"key", name}};
+        if (purpose != wire::FetchPurpose::Decrypt)
+          entry["purpose"] = wire::fetch_purpose_name(purpose);
         const int64_t now = now_seconds();
         UseGrant grant;
         try {
@@ -149,7 +156,8 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
                                                              wire::key_state_name(v->state));
         }
         const std::string name = key->name;
-        if (purpose != wire::FetchPurpose::Decrypt) {
+        if (purpose == wire::FetchPurpose::Deterministic ||
+            purpose == wire::FetchPurpose::BlindIndex) {
           // The version now keys values no row count can see: keyd must
           // remember it (on disk) before the first such key leaves.
           bool first = false;

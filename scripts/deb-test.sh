@@ -155,7 +155,8 @@ while IFS= read -r f; do [ -f "$f" ] && installed_files+=("$f"); done <"$tmp/fil
 default_version=$(sed -n "s/^default_version = '\(.*\)'/\1/p" "$extdir/colcrypt.control")
 for f in /usr/bin/colcrypt-keyd /usr/bin/colcrypt-keyctl /etc/colcrypt/keyd.conf \
   /lib/systemd/system/colcrypt-keyd.service /usr/share/man/man8/colcrypt-keyd.8.gz \
-  /usr/share/man/man8/colcrypt-keyctl.8.gz "$pkglib/colcrypt.so" "$extdir/colcrypt.control" \
+  /usr/share/man/man8/colcrypt-keyctl.8.gz /usr/bin/colcrypt-file \
+  /usr/share/man/man1/colcrypt-file.1.gz "$pkglib/colcrypt.so" "$extdir/colcrypt.control" \
   "$extdir/colcrypt--$default_version.sql"; do
   grep -qx "$f" "$tmp/files" || fail "$f is not in the packages"
   [ -f "$f" ] || fail "$f is missing"
@@ -217,6 +218,9 @@ check_stat "$socket" "colcrypt:postgres 660"
 check_stat /var/lib/colcrypt/keystore.json "colcrypt:colcrypt 600"
 /usr/bin/colcrypt-keyctl --socket "$socket" --keyd-uid colcrypt create deb_test_key >/dev/null ||
   fail "colcrypt-keyctl create (as root, the admin of keyd.conf)"
+[ "$(echo deb-file-test | /usr/bin/colcrypt-file --socket "$socket" encrypt --key deb_test_key - - |
+  /usr/bin/colcrypt-file --socket "$socket" decrypt - -)" = deb-file-test ] ||
+  fail "colcrypt-file round trip through the packaged keyd"
 
 # ---------------------------------------------------------------- a fresh cluster
 say "cluster on port $port"

@@ -310,8 +310,8 @@ wire::Frame Client::exchange(const std::vector<uint8_t>& request, Retry retry) {
   }
 }
 
-wire::KeyReply Client::fetch_primary(std::string_view name) {
-  wire::Frame frame = exchange(wire::encode_fetch_primary(name), Retry::OnStaleConnection);
+wire::KeyReply Client::fetch_primary(std::string_view name, wire::FetchPurpose purpose) {
+  wire::Frame frame = exchange(wire::encode_fetch_primary(name, purpose), Retry::OnStaleConnection);
   wire::KeyReply reply = expect_key(frame);
   if (reply.name != name) {
     throw Error(Errc::ProtocolError, "colcrypt-keyd answered with a different key");

@@ -63,9 +63,13 @@ class Client {
   // Closes the kept connection (the next exchange connects again).
   void disconnect() noexcept;
 
-  wire::KeyReply fetch_primary(std::string_view name);
+  // The primary version, one encryption charged. purpose File (colcrypt-file)
+  // makes keyd audit the fetch as a file's (FetchPrimaryFor).
+  wire::KeyReply fetch_primary(std::string_view name,
+                               wire::FetchPurpose purpose = wire::FetchPurpose::Decrypt);
   // purpose other than Decrypt tells keyd the version keys deterministic
-  // values or blind indexes (FetchVersionFor; keyd records it).
+  // values or blind indexes (FetchVersionFor; keyd records it), or opens or
+  // wraps a file's data key (File; audited, nothing recorded).
   wire::KeyReply fetch_version(const KeyId& id, uint32_t version,
                                wire::FetchPurpose purpose = wire::FetchPurpose::Decrypt);
   // The primary version with a block of up to `wanted` encryptions charged

@@ -169,20 +169,23 @@ std::vector<uint8_t> encode_fetch_primary_block(std::string_view name, uint32_t 
   return frame;
 }
 
-std::vector<uint8_t> encode_fetch_primary(std::string_view name) {
-  const size_t body = string_size(name, "key name");
+std::vector<uint8_t> encode_fetch_primary(std::string_view name, FetchPurpose purpose) {
+  const bool plain = purpose == FetchPurpose::Decrypt;
+  const size_t body = string_size(name, "key name") + (plain ? 0 : 1);
   std::vector<uint8_t> frame(checked_frame_size(body));
-  start_frame(frame.data(), MsgType::FetchPrimary, body).str(name);
+  Writer w =
+      start_frame(frame.data(), plain ? MsgType::FetchPrimary : MsgType::FetchPrimaryFor, body);
+  w.str(name);
+  if (!plain) w.u8(static_cast<uint8_t>(purpose));
   return frame;
 }
 
-std::vector<uint8_t> encode_fetch_version(const KeyId& id, uint32_t version,
-                                          FetchPurpose purpose) {
+std::vector<uint8_t> encode_fetch_version(const KeyId& id, uint32_t version, FetchPurpose purpose) {
   const bool plain = purpose == FetchPurpose::Decrypt;
   const size_t body = kKeyIdSize + 4 + (plain ? 0 : 1);
   std::vector<uint8_t> frame(checked_frame_size(body));
-  Writer w = start_frame(frame.data(), plain ? MsgType::FetchVersion : MsgType::FetchVersionFor,
-                         body);
+  Writer w =
+      start_frame(frame.data(), plain ? MsgType::FetchVersion : MsgType::FetchVersionFor, body);
   w.bytes(id.data(), id.size());
   w.u32(version);
   if (!plain) w.u8(static_cast<uint8_t>(purpose));
@@ -253,10 +256,21 @@ void decode_fetch_version_for(ByteView body, KeyId& id, uint32_t& version, Fetch
   const uint8_t p = r.u8();
   r.finish();
   if (p != static_cast<uint8_t>(FetchPurpose::Deterministic) &&
-      p != static_cast<uint8_t>(FetchPurpose::BlindIndex)) {
+      p != static_cast<uint8_t>(FetchPurpose::BlindIndex) &&
+      p != static_cast<uint8_t>(FetchPurpose::File)) {
     protocol_error("unknown fetch purpose");
   }
   purpose = static_cast<FetchPurpose>(p);
+}
+
+std::string decode_fetch_primary_for(ByteView body, FetchPurpose& purpose) {
+  Reader r(body);
+  std::string name = r.str();
+  const uint8_t p = r.u8();
+  r.finish();
+  if (p != static_cast<uint8_t>(FetchPurpose::File)) protocol_error("unknown fetch purpose");
+  purpose = static_cast<FetchPurpose>(p);
+  return name;
 }
 
 const char* fetch_purpose_name(FetchPurpose p) {
@@ -265,6 +279,8 @@ const char* fetch_purpose_name(FetchPurpose p) {
       return "deterministic";
     case FetchPurpose::BlindIndex:
       return "blind_index";
+    case FetchPurpose::File:
+      return "file";
     default:
       return "decrypt";
   }

@@ -37,6 +37,10 @@ enum class MsgType : uint8_t {
   // indexes from this version, and keyd records that the version is pinned
   // (docs/protocol.md, docs/rotation.md). Plain decryption uses FetchVersion.
   FetchVersionFor = 0x04,
+  // body: str name, u8 FetchPurpose (File only) -> Key: FetchPrimary (one
+  // encryption charged) for a use keyd audits apart from column values.
+  // colcrypt-file wraps each file's data key with the primary version.
+  FetchPrimaryFor = 0x05,
   Admin = 0x10,  // body: JSON request         -> AdminResult
   // body: str key name, str privilege, str role, str database -> Ack. The
   // extension reports a use of a key that it denied to a role, for keyd's log.
@@ -61,13 +65,16 @@ enum class FailureCode : uint16_t {
   Unavailable = 7,
 };
 
-// Why a backend fetches a version with FetchVersionFor.
+// Why a client fetches a version with FetchVersionFor (or the primary with
+// FetchPrimaryFor).
 enum class FetchPurpose : uint8_t {
-  Decrypt = 0,        // never sent in FetchVersionFor (that is FetchVersion)
+  Decrypt = 0,        // never sent (that is FetchVersion / FetchPrimary)
   Deterministic = 1,  // AES-SIV values: colcrypt.encrypt_deterministic and its decryption
   BlindIndex = 2,     // colcrypt.blind_index
+  File = 3,           // colcrypt-file: a file's data key (docs/format.md); pins nothing
 };
-const char* fetch_purpose_name(FetchPurpose p);  // "decrypt", "deterministic", "blind_index"
+// "decrypt", "deterministic", "blind_index", "file"
+const char* fetch_purpose_name(FetchPurpose p);
 
 enum class KeyState : uint8_t { Active = 1, DecryptOnly = 2, Disabled = 3, Destroyed = 4 };
 const char* key_state_name(KeyState s);
@@ -104,7 +111,9 @@ std::vector<uint8_t> encode_frame(MsgType type, ByteView body);
 SecretBytes encode_key_reply(const KeyReply& reply);
 SecretBytes encode_key_grant(const KeyReply& reply, uint32_t granted);
 
-std::vector<uint8_t> encode_fetch_primary(std::string_view name);
+// purpose Decrypt: a FetchPrimary frame; File: a FetchPrimaryFor frame.
+std::vector<uint8_t> encode_fetch_primary(std::string_view name,
+                                          FetchPurpose purpose = FetchPurpose::Decrypt);
 std::vector<uint8_t> encode_fetch_primary_block(std::string_view name, uint32_t wanted);
 // purpose Decrypt: a FetchVersion frame (understood by every keyd); any other
 // purpose: a FetchVersionFor frame.
@@ -119,9 +128,11 @@ std::vector<uint8_t> encode_ack();
 // Body decoders; each throws Errc::ProtocolError on short, long or invalid bodies.
 std::string decode_fetch_primary(ByteView body);
 void decode_fetch_version(ByteView body, KeyId& id, uint32_t& version);
-// A FetchVersionFor body; a purpose other than Deterministic or BlindIndex
-// is a ProtocolError.
+// A FetchVersionFor body; a purpose other than Deterministic, BlindIndex or
+// File is a ProtocolError.
 void decode_fetch_version_for(ByteView body, KeyId& id, uint32_t& version, FetchPurpose& purpose);
+// A FetchPrimaryFor body; a purpose other than File is a ProtocolError.
+std::string decode_fetch_primary_for(ByteView body, FetchPurpose& purpose);
 std::string decode_fetch_primary_block(ByteView body, uint32_t& wanted);  // wanted 0: a lookup
 KeyReply decode_key_reply(ByteView body);
 KeyGrantReply decode_key_grant(ByteView body);

@@ -477,3 +477,34 @@ TEST_CASE("keyd server: at its connection limit the idlest kept connection makes
     CHECK(c.fetch_version(id, 1).version == 1);
   }
 }
+
+TEST_CASE("keyd server: file fetches are audited as such, charge the wrap, pin nothing",
+          "[keystore][server][audit]") {
+  RunningKeyd keyd({::geteuid()}, {::geteuid()});
+  keyd.admin({{"op", "create"}, {"name", "files"}});
+  const wire::KeyReply primary = keyd.client().fetch_primary("files", wire::FetchPurpose::File);
+  CHECK(primary.version == 1);
+  const wire::KeyReply again =
+      keyd.client().fetch_version(primary.id, primary.version, wire::FetchPurpose::File);
+  CHECK(key_bytes(again) == key_bytes(primary));
+
+  std::vector<json> fetches;
+  std::ifstream in(keyd.store_dir() + "/audit.log", std::ios::binary);
+  for (std::string line; std::getline(in, line);) {
+    json entry = json::parse(line);
+    if (entry["event"] == "fetch") fetches.push_back(entry);
+  }
+  REQUIRE(fetches.size() == 2);
+  CHECK(fetches[0]["op"] == "primary");
+  CHECK(fetches[0]["purpose"] == "file");
+  CHECK(fetches[0]["granted"] == 1);
+  CHECK(fetches[1]["op"] == "version");
+  CHECK(fetches[1]["purpose"] == "file");
+  // One use (the data-key wrap); no derivation pin, so no --force is needed
+  // for what files alone use.
+  json shown = keyd.admin({{"op", "show"}, {"name", "files"}});
+  CHECK(shown["versions"][0]["usage_count"] == 1);
+  CHECK_FALSE(shown["versions"][0].contains("deterministic"));
+  CHECK_FALSE(shown["versions"][0].contains("blind_index"));
+  CHECK(keyd.admin({{"op", "audit-verify"}})["ok"] == true);
+}

@@ -125,10 +125,40 @@ TEST_CASE("fetch version for a derivation encodes byte for byte", "[wire]") {
     return v;
   });
   // A purpose this side does not know (or Decrypt, which has its own frame) is refused.
-  for (uint8_t bad : {0, 3, 0xff}) {
+  for (uint8_t bad : {0, 4, 0xff}) {
     std::vector<uint8_t> body(f.body.begin(), f.body.end());
     body.back() = bad;
     REQUIRE_THROWS_AS(decode_fetch_version_for(ByteView(body), id, version, purpose), Error);
+  }
+  // colcrypt-file's fetches (purpose 3).
+  const auto file = only_frame(encode_fetch_version(kId, 2, FetchPurpose::File));
+  decode_fetch_version_for(file.body, id, version, purpose);
+  REQUIRE(purpose == FetchPurpose::File);
+  REQUIRE(std::string(fetch_purpose_name(purpose)) == "file");
+}
+
+TEST_CASE("fetch primary for a file encodes byte for byte", "[wire]") {
+  REQUIRE(encode_fetch_primary("k1", FetchPurpose::Decrypt) == encode_fetch_primary("k1"));
+  const auto frame = encode_fetch_primary("k1", FetchPurpose::File);
+  REQUIRE(hex(frame) ==
+          "00000006"
+          "05"
+          "00026b31"
+          "03");
+  const Frame f = only_frame(frame);
+  REQUIRE(f.type == MsgType::FetchPrimaryFor);
+  FetchPurpose purpose = FetchPurpose::Decrypt;
+  REQUIRE(decode_fetch_primary_for(f.body, purpose) == "k1");
+  REQUIRE(purpose == FetchPurpose::File);
+  require_exact_body(f.body, [](ByteView b) {
+    FetchPurpose p{};
+    return decode_fetch_primary_for(b, p);
+  });
+  // Only the file purpose has a primary fetch of its own.
+  for (uint8_t bad : {0, 1, 2, 4}) {
+    std::vector<uint8_t> body(f.body.begin(), f.body.end());
+    body.back() = bad;
+    REQUIRE_THROWS_AS(decode_fetch_primary_for(ByteView(body), purpose), Error);
   }
 }
 
