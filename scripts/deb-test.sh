@@ -96,18 +96,18 @@ fi
 # however far it got; each step looks at what is there. Returns 1 when
 # something could not be undone.
 undo_run() {
-  local dir=$1 ok=0 p f pid
+  local dir=$1 ok=0 p f pid pids
   if [ -f "$dir/data/postmaster.pid" ]; then
     runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1
   fi
-  pid=$(cat "$dir/keyd.pid" 2>/dev/null || true)
-  # Only the keyd of that run: its command line names the run's socket.
-  if [ -n "$pid" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir/run/keyd.sock"; then
+  # The keyd of that run, and only it: its command line names the run's socket.
+  pids=$(pgrep -f -- "--socket $dir/run/keyd.sock" || true)
+  for pid in $pids; do
     kill -TERM "$pid" 2>/dev/null
     wait "$pid" 2>/dev/null  # this shell's child: reaped here; another's: returns at once
     for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null
-  fi
+  done
   for p in "${packages[@]}"; do
     if dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qv not-installed; then
       DEBIAN_FRONTEND=noninteractive apt-get purge -y -o DPkg::Lock::Timeout=300 "$p" >/dev/null 2>&1 ||
@@ -262,7 +262,6 @@ say "keyd: ${keyd_cmd[*]} (as colcrypt, group postgres)"
 setpriv --reuid=colcrypt --regid=colcrypt --groups=postgres -- "${keyd_cmd[@]}" \
   </dev/null >"$tmp/keyd.log" 2>&1 &
 keyd_pid=$!
-echo "$keyd_pid" >"$tmp/keyd.pid"
 for _ in $(seq 1 300); do
   grep -q 'INFO: ready on' "$tmp/keyd.log" && break
   kill -0 "$keyd_pid" 2>/dev/null || fail "keyd exited during startup"
@@ -322,7 +321,6 @@ runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$tmp/data" -m fast -w stop >/dev/nul
 kill -TERM "$keyd_pid"
 wait "$keyd_pid" || fail "keyd exited with $? on SIGTERM"
 keyd_pid=
-rm -f "$tmp/keyd.pid"
 
 # ---------------------------------------------------------------- purge
 say "apt-get purge ${packages[*]}"
