@@ -4,6 +4,7 @@
 // rotation; database_worker.cpp, the database thread).
 #pragma once
 #include <sys/types.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <condition_variable>

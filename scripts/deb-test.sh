@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # ctest `deb`: the Debian packages, end to end, on this machine.
-#  1. builds them (scripts/deb.sh: dpkg-buildpackage and lintian; nothing in
-#     the tree may change outside build/) and installs
-#     both with `apt-get install ./*.deb` from a directory of their own;
+#  1. builds them (scripts/deb.sh with DEB_BUILD_OPTIONS=noddebs nocheck and
+#     no lintian, which `make deb` runs; the content of every file of the tree
+#     outside build/ must be the same afterwards) and installs both with
+#     `apt-get install ./*.deb` from a directory of their own;
 #  2. checks that the files in use are the packages' own (dpkg --verify, the
 #     extension files `make install` had put there are removed first, keyd's
 #     executable and the backend's mapped colcrypt.so are the packaged ones,
@@ -16,16 +17,26 @@
 #  4. purges both packages and checks that nothing of theirs remains but the
 #     key store and the master password, which purge keeps.
 # The packages replace the extension files `make install` installs: once the
-# packages are built (which changes nothing outside build/deb/), the test holds
+# packages are built (which changes nothing outside build/), the test holds
 # /tmp/colcrypt-install.lock to the end (unless a process it runs under already
-# holds it, as in `flock /tmp/colcrypt-install.lock make test`), sets those
+# holds it, as in `flock /tmp/colcrypt-install.lock make test`; it waits at
+# most COLCRYPT_DEB_TEST_LOCK_WAIT seconds, default 600, for it), sets those
 # files aside and puts them back at the end, whatever happened.
+# A run killed with SIGKILL (a ctest timeout) cannot clean up after itself:
+# its temporary directory is recorded in /var/tmp/colcrypt-deb-test.state, and
+# the next run, once it holds the lock, first undoes what the killed one left
+# (keyd and the cluster stopped, packages purged, /etc/colcrypt,
+# /var/lib/colcrypt and a user colcrypt it created removed, the set-aside
+# extension files put back).
 # Needs root and a machine without colcrypt packages, /etc/colcrypt or
 # /var/lib/colcrypt (it refuses to touch an installation).
+#   COLCRYPT_DEB_DIR   where the packages are built (default: build/deb, as make deb)
 set -euo pipefail
 
 src=$(cd "$(dirname "$0")/.." && pwd)
+debdir=${COLCRYPT_DEB_DIR:-$src/build/deb}
 lockfile=/tmp/colcrypt-install.lock
+statefile=/var/tmp/colcrypt-deb-test.state
 PG_BIN=/usr/lib/postgresql/15/bin
 packages=(postgresql-15-colcrypt colcrypt-keyd)
 
@@ -35,23 +46,27 @@ fail() { printf 'deb-test: FAILED: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || fail "run as root: it installs packages and starts postgres as user postgres"
 
 # ---------------------------------------------------------------- build
-# Before the lock: building changes nothing outside build/deb/.
+# Before the lock: building changes nothing outside build/ (or COLCRYPT_DEB_DIR).
 if [ -z "${COLCRYPT_DEB_TEST_BUILT:-}" ]; then
-  say "building the packages (scripts/deb.sh)"
+  say "building the packages (scripts/deb.sh, noddebs, no lintian)"
   start=$(date +%s)
   log=$(mktemp /tmp/colcrypt-deb-build.XXXXXX)
-  # Every file of the tree, build outputs included, but build directories.
+  # Name and content of every file of the tree (tracked, untracked, ignored)
+  # but those in build directories and .git.
+  case $debdir in "$src"/*) debdir_rel=./${debdir#"$src"/} ;; *) debdir_rel=./build ;; esac
   tree_state() {
-    git -C "$src" status --porcelain --ignored --untracked-files=all 2>/dev/null |
-      grep -Ev '^.. build(-[^/]*)?/' || true
+    (cd "$src" && find . \( -path ./.git -o -path ./build -o -path './build-*' -o -path "$debdir_rel" \) \
+      -prune -o \( -type f -o -type l \) -print0 | sort -z | xargs -0r sha256sum -- 2>&1) || true
   }
   before=$(tree_state)
-  "$src/scripts/deb.sh" >"$log" 2>&1 || { tail -n 40 "$log" >&2; rm -f "$log"; fail "make deb failed"; }
+  COLCRYPT_DEB_DIR=$debdir COLCRYPT_DEB_LINTIAN=0 \
+    DEB_BUILD_OPTIONS="noddebs nocheck ${DEB_BUILD_OPTIONS:-}" "$src/scripts/deb.sh" >"$log" 2>&1 ||
+    { tail -n 40 "$log" >&2; rm -f "$log"; fail "make deb failed"; }
   rm -f "$log"
   after=$(tree_state)
   [ "$before" = "$after" ] ||
     fail "make deb changed the source tree outside build/: $(diff <(echo "$before") <(echo "$after"))"
-  say "built in $(($(date +%s) - start))s; lintian found no errors"
+  say "built in $(($(date +%s) - start))s"
   export COLCRYPT_DEB_TEST_BUILT=1
 fi
 
@@ -68,8 +83,63 @@ lock_held_by_ancestor() {
   return 1
 }
 if [ -z "${COLCRYPT_DEB_TEST_LOCKED:-}" ] && ! lock_held_by_ancestor; then
-  say "waiting for $lockfile"
-  COLCRYPT_DEB_TEST_LOCKED=1 exec flock "$lockfile" "$0" "$@"
+  wait_s=${COLCRYPT_DEB_TEST_LOCK_WAIT:-600}
+  say "waiting for $lockfile (at most ${wait_s}s)"
+  rc=0
+  COLCRYPT_DEB_TEST_LOCKED=1 flock -E 75 -w "$wait_s" "$lockfile" "$0" "$@" || rc=$?
+  [ $rc -ne 75 ] || fail "$lockfile still held by another process after ${wait_s}s"
+  exit $rc
+fi
+
+# ---------------------------------------------------------------- cleanup
+# Undoes, on this machine, whatever a run with temporary directory $1 did,
+# however far it got; each step looks at what is there. Returns 1 when
+# something could not be undone.
+undo_run() {
+  local dir=$1 ok=0 p f pid pids
+  if [ -f "$dir/data/postmaster.pid" ]; then
+    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$dir/data" -m immediate -w stop >/dev/null 2>&1
+  fi
+  # The keyd of that run, and only it: its command line names the run's socket.
+  pids=$(pgrep -f -- "--socket $dir/run/keyd.sock" || true)
+  for pid in $pids; do
+    kill -TERM "$pid" 2>/dev/null
+    wait "$pid" 2>/dev/null  # this shell's child: reaped here; another's: returns at once
+    for _ in $(seq 1 200); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+  done
+  for p in "${packages[@]}"; do
+    if dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qv not-installed; then
+      DEBIAN_FRONTEND=noninteractive apt-get purge -y -o DPkg::Lock::Timeout=300 "$p" >/dev/null 2>&1 ||
+        { echo "deb-test: could not purge $p" >&2; ok=1; }
+    fi
+  done
+  # The run started on a machine without a colcrypt installation: leave none.
+  rm -rf /etc/colcrypt /var/lib/colcrypt
+  if [ "$(cat "$dir/user-existed" 2>/dev/null)" = 0 ] && getent passwd colcrypt >/dev/null; then
+    deluser --quiet --system colcrypt >/dev/null 2>&1 || { echo "deb-test: could not remove user colcrypt" >&2; ok=1; }
+  fi
+  # Set aside by copy to NAME.part, then rename: a NAME is complete.
+  if [ -d "$dir/saved" ]; then
+    while IFS= read -r -d '' f; do
+      f=${f#"$dir/saved"}
+      cp -p "$dir/saved$f" "$f" || { echo "deb-test: could not restore $f (a copy is in $dir/saved)" >&2; ok=1; }
+    done < <(find "$dir/saved" -type f ! -name '*.part' -print0)
+  fi
+  return $ok
+}
+
+# What a killed earlier run left behind.
+if [ -e "$statefile" ]; then
+  old=$(cat "$statefile")
+  case $old in
+    /tmp/colcrypt-deb-test.?*) ;;
+    *) fail "$statefile names no directory of this test: '$old'; check the machine by hand, then remove it" ;;
+  esac
+  say "an earlier run was killed (temporary directory $old): undoing what it left"
+  [ -d "$old" ] || say "$old is gone: cannot restore set-aside extension files or tell whether it created user colcrypt"
+  undo_run "$old" || fail "could not undo the earlier run; $statefile and $old kept"
+  rm -rf "$old" "$statefile"
 fi
 
 # ---------------------------------------------------------------- preconditions
@@ -82,44 +152,31 @@ done
 for d in /etc/colcrypt /var/lib/colcrypt; do
   [ ! -e "$d" ] || fail "$d exists: this machine has a colcrypt installation the test must not touch (a failed earlier run? then remove it)"
 done
-user_existed=0
-getent passwd colcrypt >/dev/null && user_existed=1
 
 tmp=$(mktemp -d /tmp/colcrypt-deb-test.XXXXXX)
 chmod 0755 "$tmp"
+# From here on, a killed run is undone by the next one.
+printf '%s\n' "$tmp" >"$statefile.new" && mv "$statefile.new" "$statefile"
+if getent passwd colcrypt >/dev/null; then echo 1; else echo 0; fi >"$tmp/user-existed"
 pkglib=$("$PG_BIN/pg_config" --pkglibdir)
 extdir=$("$PG_BIN/pg_config" --sharedir)/extension
 port=$((57000 + RANDOM % 1000))
 keyd_pid=
 
 finish() {
-  local rc=$? p
+  local rc=$? log
   set +e
   if [ $rc -ne 0 ]; then
     for log in "$tmp/postgres.log" "$tmp/keyd.log" "$tmp/apt-install.log" "$tmp/apt-purge.log"; do
       [ -s "$log" ] && { echo "--- last 30 lines of $log ---" >&2; tail -n 30 "$log" >&2; }
     done
   fi
-  [ -f "$tmp/data/postmaster.pid" ] &&
-    runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$tmp/data" -m immediate -w stop >/dev/null 2>&1
-  if [ -n "$keyd_pid" ] && kill -0 "$keyd_pid" 2>/dev/null; then
-    kill -TERM "$keyd_pid"
-    wait "$keyd_pid" 2>/dev/null
+  if undo_run "$tmp"; then
+    rm -rf "$tmp" "$statefile"
+  else
+    echo "deb-test: $tmp and $statefile kept: the next run tries again" >&2
+    rc=1
   fi
-  for p in "${packages[@]}"; do
-    if dpkg-query -W -f='${db:Status-Status}' "$p" 2>/dev/null | grep -qv not-installed; then
-      DEBIAN_FRONTEND=noninteractive apt-get purge -y -o DPkg::Lock::Timeout=300 "$p" >/dev/null 2>&1 ||
-        echo "deb-test: could not purge $p" >&2
-    fi
-  done
-  # The machine had no colcrypt installation: leave none.
-  rm -rf /etc/colcrypt /var/lib/colcrypt
-  [ $user_existed = 1 ] || ! getent passwd colcrypt >/dev/null || deluser --quiet --system colcrypt >/dev/null 2>&1
-  local kept=0
-  for p in $(cd "$saved" 2>/dev/null && find . -type f | sed 's|^\.||'); do
-    cp -p "$saved$p" "$p" || { echo "deb-test: could not restore $p (a copy is in $saved)" >&2; rc=1; kept=1; }
-  done
-  [ $kept = 1 ] || rm -rf "$tmp"
   [ $rc -eq 0 ] && say "passed" || echo "deb-test: FAILED (exit $rc)" >&2
   exit $rc
 }
@@ -127,18 +184,19 @@ saved=$tmp/saved
 trap finish EXIT
 
 # What `make install` put in the Postgres directories, set aside (and put back
-# by finish) so that only the packages' files can be found while they are installed.
+# by undo_run) so that only the packages' files can be found while they are installed.
 mkdir -p "$saved"
 for f in "$pkglib/colcrypt.so" "$extdir/colcrypt.control" "$extdir"/colcrypt--*.sql; do
   [ -e "$f" ] || continue
   mkdir -p "$saved$(dirname "$f")"
-  cp -p "$f" "$saved$f"
+  cp -p "$f" "$saved$f.part"
+  mv "$saved$f.part" "$saved$f"
   rm -f "$f"
 done
 
 # ---------------------------------------------------------------- install
 mkdir "$tmp/debs"
-cp "$src"/build/deb/postgresql-15-colcrypt_*.deb "$src"/build/deb/colcrypt-keyd_*.deb "$tmp/debs/"
+cp "$debdir"/postgresql-15-colcrypt_*.deb "$debdir"/colcrypt-keyd_*.deb "$tmp/debs/"
 [ "$(ls "$tmp/debs" | wc -l)" -eq 2 ] || fail "expected two packages, got: $(ls "$tmp/debs")"
 
 say "apt-get install ./*.deb"
@@ -239,7 +297,7 @@ install -o postgres -g postgres -m 0600 /dev/null "$tmp/postgres.log"
 runuser -u postgres -- "$PG_BIN/pg_ctl" -D "$tmp/data" -l "$tmp/postgres.log" -w -t 60 start >/dev/null ||
   fail "postgres did not start"
 
-sql() { runuser -u postgres -- "$PG_BIN/psql" -h "$tmp/pgsock" -p "$port" -d postgres -X -q -t -A -v ON_ERROR_STOP=1 "$@"; }
+sql() { runuser -u postgres -- "$PG_BIN/psql" -h "$tmp/pgsock" -p "$port" -d postgres -X -q -t -A -v ON_ERROR_STOP=1; }
 out=$(sql <<'SQL'
 CREATE EXTENSION colcrypt;
 CREATE TABLE t (id int, secret colcrypt.encrypted);

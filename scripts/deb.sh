@@ -4,7 +4,9 @@
 # that dpkg-buildpackage writes nothing into the tree itself, then collects
 # them in build/deb/ (debug symbols in build/deb/dbgsym/) and runs lintian on
 # them (errors fail the build).
-#   COLCRYPT_DEB_DIR   where the packages go (default: build/deb)
+#   COLCRYPT_DEB_DIR      where the packages go (default: build/deb)
+#   COLCRYPT_DEB_LINTIAN  0: no lintian (ctest `deb` leaves it to `make deb`)
+#   DEB_BUILD_OPTIONS     passed on, after parallel=2 (e.g. noddebs nocheck)
 set -euo pipefail
 
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,7 +27,11 @@ rm -f "$out"/*.deb "$out"/*.buildinfo "$out"/*.changes
 mkdir -p "$stage" "$out/dbgsym"
 if git -C "$src" rev-parse --is-inside-work-tree >/dev/null 2>&1; then
   git -C "$src" ls-files -z --cached --others --exclude-standard |
-    while IFS= read -r -d '' f; do [ -e "$src/$f" ] && printf '%s\0' "$f"; done |
+    while IFS= read -r -d '' f; do
+      # A deleted tracked file is listed too: skip it (an if, so that the
+      # loop's status stays 0 under pipefail).
+      if [ -e "$src/$f" ]; then printf '%s\0' "$f"; fi
+    done |
     tar -C "$src" --null -T - -cf - | tar -xf - -C "$stage"
 else
   tar -C "$src" --exclude-vcs --exclude=./build --exclude='./build-*' --exclude='*.o' \
@@ -43,8 +49,11 @@ mv "$out/src"/*-dbgsym_*.deb "$out/dbgsym/" 2>/dev/null || true
 mv "$out/src"/*.deb "$out/src"/*.buildinfo "$out/src"/*.changes "$out/"
 rm -rf "$out/src"
 
-if command -v lintian >/dev/null; then
+if [ "${COLCRYPT_DEB_LINTIAN:-1}" = 0 ]; then
+  say "lintian skipped (COLCRYPT_DEB_LINTIAN=0)"
+elif command -v lintian >/dev/null; then
   say "lintian"
+  shopt -s nullglob
   lintian --fail-on error "$out"/*.deb "$out"/dbgsym/*.deb ||
     die "lintian found errors in the packages"
 fi

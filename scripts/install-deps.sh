@@ -44,6 +44,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
-apt-get update
-apt-get install -y --no-install-recommends "${missing[@]}"
+# Wait up to 2 minutes for a dpkg/apt lock another apt run holds, rather than fail.
+apt-get -o DPkg::Lock::Timeout=120 update
+apt-get -o DPkg::Lock::Timeout=120 install -y --no-install-recommends "${missing[@]}"
 echo "install-deps: done"
