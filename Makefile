@@ -34,10 +34,12 @@ ifeq ($(COLCRYPT_SANITIZE),1)
 PG_CXXFLAGS += -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 # GCC's false positives under the sanitizers (see CMakeLists.txt).
 PG_CXXFLAGS += -Wno-maybe-uninitialized
-SHLIB_LINK += -fsanitize=address,undefined
 endif
 EXTRA_CLEAN = $(OBJS:.o=.d)
 SHLIB_LINK = -lcrypto -lstdc++
+ifeq ($(COLCRYPT_SANITIZE),1)
+SHLIB_LINK += -fsanitize=address,undefined
+endif
 # Debian's PG 15 would build LLVM bitcode with clang, which ignores PG_CXXFLAGS;
 # the extension gains nothing from JIT inlining, so skip it. `override`: PGXS's
 # Makefile.global would reset a plain assignment (its `with_llvm = yes`).

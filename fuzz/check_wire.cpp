@@ -27,6 +27,11 @@ bool check_frame(const wire::Frame& f) {
     switch (f.type) {
       case MsgType::FetchPrimary:
         return same(wire::encode_fetch_primary(wire::decode_fetch_primary(body)), frame);
+      case MsgType::FetchPrimaryFor: {
+        wire::FetchPurpose purpose{};
+        const std::string name = wire::decode_fetch_primary_for(body, purpose);
+        return same(wire::encode_fetch_primary(name, purpose), frame);
+      }
       case MsgType::FetchVersion: {
         KeyId id{};
         uint32_t version = 0;

@@ -273,6 +273,13 @@ void Server::refuse_fetch(Connection& c, uint8_t type, const std::vector<uint8_t
       entry["op"] = "primary";
       entry["key"] = wire::decode_fetch_primary(ByteView(body));
       break;
+    case wire::MsgType::FetchPrimaryFor: {
+      auto purpose = wire::FetchPurpose::Decrypt;
+      entry["op"] = "primary";
+      entry["key"] = wire::decode_fetch_primary_for(ByteView(body), purpose);
+      entry["purpose"] = wire::fetch_purpose_name(purpose);
+      break;
+    }
     case wire::MsgType::FetchPrimaryBlock: {
       uint32_t wanted = 0;
       entry["op"] = "primary-block";

@@ -242,6 +242,8 @@ TEST_CASE("keyd server: peers are checked by uid", "[keystore][server]") {
     CHECK(error_of([&] { client.fetch_primary("k"); }) == Errc::PermissionDenied);
     CHECK(error_of([&] { client.fetch_primary_block("k", 64); }) == Errc::PermissionDenied);
     CHECK(error_of([&] { client.fetch_version(id, 1); }) == Errc::PermissionDenied);
+    CHECK(error_of([&] { client.fetch_primary("k", wire::FetchPurpose::File); }) ==
+          Errc::PermissionDenied);
     // Nothing was charged, and the connection still serves administration.
     CHECK(json::parse(client.admin(json{{"op", "show"}, {"name", "k"}}.dump()))["usage_count"] ==
           0);
@@ -255,7 +257,7 @@ TEST_CASE("keyd server: peers are checked by uid", "[keystore][server]") {
       CHECK(entry["uid"] == me);
       CHECK(entry["key"] == "k");
     }
-    CHECK(denied == 3);
+    CHECK(denied == 4);
     CHECK(fetched == 0);
     CHECK(keyd.admin({{"op", "audit-verify"}})["ok"] == true);
   }
