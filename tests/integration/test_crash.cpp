@@ -171,7 +171,9 @@ TEST_CASE("every write of the key store and the audit log survives a kill or a f
           "[crash]") {
   Sandbox::Options options;
   options.with_postgres = false;
-  options.env = {{"SANDBOX_KEYD_ARGS", kKeydArgs}};
+  // The session fetches as root, keyd's admin: on the fetch list too.
+  const EnvVar root_may_fetch = {"SANDBOX_KEYD_ALLOW_UID", postgres_uid() + ",0"};
+  options.env = {{"SANDBOX_KEYD_ARGS", kKeydArgs}, root_may_fetch};
   Sandbox sandbox(options);
   sandbox.create_key("k0");
   sandbox.must("keyd-stop");
@@ -188,7 +190,8 @@ TEST_CASE("every write of the key store and the audit log survives a kill or a f
                {"COLCRYPT_FAULT_DIR", sandbox.store_dir()},
                {"COLCRYPT_FAULT_AT", std::to_string(at)},
                {"COLCRYPT_FAULT_MODE", mode},
-               {"COLCRYPT_FAULT_LOG", fault_log}};
+               {"COLCRYPT_FAULT_LOG", fault_log},
+               root_may_fetch};
     // A fault during startup: keyd exits (or is killed) before it is ready.
     if (sandbox.run("keyd-start", env).exit_code == 0) seen = run_session(sandbox);
     sandbox.run("keyd-stop");  // clean stop (flush, stop entry) if still alive
@@ -229,7 +232,8 @@ TEST_CASE("every write of the key store and the audit log survives a kill or a f
         words >> n >> op;
         ++hit_ops[op];
       }
-      CommandResult restart = sandbox.run("keyd-start", {{"SANDBOX_KEYD_ARGS", kKeydArgs}});
+      CommandResult restart =
+          sandbox.run("keyd-start", {{"SANDBOX_KEYD_ARGS", kKeydArgs}, root_may_fetch});
       INFO(restart.output);
       REQUIRE(restart.exit_code == 0);
       check_recovered(sandbox, seen);

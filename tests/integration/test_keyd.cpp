@@ -695,6 +695,7 @@ TEST_CASE("a full disk during create and rotate: a clear error, nothing lost, ke
           "[keyd][full-disk]") {
   Sandbox::Options options;
   options.with_postgres = false;
+  options.env = {root_may_fetch()};
   Sandbox sandbox(options);
   sandbox.create_key("fk");
   const auto v1 = keyd_client(sandbox).fetch_primary_block("fk", 1).key;
@@ -728,7 +729,7 @@ TEST_CASE("a full disk during create and rotate: a clear error, nothing lost, ke
   CHECK(sandbox.keyctl({"create", "fk2"}).exit_code == 0);
   CHECK(sandbox.keyctl({"rotate", "fk"}).exit_code == 0);
   sandbox.must("keyd-stop");
-  sandbox.must("keyd-start");
+  sandbox.must("keyd-start", {root_may_fetch()});
   shown = keyctl_json(sandbox, {"show", "fk"});
   CHECK(shown["primary_version"] == 2);
   CHECK(keyctl_json(sandbox, {"list"})["keys"].size() == 2);
@@ -746,7 +747,7 @@ TEST_CASE("a full disk during create and rotate: a clear error, nothing lost, ke
 TEST_CASE("peers trickling frames cannot starve a client; keyd drops them", "[keyd][slowloris]") {
   Sandbox::Options options;
   options.with_postgres = false;
-  options.env = {{"SANDBOX_KEYD_ARGS", "--max-connections 8"}};
+  options.env = {{"SANDBOX_KEYD_ARGS", "--max-connections 8"}, root_may_fetch()};
   Sandbox sandbox(options);
   sandbox.create_key("lk");
   // Every connection keyd allows holds the start of a request, never its end.
