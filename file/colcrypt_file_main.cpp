@@ -175,6 +175,10 @@ int main(int argc, char** argv) {
   app.add_option("--socket", socket,
                  std::string("colcrypt-keyd socket (default: $COLCRYPT_KEYD_SOCKET, else ") +
                      kDefaultSocket + ")");
+  std::string keyd_uid;
+  app.add_option("--keyd-uid", keyd_uid,
+                 "uid or user name colcrypt-keyd runs as; a socket served by any other is "
+                 "refused (default: $COLCRYPT_KEYD_UID, else root or this process's uid)");
   app.add_option("--timeout-ms", timeout_ms, "how long to wait for keyd (default 5000)")
       ->check(CLI::Range(1, 3600 * 1000));
   app.add_flag("-q,--quiet", quiet, "no progress display (it is shown only on a terminal)");
@@ -229,6 +233,11 @@ int main(int argc, char** argv) {
   options.socket_path = socket;
   options.timeout_ms = timeout_ms;
   options.interrupted = [] { return colcrypt::file::g_interrupted != 0; };
+  try {
+    options.keyd_uid = colcrypt::client::keyd_uid_from(keyd_uid);
+  } catch (const colcrypt::Error& e) {
+    return fail(kExitUsage, e.what());
+  }
 
   try {
     colcrypt::client::Client client(options);

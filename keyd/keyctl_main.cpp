@@ -368,23 +368,10 @@ int main(int argc, char** argv) {
   colcrypt::client::ClientOptions options;
   options.socket_path = socket;
   options.timeout_ms = timeout_ms;
-  if (keyd_uid.empty()) {
-    const char* env = std::getenv("COLCRYPT_KEYD_UID");
-    if (env != nullptr) keyd_uid = env;
-  }
-  if (!keyd_uid.empty()) {
-    char* end = nullptr;
-    errno = 0;
-    const unsigned long n = std::strtoul(keyd_uid.c_str(), &end, 10);
-    if (std::isdigit(static_cast<unsigned char>(keyd_uid[0])) && *end == '\0') {
-      if (errno != 0 || n > 0x7fffffffUL)
-        return fail(kExitUsage, "--keyd-uid: invalid uid " + keyd_uid);
-      options.keyd_uid = static_cast<uid_t>(n);
-    } else if (const struct passwd* pw = ::getpwnam(keyd_uid.c_str())) {
-      options.keyd_uid = pw->pw_uid;
-    } else {
-      return fail(kExitUsage, "--keyd-uid: unknown user " + keyd_uid);
-    }
+  try {
+    options.keyd_uid = colcrypt::client::keyd_uid_from(keyd_uid);
+  } catch (const colcrypt::Error& e) {
+    return fail(kExitUsage, e.what());
   }
   if (app.get_option("--timeout-ms")->count() == 0 &&
       ((command == "disable" || command == "destroy") && !force)) {

@@ -276,8 +276,8 @@ check_stat "$socket" "colcrypt:postgres 660"
 check_stat /var/lib/colcrypt/keystore.json "colcrypt:colcrypt 600"
 /usr/bin/colcrypt-keyctl --socket "$socket" --keyd-uid colcrypt create deb_test_key >/dev/null ||
   fail "colcrypt-keyctl create (as root, the admin of keyd.conf)"
-[ "$(echo deb-file-test | /usr/bin/colcrypt-file --socket "$socket" encrypt --key deb_test_key - - |
-  /usr/bin/colcrypt-file --socket "$socket" decrypt - -)" = deb-file-test ] ||
+[ "$(echo deb-file-test | /usr/bin/colcrypt-file --socket "$socket" --keyd-uid colcrypt encrypt --key deb_test_key - - |
+  /usr/bin/colcrypt-file --socket "$socket" --keyd-uid colcrypt decrypt - -)" = deb-file-test ] ||
   fail "colcrypt-file round trip through the packaged keyd"
 
 # ---------------------------------------------------------------- a fresh cluster

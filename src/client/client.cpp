@@ -2,13 +2,16 @@
 
 #include <fcntl.h>
 #include <poll.h>
+#include <pwd.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <utility>
@@ -366,6 +369,25 @@ std::string Client::admin(std::string_view json_request) {
     throw Error(Errc::ProtocolError, "colcrypt-keyd sent an unexpected reply type");
   }
   return std::string(frame.body.begin(), frame.body.end());
+}
+
+std::optional<uid_t> keyd_uid_from(const std::string& text) {
+  std::string name = text;
+  if (name.empty()) {
+    const char* env = std::getenv("COLCRYPT_KEYD_UID");
+    if (env != nullptr) name = env;
+  }
+  if (name.empty()) return std::nullopt;
+  if (std::isdigit(static_cast<unsigned char>(name[0]))) {
+    char* end = nullptr;
+    errno = 0;
+    const unsigned long n = std::strtoul(name.c_str(), &end, 10);
+    if (errno != 0 || *end != '\0' || n > 0x7fffffffUL)
+      throw Error(Errc::InvalidArgument, "--keyd-uid: invalid uid " + name);
+    return static_cast<uid_t>(n);
+  }
+  if (const struct passwd* pw = ::getpwnam(name.c_str())) return pw->pw_uid;
+  throw Error(Errc::InvalidArgument, "--keyd-uid: unknown user " + name);
 }
 
 }  // namespace colcrypt::client

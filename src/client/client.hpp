@@ -28,6 +28,11 @@ struct ClientOptions {
   std::optional<uid_t> keyd_uid;
 };
 
+// The keyd uid a command line names: `text` (--keyd-uid), else
+// $COLCRYPT_KEYD_UID, else none. A number is a uid, anything else a user
+// name; an invalid uid or unknown user throws InvalidArgument.
+std::optional<uid_t> keyd_uid_from(const std::string& text);
+
 // The socket is served by a uid the client does not trust (ClientOptions::
 // keyd_uid): nothing was sent. Its code is KeydUnavailable, as for a keyd
 // that is not there: the keyd this client may talk to is not reachable.
