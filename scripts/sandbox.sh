@@ -13,6 +13,18 @@
 #   sandbox.sh env DIR         print export lines (PGHOST, PGPORT, PGUSER, COLCRYPT_KEYD_SOCKET)
 #   sandbox.sh status DIR      what runs (asks keyd with keyctl status); exit 0 only when
 #                              keyd answers and postgres runs
+#   sandbox.sh pg-kill DIR     stop postgres with -m immediate (a crash: no shutdown checkpoint)
+#
+# Replication (docs/operations.md, "Replicas and failover"; the primary is a sandbox
+# made by `up` with SANDBOX_REPLICATION=1):
+#   sandbox.sh standby DIR PRIMARY_DIR [PORT]
+#                              a hot standby of PRIMARY_DIR's cluster in DIR (pg_basebackup -R
+#                              as the role replicator), started, with a keyd of its own
+#   sandbox.sh promote DIR     promote DIR's standby; returns once it accepts writes
+#   sandbox.sh rewind DIR SOURCE_DIR
+#                              stop DIR's cluster, pg_rewind it from SOURCE_DIR's (the new
+#                              primary) and start it as a standby of SOURCE_DIR; keyd is left
+#                              running as it is
 #
 # Layout of DIR:
 #   data/ pgsock/ postgres.log   the cluster (owned by postgres), its socket directory, its log
@@ -40,6 +52,12 @@
 #   SANDBOX_KEYD_ARGS           extra keyd flags, split on whitespace; the word
 #                               @DATABASE@ becomes the sandbox database's libpq URI
 #                               (for --database: rotation jobs, reference counts)
+#   SANDBOX_KEYD_STORE_DB=1     keyd keeps its store in the sandbox database
+#                               (--store-db @DATABASE@) instead of DIR/store; `up`
+#                               then starts postgres before keyd
+#   SANDBOX_REPLICATION=1       initdb for a replication primary: wal_log_hints and
+#                               full_page_writes on (pg_rewind), synchronous_commit on,
+#                               the role replicator (REPLICATION) and its pg_hba line
 #
 # When keyd exits during keyd-start (or up), this script exits with keyd's own
 # exit status (64, 65, 69, 71, 77, 78, ...) after printing the tail of keyd.log.
@@ -143,9 +161,11 @@ keyd_start() {
   if [ "${COLCRYPT_FAST_KDF:-0}" = 1 ]; then
     kdfargs=(--insecure-fast-kdf --pbkdf2-iterations 1000)
   fi
-  local extra=() word
+  local extra=() word database store=(--store "$DIR/store")
+  database="postgresql:///postgres?host=$DIR/pgsock&port=$(port_of)&user=postgres"
+  [ "${SANDBOX_KEYD_STORE_DB:-0}" != 1 ] || store=(--store-db "$database")
   for word in ${SANDBOX_KEYD_ARGS:-}; do
-    [ "$word" = @DATABASE@ ] && word="postgresql:///postgres?host=$DIR/pgsock&port=$(port_of)&user=postgres"
+    [ "$word" = @DATABASE@ ] && word=$database
     extra+=("$word")
   done
 
@@ -153,7 +173,7 @@ keyd_start() {
   log_start=$(($(stat -c %s "$DIR/keyd.log") + 1))
   # setsid: keyd must outlive this script and its caller's process group.
   # ENCRYPTION_MASTER_PASSWORD, when set, reaches keyd through the environment.
-  setsid "$keyd_path" --store "$DIR/store" --socket "$SOCKET" \
+  setsid "$keyd_path" "${store[@]}" --socket "$SOCKET" \
     "${uidargs[@]}" --socket-group postgres \
     "${pwargs[@]}" "${kdfargs[@]}" "${extra[@]}" </dev/null >>"$DIR/keyd.log" 2>&1 &
   pid=$!
@@ -233,10 +253,7 @@ pg_init() {
   cat >>"$PGDATA/postgresql.conf" <<CONF
 
 # --- colcrypt sandbox ---
-port = $port
 listen_addresses = ''
-unix_socket_directories = '$PGSOCK'
-colcrypt.keyd_socket = '$SOCKET'
 fsync = off
 synchronous_commit = off
 full_page_writes = off
@@ -246,6 +263,104 @@ max_parallel_workers = 4
 log_min_messages = warning
 log_line_prefix = '%m [%p] %q%u@%d '
 CONF
+  if [ "${SANDBOX_REPLICATION:-0}" = 1 ]; then
+    cat >>"$PGDATA/postgresql.conf" <<CONF
+
+# --- colcrypt sandbox: replication primary ---
+wal_level = replica
+wal_log_hints = on
+full_page_writes = on
+synchronous_commit = on
+max_wal_senders = 5
+# pg_rewind reads the old primary's WAL back to the last common checkpoint:
+# keep it through the checkpoints of crash recovery and promotion.
+wal_keep_size = 256MB
+hot_standby = on
+CONF
+    # Only the replication role may stream, and only over the private socket.
+    { echo "local replication replicator trust"; cat "$PGDATA/pg_hba.conf"; } >"$PGDATA/pg_hba.conf.new"
+    chown postgres:postgres "$PGDATA/pg_hba.conf.new"
+    mv "$PGDATA/pg_hba.conf.new" "$PGDATA/pg_hba.conf"
+  fi
+  host_conf "$port"
+}
+
+# The settings that name this sandbox's own port, sockets and keyd. Appended
+# (the last line wins): a standby's or a rewound cluster's postgresql.conf is a
+# copy of another sandbox's.
+host_conf() {  # port
+  cat >>"$PGDATA/postgresql.conf" <<CONF
+
+# --- colcrypt sandbox: this host ($DIR) ---
+port = $1
+unix_socket_directories = '$PGSOCK'
+colcrypt.keyd_socket = '$SOCKET'
+CONF
+}
+
+psql_at() {  # dir port sql: one statement as postgres, unaligned output
+  as_postgres "$PG_BIN/psql" -X -h "$1/pgsock" -p "$2" -U postgres -d postgres -v ON_ERROR_STOP=1 \
+    -Atqc "$3"
+}
+
+ensure_replication_role() {
+  psql_at "$DIR" "$(port_of)" "DO \$\$BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'replicator') THEN
+      CREATE ROLE replicator LOGIN REPLICATION;
+    END IF; END\$\$" >/dev/null || die "cannot create the role replicator"
+}
+
+# A standby of the sandbox SRC (a directory) in DIR, from a base backup.
+standby_create() {  # src port
+  local src=$1 port=$2 sport
+  [ -f "$src/data/PG_VERSION" ] || die "no cluster in $src/data"
+  sport=$(cat "$src/port")
+  ensure_dir
+  [ ! -f "$PGDATA/PG_VERSION" ] || die "$DIR already holds a cluster"
+  echo "$port" >"$DIR/port"
+  install -d -o postgres -g postgres -m 0700 "$PGDATA" "$PGSOCK"
+  install -o postgres -g postgres -m 0600 /dev/null "$DIR/postgres.log"
+  say "pg_basebackup of $src into $PGDATA"
+  if ! as_postgres "$PG_BIN/pg_basebackup" -h "$src/pgsock" -p "$sport" -U replicator \
+      -D "$PGDATA" -R -X stream -c fast --no-sync >"$DIR/basebackup.log" 2>&1; then
+    tail_log "$DIR/basebackup.log"
+    die "pg_basebackup failed"
+  fi
+  host_conf "$port"
+}
+
+pg_promote() {
+  as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA" -w -t "$TIMEOUT" promote >/dev/null ||
+    { tail_log "$DIR/postgres.log"; die "pg_ctl promote failed"; }
+  [ "$(psql_at "$DIR" "$(port_of)" 'SELECT pg_is_in_recovery()')" = f ] ||
+    die "still in recovery after pg_ctl promote"
+  say "promoted: $DIR accepts writes"
+}
+
+# pg_rewind DIR's cluster from SRC's and make it a standby of SRC.
+pg_rewind_from() {  # src
+  local src=$1 sport
+  sport=$(cat "$src/port")
+  pg_stop
+  # A promotion writes its new timeline into pg_control at its first
+  # checkpoint; pg_rewind reads the timeline there.
+  psql_at "$src" "$sport" CHECKPOINT >/dev/null || die "CHECKPOINT on $src failed"
+  install -o postgres -g postgres -m 0600 /dev/null "$DIR/rewind.log"
+  if ! as_postgres "$PG_BIN/pg_rewind" --target-pgdata="$PGDATA" --no-sync \
+      --source-server="host=$src/pgsock port=$sport user=postgres dbname=postgres" \
+      >"$DIR/rewind.log" 2>&1; then
+    tail_log "$DIR/rewind.log"
+    die "pg_rewind failed"
+  fi
+  # pg_rewind copied SRC's configuration: this host's settings again, and SRC
+  # as the primary to follow.
+  host_conf "$(port_of)"
+  as_postgres sed -i '/^primary_conninfo/d' "$PGDATA/postgresql.auto.conf"
+  echo "primary_conninfo = 'host=$src/pgsock port=$sport user=replicator'" |
+    as_postgres tee -a "$PGDATA/postgresql.auto.conf" >/dev/null
+  as_postgres touch "$PGDATA/standby.signal"
+  say "rewound $PGDATA from $src ($(tail -n 1 "$DIR/rewind.log"))"
+  pg_start
 }
 
 pg_start() {
@@ -264,12 +379,12 @@ pg_start() {
   say "postgres ready (port $(port_of), socket directory $PGSOCK)"
 }
 
-pg_stop() {
+pg_stop() {  # [mode]
   if ! pg_running; then
     say "postgres is not running"
     return 0
   fi
-  as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA" -m fast -w -t "$TIMEOUT" stop >/dev/null ||
+  as_postgres "$PG_BIN/pg_ctl" -D "$PGDATA" -m "${1:-fast}" -w -t "$TIMEOUT" stop >/dev/null ||
     { tail_log "$DIR/postgres.log"; die "postgres did not stop"; }
   say "postgres stopped"
 }
@@ -292,9 +407,32 @@ case $cmd in
       die "$DIR already holds a cluster on port $(cat "$DIR/port")"
     fi
     echo "$port" >"$DIR/port"
-    keyd_start
-    pg_init "$port"
+    if [ "${SANDBOX_KEYD_STORE_DB:-0}" = 1 ]; then
+      pg_init "$port"
+      pg_start
+      [ "${SANDBOX_REPLICATION:-0}" != 1 ] || ensure_replication_role
+      keyd_start
+    else
+      keyd_start
+      pg_init "$port"
+      pg_start
+      [ "${SANDBOX_REPLICATION:-0}" != 1 ] || ensure_replication_role
+    fi
+    ;;
+  standby)
+    [ -n "${2:-}" ] || usage
+    src=$(cd "$2" && pwd) || die "no directory $2"
+    port=${3:-$DEFAULT_PORT}
+    [[ $port =~ ^[0-9]+$ ]] || die "bad port: $port"
+    standby_create "$src" "$port"
     pg_start
+    keyd_start
+    ;;
+  promote) pg_promote ;;
+  rewind)
+    [ -n "${2:-}" ] || usage
+    src=$(cd "$2" && pwd) || die "no directory $2"
+    pg_rewind_from "$src"
     ;;
   down)
     pg_stop
@@ -314,6 +452,7 @@ case $cmd in
   keyd-kill) keyd_stop KILL ;;
   pg-start) pg_start ;;
   pg-stop) pg_stop ;;
+  pg-kill) pg_stop immediate ;;
   pg-restart)
     pg_stop
     pg_start

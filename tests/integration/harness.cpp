@@ -130,10 +130,19 @@ Sandbox::Sandbox(Options options) {
   dir_ = dir;
   port_ = next_port();
   failures_at_start_ = failure_count;
-  CommandResult r = options.with_postgres
-                        ? run_command({kSandboxScript, "up", dir_, std::to_string(port_)},
-                                      sandbox_env(options.env))
-                        : run("keyd-start", options.env);
+  Env env = options.env;
+  if (options.store_db) env.emplace_back("SANDBOX_KEYD_STORE_DB", "1");
+  if (options.replication) env.emplace_back("SANDBOX_REPLICATION", "1");
+  CommandResult r;
+  if (options.standby_of) {
+    r = run_command(
+        {kSandboxScript, "standby", dir_, options.standby_of->dir(), std::to_string(port_)},
+        sandbox_env(env));
+  } else if (options.with_postgres) {
+    r = run_command({kSandboxScript, "up", dir_, std::to_string(port_)}, sandbox_env(env));
+  } else {
+    r = run("keyd-start", env);
+  }
   if (r.exit_code != 0) {
     run("destroy");
     throw failure("sandbox.sh up " + dir_, r);
@@ -192,6 +201,35 @@ pqxx::connection Sandbox::connect() const { return pqxx::connection{conninfo()};
 void Sandbox::create_extension() const {
   PgConn conn(conninfo());
   conn.value("CREATE EXTENSION IF NOT EXISTS colcrypt");
+}
+
+void Sandbox::promote() const { must("promote"); }
+
+void Sandbox::crash_postgres() const { must("pg-kill"); }
+
+void Sandbox::rewind_from(const Sandbox& source) const {
+  CommandResult r = run_command({kSandboxScript, "rewind", dir_, source.dir()}, sandbox_env({}));
+  if (r.exit_code != 0) throw failure("sandbox.sh rewind " + dir_ + " " + source.dir(), r);
+}
+
+bool Sandbox::in_recovery() const {
+  PgConn conn(conninfo());
+  return conn.value("SELECT pg_is_in_recovery()") == "t";
+}
+
+void Sandbox::wait_replayed(const Sandbox& primary, int timeout_ms) const {
+  const std::string target = PgConn(primary.conninfo()).value("SELECT pg_current_wal_lsn()");
+  PgConn standby(conninfo());
+  const std::string caught_up =
+      "SELECT coalesce(pg_last_wal_replay_lsn() >= '" + target + "'::pg_lsn, false)";
+  for (int waited = 0; standby.value(caught_up) != "t"; waited += 10) {
+    if (waited >= timeout_ms) {
+      throw std::runtime_error(dir_ + " has not replayed " + primary.dir() + "'s WAL up to " +
+                               target + " within " + std::to_string(timeout_ms) + " ms (at " +
+                               standby.value("SELECT pg_last_wal_replay_lsn()") + ")");
+    }
+    usleep(10000);  // polls the replay position, no fixed wait
+  }
 }
 
 Sandbox& shared_sandbox() {

@@ -37,7 +37,12 @@ class Sandbox {
  public:
   struct Options {
     bool with_postgres = true;  // false: keyd only (sandbox.sh keyd-start)
-    Env env;                    // extra environment for starting it
+    bool store_db = false;      // keyd's store in the sandbox database (--store-db)
+    bool replication = false;   // a replication primary (SANDBOX_REPLICATION=1)
+    // A hot standby of this sandbox's cluster (sandbox.sh standby), which must
+    // have been made with `replication`.
+    const Sandbox* standby_of = nullptr;
+    Env env;  // extra environment for starting it
   };
 
   Sandbox();
@@ -69,6 +74,16 @@ class Sandbox {
   pqxx::connection connect() const;
   // CREATE EXTENSION colcrypt (once per sandbox).
   void create_extension() const;
+
+  // Replication (sandbox.sh promote / rewind / pg-kill).
+  void promote() const;
+  void crash_postgres() const;  // pg_ctl stop -m immediate
+  // Stops this cluster, pg_rewinds it from source's and starts it as a standby of source.
+  void rewind_from(const Sandbox& source) const;
+  bool in_recovery() const;
+  // Returns once this standby has replayed primary's WAL up to primary's
+  // pg_current_wal_lsn() at the call; throws after timeout_ms.
+  void wait_replayed(const Sandbox& primary, int timeout_ms = 30000) const;
 
  private:
   std::string dir_;
