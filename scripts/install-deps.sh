@@ -23,6 +23,7 @@ packages=(
   python3-cryptography       # the colcrypt-file interop test (an independent decryptor)
   time                       # /usr/bin/time -v: colcrypt-file's memory in its test and bench
   cmake g++ make pkg-config
+  pg-auto-failover-cli postgresql-15-auto-failover  # the failover test driven by pg_autoctl (ctest replica-paf)
 )
 
 missing=()

@@ -52,9 +52,12 @@
 #   SANDBOX_KEYD_ARGS           extra keyd flags, split on whitespace; the word
 #                               @DATABASE@ becomes the sandbox database's libpq URI
 #                               (for --database: rotation jobs, reference counts)
+#   SANDBOX_DATABASE            the libpq URI @DATABASE@ and --store-db stand for, when
+#                               the database is not the sandbox's own (pg_auto_failover
+#                               nodes in tests/integration/test_replica_paf.cpp)
 #   SANDBOX_KEYD_STORE_DB=1     keyd keeps its store in the sandbox database
-#                               (--store-db @DATABASE@) instead of DIR/store; `up`
-#                               then starts postgres before keyd
+#                               (--store-db @DATABASE@, its audit log in DIR/store)
+#                               instead of DIR/store; `up` then starts postgres before keyd
 #   SANDBOX_REPLICATION=1       initdb for a replication primary: wal_log_hints and
 #                               full_page_writes on (pg_rewind), synchronous_commit on,
 #                               the role replicator (REPLICATION) and its pg_hba line
@@ -162,8 +165,12 @@ keyd_start() {
     kdfargs=(--insecure-fast-kdf --pbkdf2-iterations 1000)
   fi
   local extra=() word database store=(--store "$DIR/store")
-  database="postgresql:///postgres?host=$DIR/pgsock&port=$(port_of)&user=postgres"
-  [ "${SANDBOX_KEYD_STORE_DB:-0}" != 1 ] || store=(--store-db "$database")
+  database=${SANDBOX_DATABASE:-"postgresql:///postgres?host=$DIR/pgsock&port=$(port_of)&user=postgres"}
+  if [ "${SANDBOX_KEYD_STORE_DB:-0}" = 1 ]; then
+    # No store directory: the audit log (and keyd's store-generation beside it) in DIR/store.
+    install -d -m 0700 "$DIR/store"
+    store=(--store-db "$database" --audit-log "$DIR/store/audit.log")
+  fi
   for word in ${SANDBOX_KEYD_ARGS:-}; do
     [ "$word" = @DATABASE@ ] && word=$database
     extra+=("$word")
