@@ -218,17 +218,34 @@ bool Sandbox::in_recovery() const {
 }
 
 void Sandbox::wait_replayed(const Sandbox& primary, int timeout_ms) const {
-  const std::string target = PgConn(primary.conninfo()).value("SELECT pg_current_wal_lsn()");
-  PgConn standby(conninfo());
+  colcrypt::test::wait_replayed(primary.conninfo(), conninfo(), timeout_ms);
+}
+
+void Sandbox::wait_keyd_log(size_t offset, const std::string& text, int timeout_ms) const {
+  for (int waited = 0;; waited += 20) {
+    const std::string log = keyd_log();
+    if (log.size() > offset && log.find(text, offset) != std::string::npos) return;
+    if (waited >= timeout_ms) {
+      throw std::runtime_error("keyd of " + dir_ + " did not log \"" + text + "\" within " +
+                               std::to_string(timeout_ms) + " ms; its log since:\n" +
+                               (log.size() > offset ? log.substr(offset) : ""));
+    }
+    usleep(20000);
+  }
+}
+
+void wait_replayed(const std::string& primary, const std::string& standby, int timeout_ms) {
+  const std::string target = PgConn(primary).value("SELECT pg_current_wal_lsn()");
+  PgConn conn(standby);
   const std::string caught_up =
       "SELECT coalesce(pg_last_wal_replay_lsn() >= '" + target + "'::pg_lsn, false)";
-  for (int waited = 0; standby.value(caught_up) != "t"; waited += 10) {
+  for (int waited = 0; conn.value(caught_up) != "t"; waited += 10) {
     if (waited >= timeout_ms) {
-      throw std::runtime_error(dir_ + " has not replayed " + primary.dir() + "'s WAL up to " +
-                               target + " within " + std::to_string(timeout_ms) + " ms (at " +
-                               standby.value("SELECT pg_last_wal_replay_lsn()") + ")");
+      throw std::runtime_error("no replay up to " + target + " within " +
+                               std::to_string(timeout_ms) + " ms (at " +
+                               conn.value("SELECT pg_last_wal_replay_lsn()") + ")");
     }
-    usleep(10000);  // polls the replay position, no fixed wait
+    usleep(10000);
   }
 }
 

@@ -84,12 +84,19 @@ class Sandbox {
   // Returns once this standby has replayed primary's WAL up to primary's
   // pg_current_wal_lsn() at the call; throws after timeout_ms.
   void wait_replayed(const Sandbox& primary, int timeout_ms = 30000) const;
+  // Returns once keyd's log, from byte offset on, holds text; throws after timeout_ms.
+  void wait_keyd_log(size_t offset, const std::string& text, int timeout_ms = 30000) const;
 
  private:
   std::string dir_;
   int port_ = 0;
   int failures_at_start_ = 0;
 };
+
+// Returns once the standby (a conninfo) has replayed the primary's WAL up to the
+// primary's pg_current_wal_lsn() at the call; throws after timeout_ms. Polls
+// the replay position: no fixed wait.
+void wait_replayed(const std::string& primary, const std::string& standby, int timeout_ms = 30000);
 
 // A sandbox with postgres, keyd, the extension and the key "shared_key", shared
 // by the test cases that neither stop nor reconfigure anything.

@@ -171,26 +171,6 @@ std::string rows_decrypting(const std::string& conninfo) {
   return o.sqlstate.empty() ? *o.rows.at(0).at(0) : "error";
 }
 
-void wait_for_keyd_log(const Sandbox& sandbox, size_t offset, const std::string& text) {
-  for (int waited = 0;; waited += 20) {
-    const std::string log = sandbox.keyd_log();
-    if (log.size() > offset && log.find(text, offset) != std::string::npos) return;
-    if (waited >= 30000) FAIL("keyd of " << sandbox.dir() << " did not log \"" << text << "\"");
-    usleep(20000);
-  }
-}
-
-void wait_replayed(const std::string& primary, const std::string& standby) {
-  const std::string target = PgConn(primary).value("SELECT pg_current_wal_lsn()");
-  PgConn conn(standby);
-  for (int waited = 0;
-       conn.value("SELECT coalesce(pg_last_wal_replay_lsn() >= '" + target + "', false)") != "t";
-       waited += 10) {
-    if (waited >= 30000) FAIL("no replay up to " << target);
-    usleep(10000);
-  }
-}
-
 }  // namespace
 
 TEST_CASE("replica: pg_auto_failover fails over and both keyds follow by themselves",
@@ -226,8 +206,8 @@ TEST_CASE("replica: pg_auto_failover fails over and both keyds follow by themsel
   size_t mark2 = keyd2.keyd_log().size();
   cluster.failover();
   cluster.wait_stable(2, 2);
-  wait_for_keyd_log(keyd2, mark2, "now writable");
-  wait_for_keyd_log(keyd1, mark1, "now read-only");
+  keyd2.wait_keyd_log(mark2, "now writable");
+  keyd1.wait_keyd_log(mark1, "now read-only");
   cluster.point_at_keyd(1, keyd1);
 
   CommandResult rotated = keyd2.keyctl({"rotate", "pk"});
