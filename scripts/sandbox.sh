@@ -37,6 +37,10 @@
 #   SANDBOX_TIMEOUT             seconds to wait for readiness (default 60)
 #   SANDBOX_PG_ENV              NAME=VALUE words added to the postmaster's environment
 #                               (scripts/test-sanitize.sh: LD_PRELOAD of libasan)
+#   SANDBOX_KEYD_STORE_DB       keyd keeps its store in the sandbox cluster (--store-db
+#                               "host=DIR/pgsock port=PORT " + this value, e.g.
+#                               "dbname=postgres user=postgres") instead of DIR/store,
+#                               its audit log in DIR/keyd-state/ (postgres must run first)
 #   SANDBOX_KEYD_ARGS           extra keyd flags, split on whitespace; the word
 #                               @DATABASE@ becomes the sandbox database's libpq URI
 #                               (for --database: rotation jobs, reference counts)
@@ -149,11 +153,18 @@ keyd_start() {
     extra+=("$word")
   done
 
+  local storeargs=(--store "$DIR/store")
+  if [ -n "${SANDBOX_KEYD_STORE_DB:-}" ]; then
+    mkdir -p -m 0700 "$DIR/keyd-state"
+    storeargs=(--store-db "host=$DIR/pgsock port=$(port_of) $SANDBOX_KEYD_STORE_DB"
+      --audit-log "$DIR/keyd-state/audit.log")
+  fi
+
   touch "$DIR/keyd.log"
   log_start=$(($(stat -c %s "$DIR/keyd.log") + 1))
   # setsid: keyd must outlive this script and its caller's process group.
   # ENCRYPTION_MASTER_PASSWORD, when set, reaches keyd through the environment.
-  setsid "$keyd_path" --store "$DIR/store" --socket "$SOCKET" \
+  setsid "$keyd_path" "${storeargs[@]}" --socket "$SOCKET" \
     "${uidargs[@]}" --socket-group postgres \
     "${pwargs[@]}" "${kdfargs[@]}" "${extra[@]}" </dev/null >>"$DIR/keyd.log" 2>&1 &
   pid=$!
