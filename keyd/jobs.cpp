@@ -723,7 +723,7 @@ void JobRunner::wake() {
 void JobRunner::run() {
   while (!stop_) {
     for (const auto& conninfo : databases_) {
-      if (stop_) break;
+      if (stop_ || paused_) break;
       try {
         run_database(conninfo);
         last_warning_.clear();

@@ -76,6 +76,9 @@ class JobRunner {
   void start();
   void publish_keys(std::map<std::string, KeySnapshot> keys);  // by name
   void wake();
+  // While paused (keyd's store is read-only: a standby) no job runs; the
+  // batch in progress finishes. Safe from any thread.
+  void set_paused(bool paused) { paused_ = paused; }
 
   // Per key name; safe from any thread.
   std::map<std::string, JobKeyStats> stats() const;
@@ -97,6 +100,7 @@ class JobRunner {
   std::map<std::string, KeySnapshot> keys_;
   bool woken_ = false;
   std::atomic<bool> stop_{false};
+  std::atomic<bool> paused_{false};
   std::thread thread_;
   mutable std::mutex stats_mutex_;
   std::map<std::string, JobKeyStats> stats_;

@@ -24,6 +24,7 @@
 #include "keyd/metrics_http.hpp"
 #include "keyd/server.hpp"
 #include "keyd/store.hpp"
+#include "keyd/store_db.hpp"
 
 #ifdef COLCRYPT_HAVE_SYSTEMD
 #include <systemd/sd-daemon.h>
@@ -41,6 +42,7 @@ constexpr int kExitCorrupt = 65;
 constexpr int kExitUnavailable = 69;
 constexpr int kExitSoftware = 70;
 constexpr int kExitOsError = 71;
+constexpr int kExitStoreUnreachable = 75;  // EX_TEMPFAIL: --store-db's database is down
 constexpr int kExitWrongKey = 77;
 constexpr int kExitPermissions = 78;
 
@@ -115,6 +117,8 @@ std::string env_or(const char* name, const std::string& fallback) {
 
 struct Options {
   std::string store;
+  std::string store_db;
+  int replay_wait_ms = 2000;
   std::string socket;
   std::string password_file;
   std::string master_key_file;
@@ -171,6 +175,14 @@ void define_options(CLI::App& app, Options& o) {
                  "names without --); flags on the command line win");
   app.allow_config_extras(CLI::config_extras_mode::error);
   app.add_option("--store", o.store, "key store directory (default: $ENCRYPTION_KEY_PATH)");
+  app.add_option("--store-db", o.store_db,
+                 "keep the key store in this Postgres database instead (libpq connection "
+                 "string; schema colcrypt_keyd; needs --audit-log): standbys' keyds serve "
+                 "it read-only (docs/operations.md, \"--store-db\")");
+  app.add_option("--replay-wait-ms", o.replay_wait_ms,
+                 "with --store-db on a standby: how long a fetch of a key or version keyd "
+                 "has not loaded waits for replay before \"not found\" (default 2000)")
+      ->check(CLI::Range(0, 60000));
   app.add_option("--socket", o.socket,
                  std::string("Unix socket path (default: $COLCRYPT_KEYD_SOCKET, else ") +
                      kDefaultSocket + ")");
@@ -282,6 +294,8 @@ std::vector<std::string> restart_settings_changed(const Options& a, const Option
     if (!same) changed.push_back(name);
   };
   check("store", a.store == b.store);
+  check("store-db", a.store_db == b.store_db);
+  check("replay-wait-ms", a.replay_wait_ms == b.replay_wait_ms);
   check("socket", a.socket == b.socket);
   check("password-file", a.password_file == b.password_file);
   check("master-key-file", a.master_key_file == b.master_key_file);
@@ -331,9 +345,21 @@ int run(const Options& o, std::optional<MasterSecret>& env_password, int argc, c
   const ReloadableSettings access = reloadable_settings(o);
   set_log_level(access.log_level);
 
-  const std::string store_dir = o.store.empty() ? env_or("ENCRYPTION_KEY_PATH", "") : o.store;
-  if (store_dir.empty()) {
-    throw UsageError("no key store: pass --store DIR or set ENCRYPTION_KEY_PATH");
+  if (!o.store.empty() && !o.store_db.empty()) {
+    throw UsageError("--store and --store-db exclude each other: pass one of them");
+  }
+  const std::string store_dir = !o.store_db.empty() ? std::string()
+                                : o.store.empty()   ? env_or("ENCRYPTION_KEY_PATH", "")
+                                                    : o.store;
+  if (store_dir.empty() && o.store_db.empty()) {
+    throw UsageError(
+        "no key store: pass --store DIR, --store-db CONNINFO or set "
+        "ENCRYPTION_KEY_PATH");
+  }
+  if (!o.store_db.empty() && o.audit_log.empty()) {
+    throw UsageError(
+        "--store-db needs --audit-log FILE (keyd keeps its audit log, and the "
+        "store generation it has seen, on this host)");
   }
   ServerConfig config;
   config.socket_path = o.socket.empty() ? env_or("COLCRYPT_KEYD_SOCKET", kDefaultSocket) : o.socket;
@@ -370,6 +396,7 @@ int run(const Options& o, std::optional<MasterSecret>& env_password, int argc, c
   config.job_poll_interval_ms = o.job_poll_interval_ms;
   config.retire_grace_s = o.retire_grace_s;
   config.count_timeout_ms = o.count_timeout_ms;
+  config.replay_wait_ms = o.replay_wait_ms;
   if (o.max_connections < 1) throw UsageError("--max-connections must be at least 1");
   config.max_connections = o.max_connections;
   raise_fd_limit(o.max_connections);
@@ -413,32 +440,43 @@ int run(const Options& o, std::optional<MasterSecret>& env_password, int argc, c
   // Fail fast, before a slow key derivation, when another keyd owns the socket.
   claim_socket_path(config.socket_path);
 
-  const bool existing = KeyStore::exists(store_dir);
+  std::unique_ptr<DbStoreBackend> db;
+  std::string where = store_dir;
+  if (!o.store_db.empty()) {
+    std::string audit_dir = o.audit_log.substr(0, o.audit_log.find_last_of('/') + 1);
+    if (audit_dir.empty()) audit_dir = "./";
+    db = DbStoreBackend::connect(o.store_db, audit_dir + kStoreGenerationFileName,
+                                 std::min(config.count_timeout_ms, 5000));
+    where = db->location();
+  }
+  const bool existing = db ? db->has_store() : KeyStore::exists(store_dir);
   MasterSecret secret = choose_master_secret(
       o.master_key_file, o.password_file, env_password,
-      (existing ? "Master password for key store " : "New master password for key store ") +
-          store_dir + ": ",
+      (existing ? "Master password for key store " : "New master password for key store ") + where +
+          ": ",
       !existing);
   std::optional<KeyStore> store;
   if (existing) {
     try {
-      store.emplace(KeyStore::open(store_dir, secret));
+      store.emplace(db ? KeyStore::open(std::move(db), secret) : KeyStore::open(store_dir, secret));
     } catch (const Error& e) {
-      if (e.code() == Errc::WrongMasterKey) {
+      if (e.code() == Errc::WrongMasterKey || e.code() == Errc::StoreCorrupt) {
         // Recorded unauthenticated; the next successful start chains it.
         const std::string audit_path =
             o.audit_log.empty() ? store_dir + "/" + kAuditFileName : o.audit_log;
-        AuditLog::record_pending(audit_path, {{"event", "unlock-failed"},
-                                              {"uid", ::getuid()},
-                                              {"pid", ::getpid()},
-                                              {"reason", e.what()}});
+        AuditLog::record_pending(
+            audit_path,
+            {{"event", e.code() == Errc::WrongMasterKey ? "unlock-failed" : "store-corrupt"},
+             {"uid", ::getuid()},
+             {"pid", ::getpid()},
+             {"reason", e.what()}});
       }
       throw;
     }
     // A store made for tests must not quietly guard production keys.
     if (store->kek_source() == MasterSecret::Kind::Password &&
         store->pbkdf2_iterations() < kMinPbkdf2Iterations && !o.insecure_fast_kdf) {
-      throw UsageError("key store " + store_dir + " uses only " +
+      throw UsageError("key store " + where + " uses only " +
                        std::to_string(store->pbkdf2_iterations()) +
                        " PBKDF2 iterations (a test setting); open it with --insecure-fast-kdf, "
                        "or move its keys to a store with at least " +
@@ -449,15 +487,16 @@ int run(const Options& o, std::optional<MasterSecret>& env_password, int argc, c
       log_info("--pbkdf2-iterations only applies to new stores; this one uses " +
                std::to_string(store->pbkdf2_iterations()));
     }
-    log_info("opened key store " + store_dir + " (" + std::to_string(store->keys().size()) +
-             " keys)");
+    log_info("opened key store " + where + " (" + std::to_string(store->keys().size()) + " keys" +
+             (store->read_only() ? "; read-only: the database is a standby" : "") + ")");
   } else {
-    store.emplace(KeyStore::create(store_dir, secret, iterations));
+    store.emplace(db ? KeyStore::create(std::move(db), secret, iterations)
+                     : KeyStore::create(store_dir, secret, iterations));
     if (secret.kind == MasterSecret::Kind::Password) {
-      log_info("initialized a new key store in " + store_dir + " (PBKDF2-HMAC-SHA256, " +
+      log_info("initialized a new key store in " + where + " (PBKDF2-HMAC-SHA256, " +
                std::to_string(iterations) + " iterations)");
     } else {
-      log_info("initialized a new key store in " + store_dir + " (master key file)");
+      log_info("initialized a new key store in " + where + " (master key file)");
     }
   }
   // The KEK is derived: the password is no longer needed.
@@ -493,6 +532,9 @@ int report_failure(const std::exception& failure) {
   } catch (const StoreInUse& e) {
     log_error(e.what());
     return kExitUnavailable;
+  } catch (const StoreUnreachable& e) {
+    log_error(e.what());
+    return kExitStoreUnreachable;
   } catch (const Error& e) {
     log_error(e.what());
     return exit_code_for(e.code());

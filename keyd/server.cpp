@@ -100,8 +100,11 @@ Server::Server(ServerConfig config, KeyStore store)
         store_.dir() + (store_.dir().back() == '/' ? "" : "/") + kAuditFileName;
   }
   audit_ = std::make_unique<AuditLog>(config_.audit_log_path, store_.audit_mac_key());
-  audit({{"event", "unlock"}, {"store", store_.dir()}, {"keys", store_.keys().size()}});
+  audit({{"event", "unlock"},
+         {"store", store_.dir().empty() ? store_.location() : store_.dir()},
+         {"keys", store_.keys().size()}});
   jobs_ = std::make_unique<JobRunner>(config_.databases, config_.job_poll_interval_ms);
+  jobs_->set_paused(store_.read_only());
   db_worker_ = std::make_unique<DatabaseWorker>(config_.databases, config_.count_timeout_ms);
   publish_keys();
 }
@@ -353,9 +356,53 @@ void Server::flush_store(bool force) {
   if (audit_) audit_->sync();
 }
 
+void Server::poll_store(bool force) {
+  last_store_poll_ = Clock::now();
+  try {
+    const KeyStore::PollResult found = store_.poll(force);
+    if (found.role_changed) {
+      jobs_->set_paused(store_.read_only());
+      if (store_.read_only()) {
+        log_warning("key store now read-only: " + store_.read_only_reason());
+        audit({{"event", "store-role"}, {"role", "read-only"}, {"store", store_.location()}});
+      } else {
+        log_info("key store now writable: its " + store_.location() + " is a primary");
+        audit({{"event", "store-role"}, {"role", "writable"}, {"store", store_.location()}});
+        jobs_->wake();
+      }
+    }
+    if (found.reloaded) {
+      publish_keys();
+      log_debug("re-read the key store (" + std::to_string(store_.keys().size()) + " keys)");
+    }
+  } catch (const Error& e) {
+    // keyd keeps serving the records it verified before.
+    log_error(std::string("refusing the key store's current content: ") + e.what());
+    audit({{"event", "store-corrupt"}, {"store", store_.location()}, {"reason", e.what()}});
+  }
+}
+
+bool Server::await_store(const std::function<bool()>& present) {
+  if (present()) return true;
+  if (!store_.dir().empty()) return false;  // a file store is only ever changed by this keyd
+  poll_store(true);
+  if (present()) return true;
+  if (!store_.read_only()) return false;
+  // A standby may not have replayed the version's row yet (WAL order: it
+  // replays it before any value encrypted under it). Bounded: the loop waits.
+  const auto deadline = Clock::now() + std::chrono::milliseconds(config_.replay_wait_ms);
+  while (Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    poll_store(false);
+    if (present()) return true;
+  }
+  return false;
+}
+
 int Server::run() {
   const size_t kFixed = 2;  // the signal pipe and the listening socket
   std::vector<pollfd> fds;
+  last_store_poll_ = Clock::now();
   // Rotations that fell due while keyd was down happen now.
   run_scheduler(true);
   jobs_->start();
@@ -396,6 +443,9 @@ int Server::run() {
     if (metrics_http_) metrics_http_->add_pollfds(fds, next_deadline);
     next_deadline = std::min(
         next_deadline, last_schedule_ + std::chrono::seconds(config_.rotation_check_interval_s));
+    if (store_.dir().empty()) {
+      next_deadline = std::min(next_deadline, last_store_poll_ + kStorePollInterval);
+    }
     // Held key replies: the sync thread wakes the loop after its fdatasync;
     // a stalled one is looked at again (--audit-sync batch releases nothing meanwhile).
     if (held_replies_ > 0) {
@@ -466,6 +516,9 @@ int Server::run() {
                                       [](const auto& c) { return c->dead && !c->waiting; }),
                        connections_.end());
     flush_store(false);
+    if (store_.dir().empty() && Clock::now() - last_store_poll_ >= kStorePollInterval) {
+      poll_store(false);
+    }
     run_scheduler(false);
   }
 

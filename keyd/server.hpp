@@ -76,6 +76,9 @@ struct ServerConfig {
   // "references", "status"): statement_timeout of the counting connections.
   // Counting runs on a worker thread; the poll loop keeps serving meanwhile.
   int count_timeout_ms = 30000;
+  // --store-db on a standby: how long a fetch of a key or version not loaded
+  // waits for replay (re-reading the store) before it is answered NotFound.
+  int replay_wait_ms = 2000;
   // Fail closed: a key reply whose audit entry could not be written is not
   // sent; the peer gets a Failure instead (docs/operations.md, "Audit log").
   // false (--audit-failure serve): keys go out, the loss is recorded later as
@@ -181,6 +184,12 @@ class Server {
   void refuse_fetch(Connection& c, uint8_t type, const std::vector<uint8_t>& body);
   void audit(nlohmann::json event);
   void run_scheduler(bool force);
+  // --store-db: the database's role and new records (about once a second).
+  void poll_store(bool force);
+  // A fetch names something not loaded: with --store-db, re-read at once
+  // and, on a standby, wait up to replay_wait_ms for replay. True once present().
+  bool await_store(const std::function<bool()>& present);
+  std::chrono::steady_clock::time_point last_store_poll_;
   nlohmann::json rotate_and_audit(const std::string& name, const std::string& reason, uid_t uid,
                                   pid_t pid);
 

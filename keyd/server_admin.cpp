@@ -67,6 +67,7 @@ json Server::rotate_and_audit(const std::string& name, const std::string& reason
 }
 
 void Server::run_scheduler(bool force) {
+  if (store_.read_only()) return;  // a standby: the primary's keyd rotates
   auto now_steady = Clock::now();
   if (!force &&
       now_steady - last_schedule_ < std::chrono::seconds(config_.rotation_check_interval_s)) {
@@ -140,6 +141,10 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
       throw Error(Errc::InvalidArgument, "admin request needs a string \"op\"");
     }
     op = request["op"].get<std::string>();
+    if (store_.read_only() && (op == "create" || op == "rotate" || op == "disable" ||
+                               op == "enable" || op == "destroy" || op == "reencrypt")) {
+      throw Error(Errc::PermissionDenied, store_.read_only_reason());
+    }
     auto name_arg = [&]() {
       if (!request.contains("name") || !request["name"].is_string()) {
         throw Error(Errc::InvalidArgument, "\"" + op + "\" needs a string \"name\"");
@@ -303,7 +308,8 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
       result = {{"version", kKeydVersion},
                 {"uptime_seconds", uptime},
                 {"key_count", store_.keys().size()},
-                {"store", store_.dir()},
+                {"store", store_.dir().empty() ? store_.location() : store_.dir()},
+                {"read_only", store_.read_only()},
                 {"socket", config_.socket_path},
                 {"locked", false},
                 {"auto_rotation", config_.auto_rotation},

@@ -26,6 +26,9 @@ namespace colcrypt::keyd {
 
 using Clock = std::chrono::steady_clock;
 
+// How often keyd looks at a --store-db database's role and generation.
+constexpr std::chrono::milliseconds kStorePollInterval{1000};
+
 // Wakes the poll loop through the signal pipe (async-signal-safe; any thread).
 void wake_loop(char why);
 

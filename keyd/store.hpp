@@ -1,10 +1,11 @@
-// colcrypt-keyd's key store: one JSON file (keystore.json, 0600) in a private
-// directory (0700), every data key wrapped with AES-256-GCM under the KEK, the
-// whole content authenticated with an HMAC under a key derived from the KEK,
-// and every write atomic (temp file, fsync, rename, fsync of the directory).
-// docs/operations.md describes the format and its guarantees.
+// colcrypt-keyd's key store: the keys, their versions and their lifecycle,
+// every data key wrapped with AES-256-GCM under the KEK. Where the records
+// live is a StoreBackend (keyd/store_backend.hpp): one MACed JSON file
+// (keystore.json, store_file.cpp) or MACed rows in a Postgres schema
+// (store_db.cpp). docs/operations.md describes both and their guarantees.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -54,6 +55,17 @@ struct DerivationUse {
   std::optional<int64_t> first_used;  // on disk before the first such fetch is answered
   std::optional<int64_t> last_used;   // kept in memory, written by flush()
 };
+
+// What turns the master secret into the KEK, and the value that tells a
+// wrong master secret from a damaged store.
+struct KekParams {
+  MasterSecret::Kind source = MasterSecret::Kind::Password;
+  std::vector<uint8_t> salt;   // PBKDF2 salt (password stores)
+  uint32_t iterations = 0;     // PBKDF2 iterations (password stores)
+  std::vector<uint8_t> check;  // AES-GCM of a fixed text under the KEK
+};
+
+class StoreBackend;
 
 struct KeyVersion {
   uint32_t version = 0;
@@ -139,18 +151,40 @@ class KeyStore {
   // pbkdf2_iterations applies to password-protected stores only.
   static KeyStore create(const std::string& dir, const MasterSecret& secret,
                          uint32_t pbkdf2_iterations);
+  // The same on any backend (the database backend: keyd/store_db.hpp).
+  static KeyStore open(std::unique_ptr<StoreBackend> backend, const MasterSecret& secret);
+  static KeyStore create(std::unique_ptr<StoreBackend> backend, const MasterSecret& secret,
+                         uint32_t pbkdf2_iterations);
 
   KeyStore(KeyStore&&) noexcept;
   KeyStore& operator=(KeyStore&&) noexcept;
   ~KeyStore();
 
-  const std::string& dir() const { return dir_; }
-  std::string file_path() const;
+  // The directory of a file store (empty for the database backend).
+  std::string dir() const;
+  // Where the store lives: the store file, or "database ..." (messages, audit).
+  std::string location() const;
+  std::string file_path() const { return location(); }
+  // The database backend on a standby (or unreachable): fetches of loaded
+  // keys only; every change throws Error(PermissionDenied, reason).
+  bool read_only() const;
+  std::string read_only_reason() const;
+  // The database backend's periodic look (keyd's loop, about once a second,
+  // and at once when a fetch names a key or version not loaded):
+  // role_changed when it became writable or read-only; reloaded when the
+  // records were re-read (verified) and replaced. A failed re-read throws
+  // (StoreCorrupt: tampered rows) and keeps the records keyd has.
+  struct PollResult {
+    bool role_changed = false;
+    bool reloaded = false;
+  };
+  PollResult poll(bool force_reload = false);
+  const KekParams& kek_params() const { return params_; }
   const std::vector<KeyRecord>& keys() const { return keys_; }
   const KeyRecord* find(std::string_view name) const;
   const KeyRecord* find(const KeyId& id) const;
-  MasterSecret::Kind kek_source() const { return kek_source_; }
-  uint32_t pbkdf2_iterations() const { return pbkdf2_iterations_; }
+  MasterSecret::Kind kek_source() const { return params_.source; }
+  uint32_t pbkdf2_iterations() const { return params_.iterations; }
 
   // Default rotation interval for new keys (ENCRYPTION_ROTATION_INTERVAL_DAYS
   // as read by the daemon, else kDefaultRotationIntervalDays).
@@ -235,19 +269,14 @@ class KeyStore {
   std::string file_text() const;
 
  private:
-  KeyStore() = default;
-  static KeyStore open_impl(const std::string& dir, const MasterSecret& secret, bool read_only);
+  KeyStore();
   void save(const std::vector<KeyRecord>& keys);  // atomic write of the whole store
-  std::string serialize(const std::vector<KeyRecord>& keys) const;
+  void check_writable() const;                    // PermissionDenied on a read-only backend
+  void adopt(std::vector<KeyRecord> keys);        // records re-read by the backend
 
-  std::string dir_;
-  int lock_fd_ = -1;  // the store directory, flock()ed while the store is open
-  MasterSecret::Kind kek_source_ = MasterSecret::Kind::Password;
-  std::vector<uint8_t> salt_;
-  uint32_t pbkdf2_iterations_ = 0;
-  std::vector<uint8_t> kek_check_;
+  std::unique_ptr<StoreBackend> backend_;
+  KekParams params_;
   SecretBytes kek_;
-  SecretBytes mac_key_;
   std::vector<KeyRecord> keys_;
   uint32_t default_rotation_days_ = kDefaultRotationIntervalDays;
   uint64_t default_max_uses_ = kDefaultMaxUsesPerVersion;

@@ -49,15 +49,14 @@
 #   SANDBOX_TIMEOUT             seconds to wait for readiness (default 60)
 #   SANDBOX_PG_ENV              NAME=VALUE words added to the postmaster's environment
 #                               (scripts/test-sanitize.sh: LD_PRELOAD of libasan)
+#   SANDBOX_KEYD_STORE_DB       keyd keeps its store in the sandbox cluster (--store-db
+#                               "host=DIR/pgsock port=PORT " + this value, e.g.
+#                               "dbname=postgres user=postgres") instead of DIR/store,
+#                               its audit log in DIR/keyd-state/; `up` then starts
+#                               postgres before keyd
 #   SANDBOX_KEYD_ARGS           extra keyd flags, split on whitespace; the word
 #                               @DATABASE@ becomes the sandbox database's libpq URI
 #                               (for --database: rotation jobs, reference counts)
-#   SANDBOX_DATABASE            the libpq URI @DATABASE@ and --store-db stand for, when
-#                               the database is not the sandbox's own (pg_auto_failover
-#                               nodes in tests/integration/test_replica_paf.cpp)
-#   SANDBOX_KEYD_STORE_DB=1     keyd keeps its store in the sandbox database
-#                               (--store-db @DATABASE@, its audit log in DIR/store)
-#                               instead of DIR/store; `up` then starts postgres before keyd
 #   SANDBOX_REPLICATION=1       initdb for a replication primary: wal_log_hints and
 #                               full_page_writes on (pg_rewind), synchronous_commit on,
 #                               the role replicator (REPLICATION) and its pg_hba line
@@ -164,23 +163,24 @@ keyd_start() {
   if [ "${COLCRYPT_FAST_KDF:-0}" = 1 ]; then
     kdfargs=(--insecure-fast-kdf --pbkdf2-iterations 1000)
   fi
-  local extra=() word database store=(--store "$DIR/store")
-  database=${SANDBOX_DATABASE:-"postgresql:///postgres?host=$DIR/pgsock&port=$(port_of)&user=postgres"}
-  if [ "${SANDBOX_KEYD_STORE_DB:-0}" = 1 ]; then
-    # No store directory: the audit log (and keyd's store-generation beside it) in DIR/store.
-    install -d -m 0700 "$DIR/store"
-    store=(--store-db "$database" --audit-log "$DIR/store/audit.log")
-  fi
+  local extra=() word
   for word in ${SANDBOX_KEYD_ARGS:-}; do
-    [ "$word" = @DATABASE@ ] && word=$database
+    [ "$word" = @DATABASE@ ] && word="postgresql:///postgres?host=$DIR/pgsock&port=$(port_of)&user=postgres"
     extra+=("$word")
   done
+
+  local storeargs=(--store "$DIR/store")
+  if [ -n "${SANDBOX_KEYD_STORE_DB:-}" ]; then
+    mkdir -p -m 0700 "$DIR/keyd-state"
+    storeargs=(--store-db "host=$DIR/pgsock port=$(port_of) $SANDBOX_KEYD_STORE_DB"
+      --audit-log "$DIR/keyd-state/audit.log")
+  fi
 
   touch "$DIR/keyd.log"
   log_start=$(($(stat -c %s "$DIR/keyd.log") + 1))
   # setsid: keyd must outlive this script and its caller's process group.
   # ENCRYPTION_MASTER_PASSWORD, when set, reaches keyd through the environment.
-  setsid "$keyd_path" "${store[@]}" --socket "$SOCKET" \
+  setsid "$keyd_path" "${storeargs[@]}" --socket "$SOCKET" \
     "${uidargs[@]}" --socket-group postgres \
     "${pwargs[@]}" "${kdfargs[@]}" "${extra[@]}" </dev/null >>"$DIR/keyd.log" 2>&1 &
   pid=$!
@@ -414,7 +414,7 @@ case $cmd in
       die "$DIR already holds a cluster on port $(cat "$DIR/port")"
     fi
     echo "$port" >"$DIR/port"
-    if [ "${SANDBOX_KEYD_STORE_DB:-0}" = 1 ]; then
+    if [ -n "${SANDBOX_KEYD_STORE_DB:-}" ]; then
       pg_init "$port"
       pg_start
       [ "${SANDBOX_REPLICATION:-0}" != 1 ] || ensure_replication_role

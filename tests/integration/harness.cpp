@@ -131,7 +131,7 @@ Sandbox::Sandbox(Options options) {
   port_ = next_port();
   failures_at_start_ = failure_count;
   Env env = options.env;
-  if (options.store_db) env.emplace_back("SANDBOX_KEYD_STORE_DB", "1");
+  if (options.store_db) env.emplace_back("SANDBOX_KEYD_STORE_DB", "dbname=postgres user=postgres");
   if (options.replication) env.emplace_back("SANDBOX_REPLICATION", "1");
   CommandResult r;
   if (options.standby_of) {

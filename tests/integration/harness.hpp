@@ -37,7 +37,7 @@ class Sandbox {
  public:
   struct Options {
     bool with_postgres = true;  // false: keyd only (sandbox.sh keyd-start)
-    bool store_db = false;      // keyd's store in the sandbox database (--store-db)
+    bool store_db = false;      // keyd's store in the sandbox's database "postgres" (--store-db)
     bool replication = false;   // a replication primary (SANDBOX_REPLICATION=1)
     // A hot standby of this sandbox's cluster (sandbox.sh standby), which must
     // have been made with `replication`.

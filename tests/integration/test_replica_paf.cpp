@@ -152,13 +152,14 @@ class AutoFailover {
   int base_port_ = 0;
 };
 
+// Node N's keyd: its store and its jobs in node N's database "postgres".
 Sandbox::Options node_keyd(const AutoFailover& cluster, int node) {
   Sandbox::Options o;
   o.with_postgres = false;
-  o.store_db = true;
-  o.env = {{"SANDBOX_DATABASE", cluster.uri(node)},
-           {"SANDBOX_KEYD_ARGS",
-            "--database @DATABASE@ --job-poll-interval-ms 200 --retire-grace-seconds 0"}};
+  o.env = {{"SANDBOX_KEYD_STORE_DB", "host=127.0.0.1 port=" + std::to_string(cluster.port(node)) +
+                                         " dbname=postgres user=postgres"},
+           {"SANDBOX_KEYD_ARGS", "--database " + cluster.uri(node) +
+                                     " --job-poll-interval-ms 200 --retire-grace-seconds 0"}};
   return o;
 }
 
