@@ -495,9 +495,11 @@ void DbStoreBackend::save(const KekParams& params, const std::vector<KeyRecord>&
     }
     if (creating_) create_schema(t, generation_);
     pqxx::result updated = t.exec_params(
-        "UPDATE colcrypt_keyd.meta SET generation = $1, manifest = $2, mac = decode($3, 'hex') "
-        "WHERE id = 1 AND generation = $4",
-        generation, manifest_text, meta_mac, generation_);
+        "UPDATE colcrypt_keyd.meta SET generation = $1, manifest = $2, mac = decode($3, 'hex'), "
+        "format_version = $5, kek_source = $6, pbkdf2_iterations = $7, salt = decode($8, 'hex'), "
+        "kek_check = decode($9, 'hex') WHERE id = 1 AND generation = $4",
+        generation, manifest_text, meta_mac, generation_, kDbFormatVersion, source,
+        static_cast<int64_t>(params.iterations), salt, check);
     if (updated.affected_rows() != 1) {
       throw Error(Errc::StoreCorrupt,
                   "the key store in the " + location_ + " is no longer at generation " +
