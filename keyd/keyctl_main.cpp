@@ -22,6 +22,8 @@
 #include "keyd/audit.hpp"
 #include "keyd/master_secret.hpp"
 #include "keyd/store.hpp"
+#include "keyd/store_db.hpp"
+#include "keyd/store_file.hpp"
 
 namespace {
 
@@ -219,6 +221,78 @@ int fail(int code, const std::string& message) {
 
 }  // namespace
 
+// colcrypt-keyctl store migrate: the source opened and verified as keyd
+// opens it (a file store's lock taken: refused while a keyd runs on it), the
+// records written to the new destination in one atomic step, then the
+// destination opened and verified the same way and compared.
+int migrate_store(const std::string& from_dir, const std::string& from_db,
+                  const std::string& to_dir, const std::string& to_db,
+                  const std::string& master_key_file, const std::string& password_file) {
+  namespace k = colcrypt::keyd;
+  if (from_dir.empty() == from_db.empty() || to_dir.empty() == to_db.empty() ||
+      !from_dir.empty() == !to_dir.empty()) {
+    return fail(kExitUsage,
+                "store migrate needs --from DIR --to-db CONNINFO, or --from-db CONNINFO --to DIR");
+  }
+  constexpr int kTimeoutMs = 30000;
+  try {
+    std::optional<k::MasterSecret> env_password = k::take_password_from_env();
+    std::unique_ptr<k::DbStoreBackend> db =
+        k::DbStoreBackend::connect(from_db.empty() ? to_db : from_db, "", kTimeoutMs);
+    if (!to_db.empty()) {
+      if (db->in_recovery()) {
+        return fail(kExitUsage, "the destination " + db->location() +
+                                    " is a standby (in recovery): migrate into the primary");
+      }
+      if (db->has_store()) {
+        return fail(kExitUsage, "the destination " + db->location() +
+                                    " already holds a key store (schema colcrypt_keyd); "
+                                    "refusing to overwrite it");
+      }
+    } else if (colcrypt::keyd::KeyStore::exists(to_dir)) {
+      return fail(kExitUsage, "the destination " + to_dir + " already holds a key store");
+    }
+    const std::string source = from_dir.empty() ? db->location() : from_dir;
+    k::MasterSecret secret =
+        k::choose_master_secret(master_key_file, password_file, env_password,
+                                "Master password for key store " + source + ": ", false);
+    std::unique_ptr<k::FileStoreBackend> dir_backend =
+        from_dir.empty() ? k::FileStoreBackend::create(to_dir)
+                         : k::FileStoreBackend::open(from_dir, false);
+    std::string expected;
+    size_t keys = 0;
+    std::string destination;
+    if (!from_dir.empty()) {
+      const k::KeyStore from = k::KeyStore::open(std::move(dir_backend), secret);
+      from.copy_to(*db);
+      expected = from.file_text();
+      keys = from.keys().size();
+      destination = db->location();
+      const k::KeyStore copy = k::KeyStore::open(std::move(db), secret);
+      if (copy.file_text() != expected) {
+        return fail(kExitKeydError, "the copy in " + destination + " differs from the source");
+      }
+    } else {
+      const k::KeyStore from = k::KeyStore::open(std::move(db), secret);
+      from.copy_to(*dir_backend);
+      expected = from.file_text();
+      keys = from.keys().size();
+      destination = to_dir;
+      dir_backend.reset();  // its lock
+      const k::KeyStore copy = k::KeyStore::open(to_dir, secret);
+      if (copy.file_text() != expected) {
+        return fail(kExitKeydError, "the copy in " + destination + " differs from the source");
+      }
+    }
+    std::printf("copied %zu keys from %s to %s (verified)\n", keys, source.c_str(),
+                destination.c_str());
+    return kExitOk;
+  } catch (const colcrypt::Error& e) {
+    if (e.code() == colcrypt::Errc::InvalidArgument) return fail(kExitUsage, e.what());
+    return fail(kExitKeydError, std::string("cannot migrate: ") + e.what());
+  }
+}
+
 int main(int argc, char** argv) {
   std::string socket;
   bool raw_json = false;
@@ -302,12 +376,33 @@ int main(int argc, char** argv) {
                      "with --store: a file holding the master password (else "
                      "$ENCRYPTION_MASTER_PASSWORD, else asked on the terminal)");
 
+  auto* store_cmd = app.add_subcommand("store", "key store maintenance (offline: keyd not needed)");
+  store_cmd->require_subcommand(1);
+  auto* migrate = store_cmd->add_subcommand(
+      "migrate",
+      "copy a key store between a directory and a database (--store-db), verified, wrapped "
+      "keys copied as they are; the destination must be empty");
+  std::string from_dir, from_db, to_dir, to_db;
+  migrate->add_option("--from", from_dir, "the file store's directory to copy");
+  migrate->add_option("--from-db", from_db, "the database store to copy (libpq connection string)");
+  migrate->add_option("--to", to_dir, "a new file store's directory (missing or empty)");
+  migrate->add_option("--to-db", to_db,
+                      "the database to hold the copy (libpq connection string; no schema "
+                      "colcrypt_keyd yet)");
+  migrate->add_option("--master-key-file", master_key_file, "the store's 32-byte master key file");
+  migrate->add_option("--password-file", password_file,
+                      "a file holding the master password (else $ENCRYPTION_MASTER_PASSWORD, "
+                      "else asked on the terminal)");
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     if (e.get_exit_code() == 0) return app.exit(e);  // --help
     return fail(kExitUsage, std::string(e.what()) + " (see colcrypt-keyctl --help)");
   }
+
+  if (migrate->parsed())
+    return migrate_store(from_dir, from_db, to_dir, to_db, master_key_file, password_file);
 
   if (!store_dir.empty() || !audit_log.empty() || !master_key_file.empty() ||
       !password_file.empty()) {

@@ -377,8 +377,14 @@ void Server::poll_store(bool force) {
     }
   } catch (const Error& e) {
     // keyd keeps serving the records it verified before.
+    if (e.code() != Errc::StoreCorrupt) {
+      log_warning(std::string("cannot re-read the key store: ") + e.what());
+      return;
+    }
     log_error(std::string("refusing the key store's current content: ") + e.what());
     audit({{"event", "store-corrupt"}, {"store", store_.location()}, {"reason", e.what()}});
+  } catch (const std::exception& e) {
+    log_warning(std::string("cannot re-read the key store: ") + e.what());
   }
 }
 

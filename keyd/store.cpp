@@ -109,7 +109,7 @@ KeyStore KeyStore::create(std::unique_ptr<StoreBackend> backend, const MasterSec
     store.kek_ = SecretBytes(secret.bytes.view());
   }
   store.params_.check = make_kek_check(store.kek_.view());
-  store.backend_->initialize(store.params_, store.kek_.view());
+  store.backend_->initialize(store.params_, {}, store.kek_.view());
   return store;
 }
 
@@ -123,6 +123,10 @@ KeyStore KeyStore::open(std::unique_ptr<StoreBackend> backend, const MasterSecre
   check_records(keys, store.kek_.view(), where);
   store.keys_ = std::move(keys);
   return store;
+}
+
+void KeyStore::copy_to(StoreBackend& destination) const {
+  destination.initialize(params_, keys_, kek_.view());
 }
 
 std::string KeyStore::dir() const { return backend_->dir(); }

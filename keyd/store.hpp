@@ -180,6 +180,9 @@ class KeyStore {
   };
   PollResult poll(bool force_reload = false);
   const KekParams& kek_params() const { return params_; }
+  // Writes these records, as they are (wrapped keys copied, never unwrapped),
+  // and the KEK parameters into a new store (colcrypt-keyctl store migrate).
+  void copy_to(StoreBackend& destination) const;
   const std::vector<KeyRecord>& keys() const { return keys_; }
   const KeyRecord* find(std::string_view name) const;
   const KeyRecord* find(const KeyId& id) const;

@@ -32,8 +32,10 @@ class StoreBackend {
   // Once the KEK is known and its check verified: every record, verified
   // against its MAC (throws StoreCorrupt naming what is wrong).
   virtual std::vector<KeyRecord> read_keys(ByteView kek) = 0;
-  // Writes a new, empty store.
-  virtual void initialize(const KekParams& params, ByteView kek) = 0;
+  // Writes a new store holding `keys` (none for a new keyd; a copy for
+  // colcrypt-keyctl store migrate), atomically: all of it or nothing.
+  virtual void initialize(const KekParams& params, const std::vector<KeyRecord>& keys,
+                          ByteView kek) = 0;
   // Writes `keys` atomically: afterwards the store holds them, or (when this
   // throws) what it held before. exact_usage: write usage counts instead of
   // reservations (a clean stop).

@@ -27,7 +27,7 @@ using Clock = std::chrono::steady_clock;
 
 constexpr int kDbFormatVersion = 1;
 constexpr std::string_view kRowMacInfo = "colcrypt-keyd-db-row-mac-v1";
-constexpr int kMaxBackoffMs = 30000;
+constexpr int kMaxBackoffMs = 5000;
 
 // Read-only transactions see one snapshot of all three tables (a standby's
 // replay never shows half a save).
@@ -103,7 +103,7 @@ std::unique_ptr<DbStoreBackend> DbStoreBackend::connect(const std::string& conni
     std::string why = e.what();
     while (!why.empty() && (why.back() == '\n' || why.back() == ' ')) why.pop_back();
     throw StoreUnreachable("cannot reach the key " + b->location_ + ": " + why);
-  } catch (const pqxx::sql_error& e) {
+  } catch (const std::exception& e) {
     throw StoreUnreachable("cannot use the key " + b->location_ + ": " + e.what());
   }
   return b;
@@ -238,7 +238,12 @@ DbStoreBackend::Snapshot DbStoreBackend::read_snapshot() {
     throw Error(Errc::Io, "lost the key " + location_ + " while reading it");
   } catch (const pqxx::sql_error& e) {
     throw Error(Errc::StoreCorrupt, "cannot read the key store in the " + location_ + ": " +
-                                        e.what() + "(its tables were changed?)");
+                                        e.what() + " (its tables were changed?)");
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Error(Errc::StoreCorrupt,
+                "cannot read the key store in the " + location_ + ": " + e.what());
   }
   in_recovery_ = s.in_recovery;
   return s;
@@ -372,7 +377,8 @@ std::vector<KeyRecord> DbStoreBackend::verify(const Snapshot& s, ByteView kek) {
   return records;
 }
 
-void DbStoreBackend::initialize(const KekParams& params, ByteView kek) {
+void DbStoreBackend::initialize(const KekParams& params, const std::vector<KeyRecord>& keys,
+                                ByteView kek) {
   if (!conn_) throw StoreUnreachable("the key " + location_ + " is unreachable");
   if (in_recovery_) {
     throw Error(Errc::PermissionDenied,
@@ -380,62 +386,59 @@ void DbStoreBackend::initialize(const KekParams& params, ByteView kek) {
                     ": it is a standby (in recovery); start keyd on the primary first, the "
                     "standby receives the store by replication");
   }
-  const std::string source = params.source == MasterSecret::Kind::Password ? "password" : "keyfile";
-  const std::string salt = to_hex(ByteView(params.salt));
-  const std::string check = to_hex(ByteView(params.check));
-  const std::string manifest = "[]";
-  const int64_t generation = std::max<int64_t>(1, recorded_generation() + 1);
-  const SecretBytes mac_key = row_mac_key(kek);
-  const std::string mac = mac_hex(
-      mac_key.view(),
-      meta_fields(kDbFormatVersion, source, params.iterations, salt, check, generation, manifest));
-  try {
-    pqxx::work t(*conn_);
-    t.exec("CREATE SCHEMA colcrypt_keyd");
-    t.exec("REVOKE ALL ON SCHEMA colcrypt_keyd FROM PUBLIC");
-    t.exec(
-        "CREATE TABLE colcrypt_keyd.meta ("
-        " id int PRIMARY KEY CHECK (id = 1),"
-        " format_version int NOT NULL,"
-        " kek_source text NOT NULL,"
-        " pbkdf2_iterations bigint NOT NULL,"
-        " salt bytea NOT NULL,"
-        " kek_check bytea NOT NULL,"
-        " generation bigint NOT NULL,"
-        " manifest text NOT NULL,"
-        " mac bytea NOT NULL)");
-    t.exec(
-        "CREATE TABLE colcrypt_keyd.keys ("
-        " key_id text PRIMARY KEY,"
-        " name text NOT NULL UNIQUE,"
-        " body text NOT NULL,"
-        " mac bytea NOT NULL)");
-    t.exec(
-        "CREATE TABLE colcrypt_keyd.versions ("
-        " key_id text NOT NULL,"
-        " version bigint NOT NULL,"
-        " state text NOT NULL,"
-        " wrapped bytea,"
-        " body text NOT NULL,"
-        " mac bytea NOT NULL,"
-        " PRIMARY KEY (key_id, version))");
-    t.exec("REVOKE ALL ON ALL TABLES IN SCHEMA colcrypt_keyd FROM PUBLIC");
-    t.exec_params(
-        "INSERT INTO colcrypt_keyd.meta VALUES (1, $1, $2, $3, decode($4, 'hex'), "
-        "decode($5, 'hex'), $6, $7, decode($8, 'hex'))",
-        kDbFormatVersion, source, static_cast<int64_t>(params.iterations), salt, check, generation,
-        manifest, mac);
-    t.commit();
-  } catch (const pqxx::broken_connection& e) {
-    lost(e.what());
-    throw Error(Errc::Io, "lost the key " + location_ + " while creating the key store");
-  } catch (const pqxx::sql_error& e) {
-    throw Error(Errc::Io, "cannot create the key store in the " + location_ + ": " + e.what());
-  }
-  generation_ = generation;
+  // One transaction creates the schema and writes the records (save()).
+  creating_ = true;
+  generation_ = recorded_generation() + 1;
   saved_macs_.clear();
-  record_generation(generation);
+  try {
+    save(params, keys, false, kek);
+  } catch (...) {
+    creating_ = false;
+    generation_ = 0;
+    throw;
+  }
+  creating_ = false;
 }
+
+namespace {
+
+// The schema, its tables and a placeholder meta row at `generation` (the
+// save in the same transaction replaces it). Only keyd's role may use them.
+void create_schema(pqxx::work& t, int64_t generation) {
+  t.exec("CREATE SCHEMA colcrypt_keyd");
+  t.exec("REVOKE ALL ON SCHEMA colcrypt_keyd FROM PUBLIC");
+  t.exec(
+      "CREATE TABLE colcrypt_keyd.meta ("
+      " id int PRIMARY KEY CHECK (id = 1),"
+      " format_version int NOT NULL,"
+      " kek_source text NOT NULL,"
+      " pbkdf2_iterations bigint NOT NULL,"
+      " salt bytea NOT NULL,"
+      " kek_check bytea NOT NULL,"
+      " generation bigint NOT NULL,"
+      " manifest text NOT NULL,"
+      " mac bytea NOT NULL)");
+  t.exec(
+      "CREATE TABLE colcrypt_keyd.keys ("
+      " key_id text PRIMARY KEY,"
+      " name text NOT NULL UNIQUE,"
+      " body text NOT NULL,"
+      " mac bytea NOT NULL)");
+  t.exec(
+      "CREATE TABLE colcrypt_keyd.versions ("
+      " key_id text NOT NULL,"
+      " version bigint NOT NULL,"
+      " state text NOT NULL,"
+      " wrapped bytea,"
+      " body text NOT NULL,"
+      " mac bytea NOT NULL,"
+      " PRIMARY KEY (key_id, version))");
+  t.exec("REVOKE ALL ON ALL TABLES IN SCHEMA colcrypt_keyd FROM PUBLIC");
+  t.exec_params("INSERT INTO colcrypt_keyd.meta VALUES (1, $1, '', 0, '', '', $2, '[]', '')",
+                kDbFormatVersion, generation);
+}
+
+}  // namespace
 
 void DbStoreBackend::save(const KekParams& params, const std::vector<KeyRecord>& keys,
                           bool exact_usage, ByteView kek) {
@@ -490,10 +493,13 @@ void DbStoreBackend::save(const KekParams& params, const std::vector<KeyRecord>&
       in_recovery_ = true;
       throw Error(Errc::PermissionDenied, read_only_reason());
     }
+    if (creating_) create_schema(t, generation_);
     pqxx::result updated = t.exec_params(
-        "UPDATE colcrypt_keyd.meta SET generation = $1, manifest = $2, mac = decode($3, 'hex') "
-        "WHERE id = 1 AND generation = $4",
-        generation, manifest_text, meta_mac, generation_);
+        "UPDATE colcrypt_keyd.meta SET generation = $1, manifest = $2, mac = decode($3, 'hex'), "
+        "format_version = $5, kek_source = $6, pbkdf2_iterations = $7, salt = decode($8, 'hex'), "
+        "kek_check = decode($9, 'hex') WHERE id = 1 AND generation = $4",
+        generation, manifest_text, meta_mac, generation_, kDbFormatVersion, source,
+        static_cast<int64_t>(params.iterations), salt, check);
     if (updated.affected_rows() != 1) {
       throw Error(Errc::StoreCorrupt,
                   "the key store in the " + location_ + " is no longer at generation " +
@@ -546,6 +552,11 @@ void DbStoreBackend::save(const KekParams& params, const std::vector<KeyRecord>&
     }
     throw Error(Errc::Io, "cannot write the key store in the " + location_ + ": " + e.what() +
                               "; nothing was changed");
+  } catch (const Error&) {
+    throw;
+  } catch (const std::exception& e) {
+    throw Error(Errc::Io, "cannot write the key store in the " + location_ + ": " + e.what() +
+                              "; nothing was changed");
   }
   generation_ = generation;
   saved_macs_.clear();
@@ -567,16 +578,22 @@ StorePoll DbStoreBackend::poll(ByteView kek, bool force_reload) {
   }
   int64_t generation = -1;
   try {
-    pqxx::nontransaction t(*conn_);
-    pqxx::result r = t.exec(
-        "SELECT pg_is_in_recovery(), (SELECT generation FROM colcrypt_keyd.meta WHERE id = 1)");
-    const bool recovery = r[0][0].as<bool>();
-    if (!r[0][1].is_null()) generation = r[0][1].as<int64_t>();
-    if (recovery != in_recovery_ || (recovery && primary_.empty())) refresh_role();
+    bool recovery = false;
+    {
+      pqxx::nontransaction t(*conn_);
+      pqxx::result r = t.exec(
+          "SELECT pg_is_in_recovery(), (SELECT generation FROM colcrypt_keyd.meta WHERE id = 1)");
+      recovery = r[0][0].as<bool>();
+      if (!r[0][1].is_null()) generation = r[0][1].as<int64_t>();
+    }
+    if (recovery != in_recovery_ || (recovery && primary_.empty() &&
+                                     Clock::now() - last_role_check_ > std::chrono::seconds(10))) {
+      refresh_role();
+    }
     in_recovery_ = recovery;
   } catch (const pqxx::broken_connection& e) {
     lost(e.what());
-  } catch (const pqxx::sql_error& e) {
+  } catch (const std::exception& e) {
     log_warning(std::string("cannot look at the key database: ") + e.what());
   }
   out.role_changed = read_only() != was_read_only;
@@ -594,6 +611,7 @@ StorePoll DbStoreBackend::poll(ByteView kek, bool force_reload) {
 }
 
 int64_t DbStoreBackend::recorded_generation() const {
+  if (state_file_.empty()) return 0;
   std::ifstream in(state_file_);
   if (!in) return 0;
   std::string word;
@@ -606,7 +624,7 @@ int64_t DbStoreBackend::recorded_generation() const {
 }
 
 void DbStoreBackend::record_generation(int64_t generation) {
-  if (generation <= recorded_generation()) return;
+  if (state_file_.empty() || generation <= recorded_generation()) return;
   const std::string tmp = state_file_ + ".tmp";
   const std::string text = "generation " + std::to_string(generation) + "\n";
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);

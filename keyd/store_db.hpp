@@ -38,7 +38,8 @@ class StoreUnreachable : public Error {
 class DbStoreBackend : public StoreBackend {
  public:
   // Connects (StoreUnreachable when it cannot) and reads the database's role.
-  // state_file: where this keyd keeps the highest generation it has seen.
+  // state_file: where this keyd keeps the highest generation it has seen
+  // (empty: none; colcrypt-keyctl store migrate).
   // timeout_ms: connect_timeout and statement_timeout of its session.
   static std::unique_ptr<DbStoreBackend> connect(const std::string& conninfo,
                                                  const std::string& state_file, int timeout_ms);
@@ -53,7 +54,8 @@ class DbStoreBackend : public StoreBackend {
   std::string location() const override { return location_; }
   KekParams read_params() override;
   std::vector<KeyRecord> read_keys(ByteView kek) override;
-  void initialize(const KekParams& params, ByteView kek) override;
+  void initialize(const KekParams& params, const std::vector<KeyRecord>& keys,
+                  ByteView kek) override;
   void save(const KekParams& params, const std::vector<KeyRecord>& keys, bool exact_usage,
             ByteView kek) override;
   bool read_only() const override { return !conn_ || in_recovery_; }
@@ -100,7 +102,9 @@ class DbStoreBackend : public StoreBackend {
   int64_t generation_ = 0;
   std::map<std::pair<std::string, uint32_t>, std::string> saved_macs_;  // as last read/written
   std::unique_ptr<Snapshot> pending_;  // read by read_params for read_keys
-  int64_t refused_generation_ = -1;    // a reload refused at this generation is not retried
+  int64_t refused_generation_ = -1;
+  bool creating_ = false;  // the next save creates the schema first (initialize)    // a reload
+                           // refused at this generation is not retried
   std::chrono::steady_clock::time_point next_connect_{};
   int backoff_ms_ = 500;
   std::chrono::steady_clock::time_point last_role_check_{};

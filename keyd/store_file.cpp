@@ -292,8 +292,9 @@ std::vector<KeyRecord> FileStoreBackend::read_keys(ByteView kek) {
   return keys;
 }
 
-void FileStoreBackend::initialize(const KekParams& params, ByteView kek) {
-  save(params, {}, false, kek);
+void FileStoreBackend::initialize(const KekParams& params, const std::vector<KeyRecord>& keys,
+                                  ByteView kek) {
+  save(params, keys, false, kek);
 }
 
 void FileStoreBackend::save(const KekParams& params, const std::vector<KeyRecord>& keys,

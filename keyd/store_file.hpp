@@ -27,7 +27,8 @@ class FileStoreBackend : public StoreBackend {
   std::string file_path() const;
   KekParams read_params() override;
   std::vector<KeyRecord> read_keys(ByteView kek) override;
-  void initialize(const KekParams& params, ByteView kek) override;
+  void initialize(const KekParams& params, const std::vector<KeyRecord>& keys,
+                  ByteView kek) override;
   void save(const KekParams& params, const std::vector<KeyRecord>& keys, bool exact_usage,
             ByteView kek) override;
 
