@@ -71,10 +71,11 @@ std::string rows_decrypting(const Sandbox& sandbox) {
   return o.sqlstate.empty() ? *o.rows.at(0).at(0) : "error";
 }
 
-void insert_rows(const Sandbox& sandbox, int from, int to, const std::string& key) {
+// Rows from..to of t, (id, 'v' || id): the column encrypts under its key.
+void insert_rows(const Sandbox& sandbox, int from, int to) {
   PgConn conn(sandbox.conninfo());
-  conn.value("INSERT INTO t SELECT g, colcrypt.encrypt_field('v' || g, '" + key +
-             "') FROM generate_series(" + std::to_string(from) + ", " + std::to_string(to) + ") g");
+  conn.value("INSERT INTO t SELECT g, 'v' || g FROM generate_series(" + std::to_string(from) +
+             ", " + std::to_string(to) + ") g");
 }
 
 }  // namespace
@@ -88,7 +89,7 @@ TEST_CASE("replica: the standby's keyd decrypts what the primary wrote, in WAL o
     PgConn conn(primary.conninfo());
     conn.value("CREATE TABLE t (id int PRIMARY KEY, v colcrypt.encrypted('rk'), copy text)");
   }
-  insert_rows(primary, 1, 50, "rk");
+  insert_rows(primary, 1, 50);
   // A ciphertext of version 1 kept as text, where no count or job sees it: it
   // shows the standby when version 1 is disabled.
   {
@@ -122,7 +123,7 @@ TEST_CASE("replica: the standby's keyd decrypts what the primary wrote, in WAL o
   PgConn standby_session(standby.conninfo());
   CHECK(standby_session.value("SELECT colcrypt.decrypt_field(v) FROM t WHERE id = 2") == "v2");
   keyctl_ok(primary, {"rotate", "rk"});
-  insert_rows(primary, 51, 60, "rk");
+  insert_rows(primary, 51, 60);
   {
     PgConn conn(primary.conninfo());
     REQUIRE(conn.value("SELECT count(*) FROM t WHERE colcrypt.key_version(v) = 2") == "10");
@@ -175,7 +176,7 @@ TEST_CASE("replica: failover: the promoted side's keyd writes, the rewound old p
     PgConn conn(primary.conninfo());
     conn.value("CREATE TABLE t (id int PRIMARY KEY, v colcrypt.encrypted('fk'))");
   }
-  insert_rows(primary, 1, 40, "fk");
+  insert_rows(primary, 1, 40);
   Sandbox standby(standby_options(primary));
   standby.wait_replayed(primary);
   CHECK(rows_decrypting(standby) == "40");
@@ -193,7 +194,7 @@ TEST_CASE("replica: failover: the promoted side's keyd writes, the rewound old p
 
   // It writes: a rotation, rows under the new version, a re-encryption job.
   keyctl_ok(standby, {"rotate", "fk"});
-  insert_rows(standby, 41, 50, "fk");
+  insert_rows(standby, 41, 50);
   keyctl_ok(standby, {"reencrypt", "fk", "--wait"});
   {
     PgConn conn(standby.conninfo());
@@ -236,7 +237,7 @@ TEST_CASE("replica: a key change lost in a failover is forgotten by the old prim
     PgConn conn(primary.conninfo());
     conn.value("CREATE TABLE t (id int PRIMARY KEY, v colcrypt.encrypted('lk'))");
   }
-  insert_rows(primary, 1, 10, "lk");
+  insert_rows(primary, 1, 10);
   Sandbox standby(standby_options(primary));
   standby.wait_replayed(primary);
   {
@@ -250,7 +251,7 @@ TEST_CASE("replica: a key change lost in a failover is forgotten by the old prim
     }
   }
   keyctl_ok(primary, {"rotate", "lk"});
-  insert_rows(primary, 11, 11, "lk");  // under the old primary's version 2: lost
+  insert_rows(primary, 11, 11);  // under the old primary's version 2: lost
   {
     PgConn conn(primary.conninfo());
     REQUIRE(conn.value("SELECT colcrypt.key_version(v) FROM t WHERE id = 11") == "2");
@@ -259,7 +260,7 @@ TEST_CASE("replica: a key change lost in a failover is forgotten by the old prim
   primary.crash_postgres();
   standby.promote();
   standby.wait_keyd_log(0, "now writable");
-  insert_rows(standby, 11, 15, "lk");  // under version 1
+  insert_rows(standby, 11, 15);  // under version 1
 
   size_t log_mark = primary.keyd_log().size();
   primary.rewind_from(standby);
@@ -269,7 +270,7 @@ TEST_CASE("replica: a key change lost in a failover is forgotten by the old prim
   CHECK(rows_decrypting(primary) == "15");
 
   keyctl_ok(standby, {"rotate", "lk"});
-  insert_rows(standby, 16, 20, "lk");  // under the new primary's version 2
+  insert_rows(standby, 16, 20);  // under the new primary's version 2
   CHECK(rows_decrypting(standby) == "20");
   primary.wait_replayed(standby);
   CHECK(rows_decrypting(primary) == "20");
