@@ -37,12 +37,12 @@ class Sandbox {
  public:
   struct Options {
     bool with_postgres = true;  // false: keyd only (sandbox.sh keyd-start)
+    Env env;                    // extra environment for starting it
     bool store_db = false;      // keyd's store in the sandbox's database "postgres" (--store-db)
     bool replication = false;   // a replication primary (SANDBOX_REPLICATION=1)
     // A hot standby of this sandbox's cluster (sandbox.sh standby), which must
     // have been made with `replication`.
     const Sandbox* standby_of = nullptr;
-    Env env;  // extra environment for starting it
   };
 
   Sandbox();
