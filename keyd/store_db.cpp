@@ -501,11 +501,12 @@ void DbStoreBackend::save(const KekParams& params, const std::vector<KeyRecord>&
         generation, manifest_text, meta_mac, generation_, kDbFormatVersion, source,
         static_cast<int64_t>(params.iterations), salt, check);
     if (updated.affected_rows() != 1) {
-      throw Error(Errc::StoreCorrupt,
-                  "the key store in the " + location_ + " is no longer at generation " +
-                      std::to_string(generation_) +
-                      ": another process wrote it (a second keyd on the same database?); "
-                      "nothing was changed, restart this keyd");
+      const int64_t expected = generation_;
+      generation_ = -1;  // the next poll re-reads (and verifies) what is there
+      throw Error(Errc::Io, "the key store in the " + location_ + " is no longer at generation " +
+                                std::to_string(expected) +
+                                ": another process wrote it (a second keyd on the same "
+                                "database?); nothing was changed, keyd re-reads the store");
     }
     for (const Row& r : rows) {
       kept.insert({r.key_id, r.version});

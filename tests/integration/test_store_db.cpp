@@ -224,7 +224,7 @@ TEST_CASE("store-db: the database down at start, and lost while keyd runs", "[st
 }
 
 TEST_CASE("store-db: kill -9 of keyd during rotations leaves a consistent store",
-          "[storedb][crash]") {
+          "[storedb][kill9]") {
   Sandbox s(Sandbox::Options{true, store_db_env(false)});
   switch_to_store_db(s);
   keyctl_ok(s, {"create", "ck"});
