@@ -61,6 +61,9 @@ for n in $SCALE_ROWS; do
 done
 [ -n "$MEM_KEYS" ] || missing+=("mem_keys (meta)")
 for k in $MEM_KEYS; do need memory.$k.{anon_kb,locked_kb}; done
+MEM_TOOL_KEYS=${META[mem_tool_keys]:-}
+[ -n "$MEM_TOOL_KEYS" ] || missing+=("mem_tool_keys (meta)")
+for k in $MEM_TOOL_KEYS; do need memory_tool.$k.{heap_kb,anon_kb,locked_kb}; done
 if [ ${#missing[@]} -gt 0 ]; then
   echo "report: missing figures: ${missing[*]}" >&2
   exit 1
@@ -376,9 +379,19 @@ trap 'rm -f "$tmp" "$tmp.dat" "$tmp.gp"' EXIT
   echo
   echo "| keys in use | resident kB | per key | locked kB | per key |"
   echo "|---:|---:|---:|---:|---:|"
-
   for k in $MEM_KEYS; do
     echo "| $k | ${M[memory.$k.anon_kb]} | $(calc "${M[memory.$k.anon_kb]} / $k" 1) kB | ${M[memory.$k.locked_kb]} | $(calc "${M[memory.$k.locked_kb]} / $k" 1) kB |"
+  done
+  echo
+  echo "A keyd rewrites its whole store at every rotation, so a key with 10,000 versions takes most of an"
+  echo "hour to make; \`colcrypt-bench-keycache\` runs the cache's own code (src/pg/key_cache.cpp is"
+  echo "Postgres-free) against a fake keyd, as the postgres user, up to 10,000 versions: malloc'd bytes in"
+  echo "use (\`mallinfo2\`), RssAnon and VmLck growth over the process before its first key."
+  echo
+  echo "| keys in use | malloc'd kB | per key | resident kB | locked kB | per key |"
+  echo "|---:|---:|---:|---:|---:|---:|"
+  for k in $MEM_TOOL_KEYS; do
+    echo "| $k | ${M[memory_tool.$k.heap_kb]} | $(calc "${M[memory_tool.$k.heap_kb]} / $k" 1) kB | ${M[memory_tool.$k.anon_kb]} | ${M[memory_tool.$k.locked_kb]} | $(calc "${M[memory_tool.$k.locked_kb]} / $k" 1) kB |"
   done
   echo
   echo "## Core (Google Benchmark, CPU time per operation)"

@@ -26,7 +26,9 @@
 #   BENCH_KEYD_OPEN_SECONDS [2]  open loop: length of one run
 #   BENCH_SCALE [default]        "large" adds 10,000,000 rows to the scale figures
 #   BENCH_SCALE_ROWS [100000 1000000]  sizes of the scale figures (9-byte values)
-#   BENCH_MEM_KEYS [1 100 10000] key versions in use in one backend for the key cache's memory
+#   BENCH_MEM_KEYS [1 100 1000]  key versions in use in one backend for the key cache's memory
+#   BENCH_MEM_TOOL_KEYS [1 100 1000 10000]  the same with the cache's code outside Postgres
+#                                (colcrypt-bench-keycache: keyd cannot make 10,000 versions quickly)
 #   BENCH_CORE_MIN_TIME [0.2]    seconds per Google Benchmark measurement
 #   BENCH_KEYD_MAX_USES [268435456]  encryptions per key version before keyd
 #                                rotates (ENCRYPTION_MAX_USES_PER_VERSION for the sandbox
@@ -38,7 +40,7 @@
 #   BENCH_OUT [bench/RESULTS.md]  BENCH_CHART [bench/results.png]
 #   CMAKE_BUILD_DIR [build]
 #   BENCH_SKIP_BUILD=1  use prebuilt binaries and the installed extension:
-#     COLCRYPT_KEYD, COLCRYPT_KEYCTL, BENCH_CORE_BIN, BENCH_KEYD_BIN (bench/smoke.sh)
+#     COLCRYPT_KEYD, COLCRYPT_KEYCTL, BENCH_CORE_BIN, BENCH_KEYD_BIN, BENCH_KEYCACHE_BIN (bench/smoke.sh)
 set -euo pipefail
 
 src=$(cd "$(dirname "$0")/.." && pwd)
@@ -64,7 +66,8 @@ KEYD_OPEN_SECONDS=${BENCH_KEYD_OPEN_SECONDS:-2}
 SCALE=${BENCH_SCALE:-default}
 SCALE_ROWS=${BENCH_SCALE_ROWS:-100000 1000000}
 [ "$SCALE" != large ] || SCALE_ROWS="$SCALE_ROWS 10000000"
-MEM_KEYS=${BENCH_MEM_KEYS:-1 100 10000}
+MEM_KEYS=${BENCH_MEM_KEYS:-1 100 1000}
+MEM_TOOL_KEYS=${BENCH_MEM_TOOL_KEYS:-1 100 1000 10000}
 WORK=${BENCH_DIR:-/tmp/colcrypt-bench}
 PORT=${BENCH_PORT:-54391}
 OUT=${BENCH_OUT:-$src/bench/RESULTS.md}
@@ -84,7 +87,7 @@ die() { printf 'bench: error: %s\n' "$*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "run as root (sudo make bench): the sandbox starts postgres as the postgres user"
 for n in "$SHORT_ROWS" "$LONG_ROWS" "$PGP_ROWS" "$REPS" "$PGB_SECONDS" "$PGB_CLIENTS" \
   "$KEYD_CLIENTS" "$KEYD_REQUESTS" "$KEYD_MAX_USES" "$READ_REPS" "$CG_FEW" "$CG_MANY" \
-  "$KEYD_LOW_CLIENTS" "$KEYD_FETCHES" "$KEYD_RATE" "$KEYD_OPEN_SECONDS" $SCALE_ROWS $MEM_KEYS; do
+  "$KEYD_LOW_CLIENTS" "$KEYD_FETCHES" "$KEYD_RATE" "$KEYD_OPEN_SECONDS" $SCALE_ROWS $MEM_KEYS $MEM_TOOL_KEYS; do
   [[ $n =~ ^[1-9][0-9]*$ ]] || die "sizes must be positive integers (got '$n')"
 done
 [ "$CG_MANY" -gt "$CG_FEW" ] || die "BENCH_CALLGRIND_MANY must exceed BENCH_CALLGRIND_FEW"
@@ -94,9 +97,10 @@ started_at=$(date -u +%s)
 # ------------------------------------------------------------------ build
 
 if [ "${BENCH_SKIP_BUILD:-0}" = 1 ]; then
-  : "${COLCRYPT_KEYD:?}" "${COLCRYPT_KEYCTL:?}" "${BENCH_CORE_BIN:?}" "${BENCH_KEYD_BIN:?}"
+  : "${COLCRYPT_KEYD:?}" "${COLCRYPT_KEYCTL:?}" "${BENCH_CORE_BIN:?}" "${BENCH_KEYD_BIN:?}" "${BENCH_KEYCACHE_BIN:?}"
   core_bin=$BENCH_CORE_BIN
   keyd_bench_bin=$BENCH_KEYD_BIN
+  keycache_bin=$BENCH_KEYCACHE_BIN
 else
   say "build and install the extension into $("$PG_CONFIG" --pkglibdir); build keyd and the benchmarks"
   jobs=$(nproc 2>/dev/null || echo 2)
@@ -104,12 +108,13 @@ else
   # PREFIX: keyd and keyctl go to a scratch directory, not /usr/local.
   make -C "$src" --no-print-directory PG_CONFIG="$PG_CONFIG" CMAKE_BUILD_DIR="$build" \
     PREFIX="$WORK/prefix" install
-  cmake --build "$build" -j"$jobs" --target colcrypt-keyd colcrypt-keyctl colcrypt-bench-keyd
+  cmake --build "$build" -j"$jobs" --target colcrypt-keyd colcrypt-keyctl colcrypt-bench-keyd colcrypt-bench-keycache
   cmake --build "$build" -j"$jobs" --target colcrypt-bench-core ||
     die "colcrypt-bench-core was not built: install libbenchmark-dev (scripts/install-deps.sh)"
   export COLCRYPT_KEYD=$build/colcrypt-keyd COLCRYPT_KEYCTL=$build/colcrypt-keyctl
   core_bin=$build/colcrypt-bench-core
   keyd_bench_bin=$build/colcrypt-bench-keyd
+  keycache_bin=$build/colcrypt-bench-keycache
 fi
 command -v gnuplot >/dev/null || die "gnuplot is missing: apt-get install gnuplot-nox (scripts/install-deps.sh)"
 command -v valgrind >/dev/null || die "valgrind is missing: apt-get install valgrind (scripts/install-deps.sh)"
@@ -547,6 +552,20 @@ for k in $MEM_KEYS; do
   record "memory.$k.locked_kb" "$((lck - lck0))"
   printf '  %6s keys: +%s kB resident (anonymous), +%s kB locked\n' "$k" "$((anon - anon0))" "$((lck - lck0))"
 done
+# The same cache code outside Postgres, to 10,000 versions, as the postgres
+# user (the limits a backend has).
+install -d -m 0755 "$WORK/bin"
+install -m 0755 "$keycache_bin" "$WORK/bin/colcrypt-bench-keycache"
+runuser -u postgres -- "$WORK/bin/colcrypt-bench-keycache" $MEM_TOOL_KEYS >"$WORK/memory_tool.out" ||
+  die "colcrypt-bench-keycache failed"
+while read -r line; do
+  k=$(sed -n 's/^keys=\([0-9]*\).*/\1/p' <<<"$line")
+  for f in heap_kb anon_kb locked_kb; do
+    record "memory_tool.$k.$f" "$(sed -n "s/.* $f=\(-\{0,1\}[0-9]*\).*/\1/p" <<<"$line")"
+  done
+  echo "  cache code alone: $line"
+done <"$WORK/memory_tool.out"
+note mem_tool_keys "$MEM_TOOL_KEYS"
 note mem_rlimit "$(psql_q -c "SELECT (regexp_match(pg_read_file('/proc/self/limits'), 'Max locked memory\s+(\S+)'))[1]") bytes"
 
 # ------------------------------------------------------------------ keyd

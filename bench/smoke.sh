@@ -5,24 +5,24 @@
 # machine a ratio may come out negative or absurd, and that is reported, not
 # failed. What fails is breakage: a value that does not decrypt to its source
 # (bench/run.sh checks every row), a crash, an error, a missing figure.
-#   bench/smoke.sh KEYD_BIN KEYCTL_BIN CORE_BENCH_BIN KEYD_BENCH_BIN
+#   bench/smoke.sh KEYD_BIN KEYCTL_BIN CORE_BENCH_BIN KEYD_BENCH_BIN KEYCACHE_BENCH_BIN
 # The extension must already be installed (scripts/test.sh does `make install`).
 set -euo pipefail
 
-[ $# -eq 4 ] || { echo "usage: $0 KEYD_BIN KEYCTL_BIN CORE_BENCH_BIN KEYD_BENCH_BIN" >&2; exit 2; }
+[ $# -eq 5 ] || { echo "usage: $0 KEYD_BIN KEYCTL_BIN CORE_BENCH_BIN KEYD_BENCH_BIN KEYCACHE_BENCH_BIN" >&2; exit 2; }
 src=$(cd "$(dirname "$0")/.." && pwd)
 dir=$(mktemp -d /tmp/colcrypt-bench-smoke.XXXXXX)
 chmod 0755 "$dir"  # postgres must reach the sandbox inside it
 trap 'rm -rf "$dir"' EXIT
 
-BENCH_SKIP_BUILD=1 COLCRYPT_KEYD=$1 COLCRYPT_KEYCTL=$2 BENCH_CORE_BIN=$3 BENCH_KEYD_BIN=$4 \
+BENCH_SKIP_BUILD=1 COLCRYPT_KEYD=$1 COLCRYPT_KEYCTL=$2 BENCH_CORE_BIN=$3 BENCH_KEYD_BIN=$4 BENCH_KEYCACHE_BIN=$5 \
   BENCH_DIR=$dir/work BENCH_PORT=$((56000 + RANDOM % 1000)) \
   BENCH_OUT=$dir/RESULTS.md BENCH_CHART=$dir/results.png \
   BENCH_SHORT_ROWS=2000 BENCH_LONG_ROWS=300 BENCH_PGP_ROWS=20 BENCH_REPS=1 \
   BENCH_PGBENCH_SECONDS=1 BENCH_PGBENCH_CLIENTS=2 BENCH_KEYD_CLIENTS=8 BENCH_KEYD_REQUESTS=5 \
   BENCH_CORE_MIN_TIME=0.01 BENCH_READ_REPS=2 BENCH_CALLGRIND_FEW=2 BENCH_CALLGRIND_MANY=6 \
   BENCH_KEYD_LOW_CLIENTS=2 BENCH_KEYD_FETCHES=100 BENCH_KEYD_RATE=1000 BENCH_KEYD_OPEN_SECONDS=1 \
-  BENCH_SCALE_ROWS="500 1000" BENCH_MEM_KEYS="1 5" \
+  BENCH_SCALE_ROWS="500 1000" BENCH_MEM_KEYS="1 5" BENCH_MEM_TOOL_KEYS="1 5" \
   "$src/bench/run.sh"
 
 fail() { echo "bench-smoke: $*" >&2; exit 1; }
