@@ -280,7 +280,7 @@ trap 'rm -f "$tmp" "$tmp.dat" "$tmp.gp"' EXIT
   echo "## Point reads, instructions per transaction (callgrind)"
   echo
   echo "The postmaster under \`valgrind --tool=callgrind\`; \`pgbench -n -M prepared -c 1 --random-seed=1\` as"
-  echo "the application role runs each point-read script for ${META[sizes]##*callgrind=} transactions (two runs); the"
+  echo "the application role runs each point-read script for $(sed -n 's/.*callgrind=\([0-9]*\)\/\([0-9]*\)tx.*/\1 and \2/p' <<<"${META[sizes]:-}") transactions (two runs); the"
   echo "difference of the serving backend's instruction counts, divided by the difference of the"
   echo "transaction counts, is one transaction without the backend's start-up. Deterministic: the"
   echo "machine's load does not change it (load $(load_of callgrind) when it ran). valgrind's CPU model"
@@ -442,7 +442,7 @@ set yrange [0.1:*]
 set ylabel "ratio (log scale)"
 set xtics rotate by 30 right
 set grid ytics
-set key top right
+set key top left
 set arrow from graph 0, first 1 to graph 1, first 1 nohead dashtype 2 lc rgb "#555555"
 plot "$tmp.dat" using 2:xtic(1) title "colcrypt" lc rgb "#2b6cb0", \
      "" using 3 title "pgcrypto (encrypt_iv + gen_random_bytes / decrypt)" lc rgb "#dd6b20"
