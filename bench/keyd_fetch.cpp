@@ -8,7 +8,7 @@
 // a backend's client::Client does) or "new" (a new connection per fetch, what
 // the first fetch of a new backend pays: connect, send, receive).
 //
-//   colcrypt-bench-keyd SOCKET KEY_NAME CLIENTS REQUESTS [primary|version] [kept|new]
+//   colcrypt-bench-keyd SOCKET KEY_NAME CLIENTS REQUESTS [primary|version] [kept|new] [RATE]
 // prints one line:  requests=N errors=E p50_us=X p99_us=Y max_us=Z per_s=R
 // (R: fetches per second over the whole run) and exits 1 when any fetch
 // failed (the first error goes to stderr).
@@ -18,6 +18,14 @@
 // latency is CLIENTS / R (Little's law). With 64 clients on 2 cores the
 // latency figures measure throughput (CPU per fetch, client side included);
 // 1 client measures the service time of one fetch.
+//
+// With RATE (fetches per second, all clients together) the loop is open: each
+// client sends its fetches on a fixed schedule (every CLIENTS / RATE seconds,
+// the clients' schedules staggered evenly), whether or not keyd kept up, and a
+// fetch's latency counts from the moment it was due, not from when it was
+// sent, so that a stalled keyd is charged for the fetches that queued behind
+// it (no coordinated omission). That is how backends with warm caches ask:
+// rarely, independently of each other.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -42,9 +50,9 @@ double percentile(const std::vector<double>& sorted, double p) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 5 || argc > 7) {
+  if (argc < 5 || argc > 8) {
     std::fprintf(stderr,
-                 "usage: %s SOCKET KEY_NAME CLIENTS REQUESTS [primary|version] [kept|new]\n",
+                 "usage: %s SOCKET KEY_NAME CLIENTS REQUESTS [primary|version] [kept|new] [RATE]\n",
                  argv[0]);
     return 2;
   }
@@ -53,12 +61,13 @@ int main(int argc, char** argv) {
   const int clients = std::atoi(argv[3]);
   const int requests = std::atoi(argv[4]);
   const std::string op = argc >= 6 ? argv[5] : "primary";
-  const std::string connection = argc == 7 ? argv[6] : "kept";
+  const std::string connection = argc >= 7 ? argv[6] : "kept";
+  const double rate = argc == 8 ? std::atof(argv[7]) : 0.0;
   if (clients <= 0 || requests <= 0 || (op != "primary" && op != "version") ||
-      (connection != "kept" && connection != "new")) {
+      (connection != "kept" && connection != "new") || (argc == 8 && !(rate > 0))) {
     std::fprintf(stderr,
                  "CLIENTS and REQUESTS must be positive, OP primary or version, CONNECTION kept "
-                 "or new\n");
+                 "or new, RATE positive\n");
     return 2;
   }
   colcrypt::KeyId key_id{};
@@ -86,6 +95,12 @@ int main(int argc, char** argv) {
   int ready = 0;
   bool go = false;
 
+  // Open loop: client t's fetch i is due at start + (i + t / clients) * period.
+  using Clock = std::chrono::steady_clock;
+  const Clock::duration period = std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double>(rate > 0 ? clients / rate : 0.0));
+  Clock::time_point started;
+
   std::vector<std::thread> threads;
   for (int t = 0; t < clients; ++t) {
     threads.emplace_back([&, t] {
@@ -101,8 +116,15 @@ int main(int argc, char** argv) {
         cv.notify_all();
         cv.wait(lock, [&] { return go; });
       }
+      const Clock::time_point first_due = started + period * t / clients;
       for (int i = 0; i < requests; ++i) {
-        const auto start = std::chrono::steady_clock::now();
+        Clock::time_point start;
+        if (rate > 0) {
+          start = first_due + period * i;
+          std::this_thread::sleep_until(start);
+        } else {
+          start = Clock::now();
+        }
         try {
           if (connection == "new") client.disconnect();
           colcrypt::wire::KeyReply reply = op == "primary"
@@ -121,12 +143,11 @@ int main(int argc, char** argv) {
       }
     });
   }
-  std::chrono::steady_clock::time_point started;
   {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return ready == clients; });
     go = true;
-    started = std::chrono::steady_clock::now();
+    started = Clock::now();  // read by the clients only after they see go
   }
   cv.notify_all();
   for (auto& th : threads) th.join();

@@ -19,6 +19,7 @@
 #include "keyd/log.hpp"
 #include "keyd/metrics.hpp"
 #include "keyd/store.hpp"
+#include "keyd/unwrapped_keys.hpp"
 
 namespace colcrypt::keyd {
 
@@ -195,6 +196,10 @@ class Server {
 
   ServerConfig config_;
   KeyStore store_;
+  // Unwrapped keys of recently served versions (keyd/unwrapped_keys.hpp);
+  // cleared on every admin request, key publication and reload.
+  UnwrappedKeys unwrapped_;
+  SecretBytes unwrap_cached(const KeyRecord& key, uint32_t version);
   int listen_fd_ = -1;
   dev_t socket_dev_ = 0;
   ino_t socket_ino_ = 0;

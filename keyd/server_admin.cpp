@@ -12,6 +12,7 @@ namespace colcrypt::keyd {
 using nlohmann::json;
 
 void Server::publish_keys() {
+  unwrapped_.clear();  // a rotation (or any key change): serve nothing unwrapped before it
   std::map<std::string, KeySnapshot> keys;
   for (const auto& k : store_.keys()) keys[k.name] = {format_key_id(k.id), k.primary_version};
   jobs_->publish_keys(std::move(keys));
@@ -96,6 +97,8 @@ void Server::run_scheduler(bool force) {
 
 void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
                           const DatabaseResults* counts) {
+  // Disable, enable, destroy, rotate...: no unwrapped key outlives a change.
+  unwrapped_.clear();
   const std::string peer = peer_text(c.uid, c.pid);
   json request;
   try {

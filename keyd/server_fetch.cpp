@@ -101,7 +101,7 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
         // remain valid (the version never exceeds its cap).
         reply.state = wire::KeyState::Active;
         reply.name = key->name;
-        reply.key = store_.unwrap(*key, grant.version);
+        reply.key = unwrap_cached(*key, grant.version);
         if (block) {
           queue(c, wire::encode_key_grant(reply, static_cast<uint32_t>(grant.granted)));
         } else {
@@ -202,7 +202,7 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
         reply.version = version;
         reply.state = v->state;
         reply.name = key->name;
-        reply.key = store_.unwrap(*key, version);
+        reply.key = unwrap_cached(*key, version);
         queue(c, wire::encode_key_reply(reply));
         store_.record_use(key->id, now_seconds());
         entry["result"] = "ok";
@@ -271,6 +271,21 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
     log_error("request from peer " + peer + " failed: " + e.what());
     return fail(wire::FailureCode::Internal, "internal error in colcrypt-keyd (see its log)");
   }
+}
+
+SecretBytes Server::unwrap_cached(const KeyRecord& key, uint32_t version) {
+  const KeyVersion* v = key.find_version(version);
+  // Only versions that may be served come from the cache; the store decides
+  // (and refuses) everything else: unknown, destroyed, not authenticating.
+  const bool servable =
+      v && v->state != wire::KeyState::Disabled && v->state != wire::KeyState::Destroyed;
+  if (servable) {
+    const ByteView cached = unwrapped_.find(key.id, version, ByteView(v->wrapped));
+    if (!cached.empty()) return SecretBytes(cached);
+  }
+  SecretBytes bytes = store_.unwrap(key, version);
+  if (servable) unwrapped_.insert(key.id, version, ByteView(v->wrapped), bytes.view());
+  return bytes;
 }
 
 void Server::refuse_fetch(Connection& c, uint8_t type, const std::vector<uint8_t>& body) {

@@ -82,6 +82,7 @@ bool Server::may_connect(uid_t uid) const { return is_admin(uid) || may_fetch(ui
 
 void Server::reload() {
   reopen_log_file();  // first: what follows goes to the new file
+  unwrapped_.clear();
   if (!config_.reload) {
     log_info("SIGHUP: no --config file to read again (the log file, if any, was reopened)");
     return;

@@ -510,3 +510,32 @@ TEST_CASE("keyd server: file fetches are audited as such, charge the wrap, pin n
   CHECK_FALSE(shown["versions"][0].contains("blind_index"));
   CHECK(keyd.admin({{"op", "audit-verify"}})["ok"] == true);
 }
+
+TEST_CASE("keyd server: keys served from its unwrapped-key cache follow disable and destroy",
+          "[keystore][server][unwrapped]") {
+  const uid_t me = ::geteuid();
+  RunningKeyd keyd({me}, {me});
+  keyd.admin({{"op", "create"}, {"name", "hot"}});
+  const wire::KeyReply v1 = keyd.client().fetch_primary("hot");
+  keyd.admin({{"op", "rotate"}, {"name", "hot"}});
+  // Warm the cache for version 1 on a kept connection, as a backend does.
+  Client c = keyd.client();
+  for (int i = 0; i < 3; ++i) CHECK(key_bytes(c.fetch_version(v1.id, 1)) == key_bytes(v1));
+  keyd.admin({{"op", "disable"}, {"name", "hot"}, {"version", 1}, {"force", true}});
+  CHECK(error_of([&] { c.fetch_version(v1.id, 1); }) == Errc::KeyUnavailable);
+  keyd.admin({{"op", "enable"}, {"name", "hot"}, {"version", 1}});
+  CHECK(key_bytes(c.fetch_version(v1.id, 1)) == key_bytes(v1));
+  CHECK(key_bytes(c.fetch_version(v1.id, 1)) == key_bytes(v1));
+  keyd.admin({{"op", "destroy"}, {"name", "hot"}, {"version", 1}, {"force", true}});
+  CHECK(error_of([&] { c.fetch_version(v1.id, 1); }) == Errc::KeyUnavailable);
+  // The primary is served from the cache after a rotation as well: the new version's key.
+  const wire::KeyReply v2 = c.fetch_primary("hot");
+  CHECK(v2.version == 2);
+  CHECK(key_bytes(c.fetch_primary("hot")) == key_bytes(v2));
+  CHECK(key_bytes(v2) != key_bytes(v1));
+  keyd.admin({{"op", "rotate"}, {"name", "hot"}});
+  const wire::KeyReply v3 = c.fetch_primary("hot");
+  CHECK(v3.version == 3);
+  CHECK(key_bytes(v3) != key_bytes(v2));
+  CHECK(key_bytes(c.fetch_version(v2.id, 2)) == key_bytes(v2));
+}
