@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <limits>
 #include <nlohmann/json.hpp>
 
 #include "core/aead.hpp"
@@ -23,7 +24,7 @@ namespace {
 using nlohmann::json;
 
 constexpr const char* kFormatName = "colcrypt-keystore";
-constexpr int kStoreFormatVersion = 1;
+constexpr uint32_t kStoreFormatVersion = 1;
 constexpr size_t kSaltSize = 32;
 constexpr size_t kMaxStoreFileSize = 64u << 20;
 constexpr std::string_view kKekCheckPlaintext = "colcrypt keystore KEK check v1";
@@ -212,6 +213,23 @@ KeyId parse_id_field(const std::string& path, const json& j) {
   return id;
 }
 
+// A whole number that fits T. nlohmann's get<T>() would wrap a negative or
+// too large integer and cast a float out of range (undefined behaviour: found
+// by the store fuzz target), so anything else is a corrupt store.
+template <typename T>
+T unsigned_field(const std::string& path, const json& j, const std::string& what) {
+  if (!j.is_number_unsigned() || j.get<uint64_t>() > std::numeric_limits<T>::max()) {
+    corrupt(path, "invalid " + what);
+  }
+  return static_cast<T>(j.get<uint64_t>());
+}
+
+template <typename T>
+T optional_unsigned_field(const std::string& path, const json& j, const char* field, T fallback,
+                          const std::string& what) {
+  return j.contains(field) ? unsigned_field<T>(path, j.at(field), what) : fallback;
+}
+
 std::optional<int64_t> parse_time_field(const std::string& path, const json& j, bool nullable) {
   if (nullable && j.is_null()) return std::nullopt;
   auto t = parse_timestamp(j.get<std::string>());
@@ -228,23 +246,25 @@ KeyRecord parse_key(const std::string& path, const json& j) {
   if (k.algorithm != "AES-256-GCM") corrupt(path, "unsupported algorithm for key '" + k.name + "'");
   k.created_at = *parse_time_field(path, j.at("created_at"), false);
   k.expires_at = parse_time_field(path, j.at("expires_at"), true);
-  k.rotation_interval_days = j.at("rotation_interval_days").get<uint32_t>();
+  k.rotation_interval_days =
+      unsigned_field<uint32_t>(path, j.at("rotation_interval_days"), "rotation_interval_days");
   k.last_used = parse_time_field(path, j.at("last_used"), true);
-  k.usage_count = j.at("usage_count").get<uint64_t>();
-  k.primary_version = j.at("primary_version").get<uint32_t>();
+  k.usage_count = unsigned_field<uint64_t>(path, j.at("usage_count"), "usage_count");
+  k.primary_version = unsigned_field<uint32_t>(path, j.at("primary_version"), "primary_version");
   // Fields added by the lifecycle work (issue 3) are optional: older stores open.
-  k.max_uses_per_version = j.value("max_uses_per_version", kDefaultMaxUsesPerVersion);
+  k.max_uses_per_version = optional_unsigned_field<uint64_t>(
+      path, j, "max_uses_per_version", kDefaultMaxUsesPerVersion, "max_uses_per_version");
   if (k.max_uses_per_version < 1 || k.max_uses_per_version > kMaxMaxUsesPerVersion) {
     corrupt(path, "invalid max_uses_per_version of key '" + k.name + "'");
   }
   for (const auto& jv : j.at("versions")) {
     KeyVersion v;
-    v.version = jv.at("version").get<uint32_t>();
+    v.version = unsigned_field<uint32_t>(path, jv.at("version"), "version number");
     auto state = state_from_name(jv.at("state").get<std::string>());
     if (!state) corrupt(path, "invalid state of key '" + k.name + "'");
     v.state = *state;
     v.created_at = *parse_time_field(path, jv.at("created_at"), false);
-    v.usage_count = jv.value("usage_count", uint64_t{0});
+    v.usage_count = optional_unsigned_field<uint64_t>(path, jv, "usage_count", 0, "usage_count");
     v.usage_persisted = v.usage_count;
     if (jv.contains("destroyed_at")) {
       v.destroyed_at = parse_time_field(path, jv.at("destroyed_at"), true);
@@ -586,7 +606,8 @@ KeyStore KeyStore::open_impl(const std::string& dir, const MasterSecret& secret,
     }
     if (body.at("format").get<std::string>() != kFormatName)
       corrupt(path, "not a colcrypt key store");
-    int version = body.at("format_version").get<int>();
+    const uint32_t version =
+        unsigned_field<uint32_t>(path, body.at("format_version"), "format version");
     if (version != kStoreFormatVersion) {
       corrupt(path, "unsupported format version " + std::to_string(version));
     }
@@ -595,7 +616,8 @@ KeyStore KeyStore::open_impl(const std::string& dir, const MasterSecret& secret,
     if (source == "password") {
       if (kek.at("kdf").get<std::string>() != "PBKDF2-HMAC-SHA256") corrupt(path, "unknown KDF");
       store.kek_source_ = MasterSecret::Kind::Password;
-      store.pbkdf2_iterations_ = kek.at("iterations").get<uint32_t>();
+      store.pbkdf2_iterations_ =
+          unsigned_field<uint32_t>(path, kek.at("iterations"), "PBKDF2 iterations");
       auto salt = from_hex(kek.at("salt").get<std::string>());
       if (!salt || salt->size() != kSaltSize || store.pbkdf2_iterations_ == 0) {
         corrupt(path, "invalid PBKDF2 parameters");
