@@ -20,7 +20,7 @@ using nlohmann::json;
 using namespace store_format;
 
 constexpr const char* kFormatName = "colcrypt-keystore";
-constexpr int kStoreFormatVersion = 1;
+constexpr uint32_t kStoreFormatVersion = 1;
 constexpr size_t kMaxStoreFileSize = 64u << 20;
 
 std::string errno_text(int err) { return std::strerror(err); }
@@ -242,7 +242,8 @@ KekParams FileStoreBackend::read_params() {
     }
     if (body.at("format").get<std::string>() != kFormatName)
       corrupt(path, "not a colcrypt key store");
-    int version = body.at("format_version").get<int>();
+    const uint32_t version =
+        unsigned_field<uint32_t>(path, body.at("format_version"), "format version");
     if (version != kStoreFormatVersion) {
       corrupt(path, "unsupported format version " + std::to_string(version));
     }
@@ -251,7 +252,7 @@ KekParams FileStoreBackend::read_params() {
     if (source == "password") {
       if (kek.at("kdf").get<std::string>() != "PBKDF2-HMAC-SHA256") corrupt(path, "unknown KDF");
       params.source = MasterSecret::Kind::Password;
-      params.iterations = kek.at("iterations").get<uint32_t>();
+      params.iterations = unsigned_field<uint32_t>(path, kek.at("iterations"), "PBKDF2 iterations");
       auto salt = from_hex(kek.at("salt").get<std::string>());
       if (!salt || salt->size() != kSaltSize || params.iterations == 0) {
         corrupt(path, "invalid PBKDF2 parameters");

@@ -166,23 +166,25 @@ KeyRecord parse_key(const std::string& path, const json& j) {
   if (k.algorithm != "AES-256-GCM") corrupt(path, "unsupported algorithm for key '" + k.name + "'");
   k.created_at = *parse_time_field(path, j.at("created_at"), false);
   k.expires_at = parse_time_field(path, j.at("expires_at"), true);
-  k.rotation_interval_days = j.at("rotation_interval_days").get<uint32_t>();
+  k.rotation_interval_days =
+      unsigned_field<uint32_t>(path, j.at("rotation_interval_days"), "rotation_interval_days");
   k.last_used = parse_time_field(path, j.at("last_used"), true);
-  k.usage_count = j.at("usage_count").get<uint64_t>();
-  k.primary_version = j.at("primary_version").get<uint32_t>();
+  k.usage_count = unsigned_field<uint64_t>(path, j.at("usage_count"), "usage_count");
+  k.primary_version = unsigned_field<uint32_t>(path, j.at("primary_version"), "primary_version");
   // Fields added by the lifecycle work (issue 3) are optional: older stores open.
-  k.max_uses_per_version = j.value("max_uses_per_version", kDefaultMaxUsesPerVersion);
+  k.max_uses_per_version = optional_unsigned_field<uint64_t>(
+      path, j, "max_uses_per_version", kDefaultMaxUsesPerVersion, "max_uses_per_version");
   if (k.max_uses_per_version < 1 || k.max_uses_per_version > kMaxMaxUsesPerVersion) {
     corrupt(path, "invalid max_uses_per_version of key '" + k.name + "'");
   }
   for (const auto& jv : j.at("versions")) {
     KeyVersion v;
-    v.version = jv.at("version").get<uint32_t>();
+    v.version = unsigned_field<uint32_t>(path, jv.at("version"), "version number");
     auto state = state_from_name(jv.at("state").get<std::string>());
     if (!state) corrupt(path, "invalid state of key '" + k.name + "'");
     v.state = *state;
     v.created_at = *parse_time_field(path, jv.at("created_at"), false);
-    v.usage_count = jv.value("usage_count", uint64_t{0});
+    v.usage_count = optional_unsigned_field<uint64_t>(path, jv, "usage_count", 0, "usage_count");
     v.usage_persisted = v.usage_count;
     if (jv.contains("destroyed_at")) {
       v.destroyed_at = parse_time_field(path, jv.at("destroyed_at"), true);

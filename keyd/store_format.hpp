@@ -3,6 +3,7 @@
 #pragma once
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -31,5 +32,23 @@ nlohmann::json key_to_json(const KeyRecord& k, bool exact_usage);
 // The inverse, validating every field (StoreCorrupt naming `where`). The
 // caller catches nlohmann::json::exception (a missing or mistyped field).
 KeyRecord parse_key(const std::string& where, const nlohmann::json& j);
+
+// A whole number that fits T. nlohmann's get<T>() would wrap a negative or
+// too large integer and cast a float out of range (undefined behaviour, found
+// by the store fuzz target), so anything else is a corrupt store.
+template <typename T>
+T unsigned_field(const std::string& where, const nlohmann::json& j, const std::string& what) {
+  if (!j.is_number_unsigned() || j.get<uint64_t>() > std::numeric_limits<T>::max()) {
+    corrupt(where, "invalid " + what);
+  }
+  return static_cast<T>(j.get<uint64_t>());
+}
+
+// The same for an optional field: `fallback` when j has no `field`.
+template <typename T>
+T optional_unsigned_field(const std::string& where, const nlohmann::json& j, const char* field,
+                          T fallback, const std::string& what) {
+  return j.contains(field) ? unsigned_field<T>(where, j.at(field), what) : fallback;
+}
 
 }  // namespace colcrypt::keyd::store_format
