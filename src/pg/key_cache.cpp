@@ -28,9 +28,9 @@
 namespace colcrypt::pg {
 namespace {
 
-KeyCacheClock cache_clock = boottime_ms;
+ClockGettime read_clock = ::clock_gettime;
 
-int64_t now_ms() noexcept { return cache_clock(); }
+int64_t now_ms() noexcept { return boottime_ms(); }
 
 bool fresh(int64_t fetched_ms, int ttl_s, int64_t now) noexcept {
   return ttl_s > 0 && now - fetched_ms < static_cast<int64_t>(ttl_s) * 1000;
@@ -524,13 +524,13 @@ client::ClientOptions client_options(const KeydSettings& settings) {
 }
 
 int64_t boottime_ms() noexcept {
-  struct timespec ts;
-  clock_gettime(CLOCK_BOOTTIME, &ts);
+  struct timespec ts {};
+  read_clock(CLOCK_BOOTTIME, &ts);
   return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
 }
 
-void set_key_cache_clock(KeyCacheClock clock) noexcept {
-  cache_clock = clock != nullptr ? clock : boottime_ms;
+void set_key_cache_clock(ClockGettime clock_gettime_fn) noexcept {
+  read_clock = clock_gettime_fn != nullptr ? clock_gettime_fn : ::clock_gettime;
 }
 
 void evict_expired_keys(int ttl_s) noexcept {
