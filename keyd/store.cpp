@@ -640,6 +640,13 @@ KeyStore KeyStore::open_impl(const std::string& dir, const MasterSecret& secret,
     if (!given || !constant_time_equal(ByteView(*given), ByteView(expected))) {
       corrupt(path, "its MAC does not verify (the file was edited or damaged)");
     }
+    if (body.contains("audit_mark")) {
+      const json& mark = body.at("audit_mark");
+      store.audit_mark_.seq = mark.at("seq").get<uint64_t>();
+      store.audit_mark_.mac = mark.at("mac").get<std::string>();
+      store.audit_mark_.size = mark.at("size").get<uint64_t>();
+      if (store.audit_mark_.seq == 0) corrupt(path, "invalid audit mark");
+    }
     for (const auto& jk : body.at("keys")) {
       KeyRecord k = parse_key(path, jk);
       if (store.find(k.name) || store.find(k.id)) corrupt(path, "duplicate key '" + k.name + "'");
@@ -670,7 +677,8 @@ KeyStore::KeyStore(KeyStore&& other) noexcept
       keys_(std::move(other.keys_)),
       default_rotation_days_(other.default_rotation_days_),
       default_max_uses_(other.default_max_uses_),
-      dirty_(other.dirty_) {
+      dirty_(other.dirty_),
+      audit_mark_(std::move(other.audit_mark_)) {
   other.lock_fd_ = -1;
   other.dirty_ = false;
 }
@@ -690,6 +698,7 @@ KeyStore& KeyStore::operator=(KeyStore&& other) noexcept {
     default_rotation_days_ = other.default_rotation_days_;
     default_max_uses_ = other.default_max_uses_;
     dirty_ = other.dirty_;
+    audit_mark_ = std::move(other.audit_mark_);
     other.lock_fd_ = -1;
     other.dirty_ = false;
   }
@@ -1093,6 +1102,12 @@ void KeyStore::flush(bool release_reservations) {
   dirty_ = false;
 }
 
+void KeyStore::set_audit_mark(const AuditMark& mark) {
+  if (mark.seq == 0 || mark == audit_mark_) return;
+  audit_mark_ = mark;
+  dirty_ = true;
+}
+
 SecretBytes store_mac_key(ByteView kek) { return hkdf_sha256(kek, {}, ByteView::of(kMacInfo), 32); }
 
 std::string signed_store_text(nlohmann::json doc, ByteView mac_key) {
@@ -1122,6 +1137,10 @@ std::string KeyStore::serialize(const std::vector<KeyRecord>& keys) const {
               {"kek", std::move(kek)},
               {"kek_check", to_hex(ByteView(kek_check_))},
               {"keys", std::move(jkeys)}};
+  if (audit_mark_.seq > 0) {
+    doc["audit_mark"] = {
+        {"seq", audit_mark_.seq}, {"mac", audit_mark_.mac}, {"size", audit_mark_.size}};
+  }
   return signed_store_text(std::move(doc), mac_key_.view());
 }
 

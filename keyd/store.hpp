@@ -118,6 +118,20 @@ struct UseGrant {
   bool rotated = false;  // the key was rotated to serve (or after) this grant
 };
 
+// Where the audit log stood when keyd last made it durable (AuditLog::
+// durable_mark): its last entry's seq and mac, and the log's size then. The
+// key store keeps it (under the store's MAC) so that a log cut back and an
+// old copy of its head restored are found: the log must still hold this
+// entry at this offset, and the head must not name an earlier one.
+struct AuditMark {
+  uint64_t seq = 0;  // 0: none recorded (a new store, or one written before marks)
+  std::string mac;
+  uint64_t size = 0;
+  bool operator==(const AuditMark& o) const {
+    return seq == o.seq && mac == o.mac && size == o.size;
+  }
+};
+
 // Why a key is due for automatic rotation (KeyStore::rotation_due).
 enum class RotationReason { None, Interval, UsageCap };
 
@@ -230,6 +244,10 @@ class KeyStore {
 
   // Key for the audit log's MAC chain (HKDF of the KEK, its own label).
   SecretBytes audit_mac_key() const;
+  // The audit log's mark (AuditMark) as of the last save or set_audit_mark.
+  // A new mark makes the store dirty: the next flush() writes it.
+  const AuditMark& audit_mark() const { return audit_mark_; }
+  void set_audit_mark(const AuditMark& mark);
 
   // The file a save would write now (tests, the store's fuzz target).
   std::string file_text() const;
@@ -252,6 +270,7 @@ class KeyStore {
   uint32_t default_rotation_days_ = kDefaultRotationIntervalDays;
   uint64_t default_max_uses_ = kDefaultMaxUsesPerVersion;
   bool dirty_ = false;
+  AuditMark audit_mark_;
   bool releasing_ = false;  // save() writes exact usage instead of reservations
 
   KeyRecord& mutable_key(std::string_view name, std::vector<KeyRecord>& keys);
