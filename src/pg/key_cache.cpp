@@ -334,8 +334,10 @@ class KeyCache {
         hkdf_sha256(reply.key.view(), ByteView::of(kBlindIndexSalt), ByteView(reply.id), 32);
     SecretBytes siv_key =
         hkdf_sha256(reply.key.view(), ByteView::of(kDeterministicSalt), ByteView(reply.id), 64);
-    keys_.erase(ref);
+    // last_ first: it may point at the node erase() frees (found by ASan in
+    // pg_regress: a backend's new use block for the version it holds).
     if (last_ != nullptr && last_->first == ref) last_ = nullptr;
+    keys_.erase(ref);
     auto [it, inserted] = keys_.emplace(
         ref, KeyEntry{std::move(key), std::move(reply.name), now, HmacSha256(blind_key.view()),
                       std::move(siv_key), SecretBytes(reply.key.view())});

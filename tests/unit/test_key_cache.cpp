@@ -138,6 +138,27 @@ TEST_CASE("key cache: the TTL expires on the cache clock's time", "[key_cache]")
   CHECK(keyd.version_fetches() == 1);
 }
 
+TEST_CASE("key cache: a new use block for the version it holds replaces the cached entry",
+          "[key_cache]") {
+  // The block of 1024 uses runs out while the version is cached (and is the
+  // last one used): the fetch of the next block stores the same version
+  // again. Under ASan this read freed memory (key_cache.cpp, store()).
+  OneKeyKeyd keyd;
+  CacheReset reset;
+  pg::clear_key_cache();
+  pg::set_key_cache_clock(fake_clock);
+  const pg::KeydSettings s = settings_for(keyd.path(), 60);
+  fake_now = 1'000;
+  std::vector<uint8_t> value;
+  for (int i = 0; i < 1025; ++i) {
+    value = encrypt(s);
+    decrypt(s, value);
+  }
+  CHECK(keyd.primary_fetches() == 2);
+  CHECK(keyd.version_fetches() == 0);
+  decrypt(s, value);
+}
+
 TEST_CASE("key cache: time the machine spent suspended counts", "[key_cache]") {
   // A night in suspend moves CLOCK_BOOTTIME by eight hours and the monotonic
   // clocks not at all: the entries fetched before it must be stale.
