@@ -38,7 +38,8 @@ endif
 EXTRA_CLEAN = $(OBJS:.o=.d)
 SHLIB_LINK = -lcrypto -lstdc++
 ifeq ($(COLCRYPT_SANITIZE),1)
-SHLIB_LINK += -fsanitize=address,undefined
+# COLCRYPT_SANITIZE_LINK: -shared-libasan with clang (scripts/test-sanitize.sh).
+SHLIB_LINK += -fsanitize=address,undefined $(COLCRYPT_SANITIZE_LINK)
 endif
 # Debian's PG 15 would build LLVM bitcode with clang, which ignores PG_CXXFLAGS;
 # the extension gains nothing from JIT inlining, so skip it. `override`: PGXS's

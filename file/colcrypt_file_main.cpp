@@ -298,8 +298,12 @@ int main(int argc, char** argv) {
         stream::parse_file_header(colcrypt::ByteView(encoded.data(), have));
     const wire::KeyReply old_key =
         client.fetch_version(header.key_id, header.key_version, wire::FetchPurpose::File);
-    // Check the context before anything is charged to the primary.
+    // Check the context, and that OUT can be written as it must be (in place:
+    // with IN's owner), before anything is charged to the primary. Keeps IN's
+    // mode, in place its owner and group too.
     stream::unwrap_data_key(header, old_key.key.view(), context_view(context));
+    colcrypt::file::Output out(out_path, in.mode().value_or(0600),
+                               in_place ? in.owner() : std::nullopt);
     const wire::KeyReply primary = client.fetch_primary(old_key.name, wire::FetchPurpose::File);
     client.disconnect();
     if (primary.id != header.key_id) return fail(kExitOther, "keyd answered with another key");
@@ -314,7 +318,6 @@ int main(int argc, char** argv) {
             : stream::rewrap_header(header, old_key.key.view(), primary.key.view(), primary.version,
                                     context_view(context));
     const auto fresh_bytes = stream::encode_file_header(fresh);
-    colcrypt::file::Output out(out_path, in.mode().value_or(0600));  // keeps IN's mode
     if (in.size() && out_path != "-") {
       out.clone_from(in);
       out.pwrite_at(0, fresh_bytes.data(), fresh_bytes.size());

@@ -1,9 +1,11 @@
 #include "file/file_io.hpp"
 
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <linux/fs.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -31,6 +33,17 @@ void check_interrupted() {
 }
 
 std::string display(const std::string& path) { return path == "-" ? "standard input" : path; }
+
+std::string proc_fd_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
+
+// Whether linkat(fd, "", ..., AT_EMPTY_PATH) may name an O_TMPFILE file:
+// it needs CAP_DAC_READ_SEARCH (capget, as /proc may be missing).
+bool may_link_empty_path() {
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[_LINUX_CAPABILITY_U32S_3] = {};
+  if (::syscall(SYS_capget, &header, data) != 0) return false;
+  return (data[CAP_DAC_READ_SEARCH / 32].effective & (1u << (CAP_DAC_READ_SEARCH % 32))) != 0;
+}
 
 std::string dir_of(const std::string& path) {
   const auto slash = path.rfind('/');
@@ -79,6 +92,7 @@ Input::Input(const std::string& path) : name_(display(path)) {
     if (S_ISREG(st.st_mode)) {
       size_ = static_cast<uint64_t>(st.st_size);
       mode_ = st.st_mode & 07777;
+      owner_ = Owner{st.st_uid, st.st_gid};
     }
   }
 }
@@ -96,15 +110,23 @@ size_t Input::read(uint8_t* buffer, size_t n) {
   }
 }
 
-Output::Output(const std::string& path, mode_t mode) : path_(path) {
+Output::Output(const std::string& path, mode_t mode, std::optional<Input::Owner> owner)
+    : path_(path) {
   if (path == "-") {
     fd_ = 1;
     return;
   }
   dir_ = dir_of(path);
   fd_ = ::open(dir_.c_str(), O_TMPFILE | O_WRONLY | O_CLOEXEC, mode);
+  if (fd_ >= 0) {
+    link_by_proc_ = ::access(proc_fd_path(fd_).c_str(), F_OK) == 0;
+    if (!link_by_proc_ && !may_link_empty_path()) {
+      // commit() could not name it: a named temporary file instead.
+      ::close(fd_);
+      fd_ = -1;
+    }
+  }
   if (fd_ < 0) {
-    // No O_TMPFILE here (some file systems): a named temporary file.
     const auto slash = path.rfind('/');
     const std::string base = slash == std::string::npos ? path : path.substr(slash + 1);
     std::string tmpl = dir_ + "/." + base + ".colcrypt-XXXXXX";
@@ -113,14 +135,23 @@ Output::Output(const std::string& path, mode_t mode) : path_(path) {
     fd_ = ::mkostemp(buf.data(), O_CLOEXEC);
     if (fd_ < 0) io_error("cannot create a temporary file in " + dir_, errno);
     tmp_name_ = buf.data();
-    if (::fchmod(fd_, mode) != 0) {
-      const int err = errno;
-      ::close(fd_);
-      ::unlink(tmp_name_.c_str());
-      io_error("cannot set the mode of " + tmp_name_, err);
-    }
   }
   owned_ = true;
+  try {
+    // The owner first: a change of owner clears the set-id bits of the mode.
+    if (owner && ::fchown(fd_, owner->uid, owner->gid) != 0) {
+      const int err = errno;
+      throw Error(Errc::Io, "cannot keep the owner (uid " + std::to_string(owner->uid) + ", gid " +
+                                std::to_string(owner->gid) + ") of " + path_ + ": " +
+                                std::strerror(err) + "; run this as its owner or as root");
+    }
+    // Explicitly: the umask applied to the mode given to open().
+    if (::fchmod(fd_, mode) != 0) io_error("cannot set the mode of the new " + path_, errno);
+  } catch (...) {
+    ::close(fd_);  // no destructor runs for a constructor that throws
+    if (!tmp_name_.empty()) ::unlink(tmp_name_.c_str());
+    throw;
+  }
 }
 
 Output::~Output() {
@@ -188,7 +219,7 @@ void Output::commit() {
   if (tmp_name_.empty()) {
     // Give the unnamed file a temporary name, then rename it over OUT
     // (linkat cannot replace an existing file).
-    const std::string proc = "/proc/self/fd/" + std::to_string(fd_);
+    const std::string proc = proc_fd_path(fd_);
     for (int attempt = 0;; ++attempt) {
       uint8_t r[4];
       random_bytes(r, sizeof r);
@@ -197,7 +228,10 @@ void Output::commit() {
       const auto slash = path_.rfind('/');
       const std::string base = slash == std::string::npos ? path_ : path_.substr(slash + 1);
       const std::string name = dir_ + "/." + base + ".colcrypt-" + suffix;
-      if (::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, name.c_str(), AT_SYMLINK_FOLLOW) == 0) {
+      const int rc = link_by_proc_ ? ::linkat(AT_FDCWD, proc.c_str(), AT_FDCWD, name.c_str(),
+                                              AT_SYMLINK_FOLLOW)
+                                   : ::linkat(fd_, "", AT_FDCWD, name.c_str(), AT_EMPTY_PATH);
+      if (rc == 0) {
         tmp_name_ = name;
         break;
       }

@@ -30,6 +30,12 @@ class Input {
   std::optional<uint64_t> size() const { return size_; }
   // The permission bits of a file (none for a pipe or terminal).
   std::optional<mode_t> mode() const { return mode_; }
+  // The owner and group of a file (none for a pipe or terminal).
+  struct Owner {
+    uid_t uid;
+    gid_t gid;
+  };
+  std::optional<Owner> owner() const { return owner_; }
 
  private:
   int fd_ = -1;
@@ -37,16 +43,23 @@ class Input {
   std::string name_;
   std::optional<uint64_t> size_;
   std::optional<mode_t> mode_;
+  std::optional<Owner> owner_;
 };
 
 // An output: "-" (stdout, written as it comes) or a named file written to a
-// temporary file in its directory (unnamed where the file system supports
-// O_TMPFILE) and renamed over the name by commit(), after fsync of the file
-// and then of the directory. Destroyed without commit(), it leaves no file
-// behind and the name untouched. New files get mode 0600 (or `mode`).
+// temporary file in its directory and renamed over the name by commit(),
+// after fsync of the file and then of the directory. The temporary file is
+// unnamed (O_TMPFILE) where the file system supports it and commit() can
+// name it: through /proc/self/fd, or without /proc by linkat(AT_EMPTY_PATH),
+// which needs CAP_DAC_READ_SEARCH; else it is a named file from the start.
+// Destroyed without commit(), it leaves no file behind and the name
+// untouched. New files get mode 0600 (or `mode`, umask aside). With `owner`
+// (an in-place rewrite of someone else's file) the file gets that owner and
+// group, or the constructor throws Errc::Io when it may not give them.
 class Output {
  public:
-  explicit Output(const std::string& path, mode_t mode = 0600);
+  explicit Output(const std::string& path, mode_t mode = 0600,
+                  std::optional<Input::Owner> owner = std::nullopt);
   ~Output();
   Output(const Output&) = delete;
   Output& operator=(const Output&) = delete;
@@ -62,9 +75,10 @@ class Output {
  private:
   int fd_ = -1;
   bool owned_ = false;
-  std::string path_;      // OUT
-  std::string dir_;       // OUT's directory
-  std::string tmp_name_;  // the named temporary file (no O_TMPFILE), or empty
+  std::string path_;           // OUT
+  std::string dir_;            // OUT's directory
+  std::string tmp_name_;       // the named temporary file (no O_TMPFILE), or empty
+  bool link_by_proc_ = false;  // O_TMPFILE named through /proc (else AT_EMPTY_PATH)
   bool committed_ = false;
 };
 

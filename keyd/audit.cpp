@@ -147,6 +147,49 @@ uint64_t count_field(const json& entry, const char* name) {
 // How far back from the end of the log keyd looks for the head's entry at start.
 constexpr off_t kHeadBehindWindow = off_t{4} << 20;
 
+// Why the log and its head do not agree with the key store's mark, or empty.
+// head_seq: the authentic head's entry (nullopt: no usable head).
+std::string mark_problem(const std::string& path, const AuditMark& mark,
+                         std::optional<uint64_t> head_seq) {
+  if (mark.seq == 0) return {};
+  struct Fd {
+    int fd;
+    ~Fd() {
+      if (fd >= 0) ::close(fd);
+    }
+  } log{::open(path.c_str(), O_RDONLY | O_CLOEXEC)};
+  const int fd = log.fd;
+  const std::string recorded = "entry " + std::to_string(mark.seq) + " (at byte " +
+                               std::to_string(mark.size) +
+                               "), which the key store recorded when keyd last synced the log";
+  struct stat st {};
+  if (::fstat(fd, &st) != 0 || static_cast<uint64_t>(st.st_size) < mark.size) {
+    return "the log is shorter than " + recorded + " (cut back, replaced or deleted)";
+  }
+  const off_t end = static_cast<off_t>(mark.size);
+  const off_t chunk = std::min<off_t>(end, 65536);
+  std::string buf(static_cast<size_t>(chunk), '\0');
+  bool same =
+      chunk > 0 && ::pread(fd, buf.data(), buf.size(), end - chunk) == chunk && buf.back() == '\n';
+  if (same) {
+    buf.pop_back();
+    const auto nl = buf.find_last_of('\n');
+    try {
+      const json entry = json::parse(nl == std::string::npos ? buf : buf.substr(nl + 1));
+      same = entry.at("seq").get<uint64_t>() == mark.seq &&
+             entry.at("mac").get<std::string>() == mark.mac;
+    } catch (const json::exception&) {
+      same = false;
+    }
+  }
+  if (!same) return "the log no longer holds " + recorded + " (cut back or replaced)";
+  if (head_seq && *head_seq < mark.seq) {
+    return "the head names entry " + std::to_string(*head_seq) + ", before " + recorded +
+           " (an old copy of the head)";
+  }
+  return {};
+}
+
 }  // namespace
 
 json audit_verdict_json(const AuditVerdict& verdict, const std::string& path) {
@@ -159,7 +202,7 @@ json audit_verdict_json(const AuditVerdict& verdict, const std::string& path) {
           {"head_behind", verdict.head_behind}};
 }
 
-AuditLog::AuditLog(std::string path, SecretBytes mac_key)
+AuditLog::AuditLog(std::string path, SecretBytes mac_key, AuditMark mark)
     : path_(std::move(path)), mac_(mac_key.view()) {
   fd_ = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd_ < 0) {
@@ -193,7 +236,10 @@ AuditLog::AuditLog(std::string path, SecretBytes mac_key)
       const std::string mac = head.at("mac").get<std::string>();
       if (head.at("head_mac").get<std::string>() != head_mac(mac_, seq, mac)) {
         problem = "its head file does not authenticate";
-      } else if (problem.empty() && (seq != log_seq || mac != log_mac)) {
+      } else if (problem.empty()) {
+        problem = mark_problem(path_, mark, seq);
+      }
+      if (problem.empty() && (seq != log_seq || mac != log_mac)) {
         int tfd = seq < log_seq ? ::open(path_.c_str(), O_RDONLY | O_CLOEXEC) : -1;
         head_behind =
             tfd >= 0 && chains_on_from(mac_, tail_text(tfd, kHeadBehindWindow), seq, mac, log_seq);
@@ -209,6 +255,8 @@ AuditLog::AuditLog(std::string path, SecretBytes mac_key)
     }
   } else if (!tail.empty()) {
     problem = "its head file is missing";
+  } else {
+    problem = mark_problem(path_, mark, std::nullopt);  // log and head both gone
   }
   seq_ = committed_seq_ = log_seq;
   last_mac_ = committed_mac_ = log_mac;
@@ -378,8 +426,14 @@ bool AuditLog::commit() {
 
 void AuditLog::sync() {
   if (fd_ < 0) return;
-  if (write_batch()) sync_inline();
-  write_head(true);
+  const bool synced = write_batch() && sync_inline();
+  const bool head_synced = write_head(true);
+  struct stat st {};
+  // Nothing pending after a successful write_batch: the file ends with the
+  // last committed entry.
+  if (synced && head_synced && committed_seq_ > 0 && ::fstat(fd_, &st) == 0) {
+    durable_mark_ = {committed_seq_, committed_mac_, static_cast<uint64_t>(st.st_size)};
+  }
 }
 
 void AuditLog::start_sync_thread(std::function<void()> on_synced) {
@@ -545,7 +599,7 @@ void AuditLog::record_pending(const std::string& path, json event) {
   ::close(fd);
 }
 
-AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
+AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key, const AuditMark& mark) {
   AuditVerdict verdict;
   bool exists = false;
   const std::string text = read_whole(path, exists);
@@ -602,6 +656,12 @@ AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
                         " does not authenticate (modified, or an entry before it was removed)";
       return verdict;
     }
+    if (seq == mark.seq && (mac != mark.mac || pos != mark.size)) {
+      verdict.problem = "entry " + std::to_string(seq) +
+                        " is not the one the key store recorded when keyd last synced the log "
+                        "(the log was replaced)";
+      return verdict;
+    }
     const std::string event = text_field(entry, "event", "");
     if (event == "audit_gap") {
       const uint64_t lost = count_field(entry, "lost");
@@ -621,6 +681,13 @@ AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
     if (seq == head_seq) mac_at_head = mac;
     ++expected;
   }
+  if (mark.seq > verdict.entries) {
+    verdict.problem = "the log ends at entry " + std::to_string(verdict.entries) +
+                      ", before entry " + std::to_string(mark.seq) +
+                      ", which the key store recorded when keyd last synced the log "
+                      "(entries removed from its end)";
+    return verdict;
+  }
   if (!head_exists) {
     verdict.problem = "head file " + path + ".head is missing";
     return verdict;
@@ -631,6 +698,13 @@ AuditVerdict AuditLog::verify(const std::string& path, ByteView mac_key) {
     const std::string mac = head.at("mac").get<std::string>();
     if (head.at("head_mac").get<std::string>() != head_mac(hmac, seq, mac)) {
       verdict.problem = "head file does not authenticate";
+      return verdict;
+    }
+    if (seq < mark.seq) {
+      verdict.problem = "the head names entry " + std::to_string(seq) + ", before entry " +
+                        std::to_string(mark.seq) +
+                        ", which the key store recorded when keyd last synced the log (an old "
+                        "copy of the head)";
       return verdict;
     }
     if (seq < verdict.entries && mac_at_head == mac) {

@@ -47,6 +47,7 @@
 #include "core/kdf.hpp"
 #include "core/secure_memory.hpp"
 #include "keyd/metrics.hpp"
+#include "keyd/store.hpp"
 
 namespace colcrypt::keyd {
 
@@ -99,8 +100,12 @@ class AuditLog {
   // verify() reports. A head behind the log whose later entries chain on from
   // the one it names (keyd stopped between a batch's write and the head's
   // update) is no break: logged, recorded as "audit-head-behind", updated.
+  // With `mark` (the key store's AuditMark), the log must still hold the
+  // entry it names at its offset and the head must not name an earlier
+  // entry: else (a log cut back, with or without an old copy of its head
+  // restored, or replaced) that is recorded as a chain break too.
   // Imports PATH.pending. Throws Error(Io) when the file cannot be opened.
-  AuditLog(std::string path, SecretBytes mac_key);
+  AuditLog(std::string path, SecretBytes mac_key, AuditMark mark = {});
   ~AuditLog();
   AuditLog(const AuditLog&) = delete;
   AuditLog& operator=(const AuditLog&) = delete;
@@ -130,6 +135,10 @@ class AuditLog {
   size_t pending() const { return pending_entries_; }
 
   const std::string& path() const { return path_; }
+  // Where the last successful sync() left the log: its entries and its head
+  // on disk (fdatasynced). keyd keeps it in the key store (KeyStore::
+  // set_audit_mark). seq 0 before any entry.
+  const AuditMark& durable_mark() const { return durable_mark_; }
   uint64_t last_seq() const { return seq_; }
   // Last entry written to the file (by commit() or sync()): it survives a
   // crash or kill -9 of keyd (the kernel has it), not yet a power loss.
@@ -163,8 +172,10 @@ class AuditLog {
   // or stall it). Set before start_sync_thread.
   void set_fdatasync_for_tests(std::function<int(int)> f) { fdatasync_ = std::move(f); }
 
-  // Checks the whole chain and the head. Needs K (the KEK's HKDF).
-  static AuditVerdict verify(const std::string& path, ByteView mac_key);
+  // Checks the whole chain and the head. Needs K (the KEK's HKDF). With
+  // `mark` (the key store's), also that the log still holds the entry it
+  // names at its offset and that the head names no earlier entry.
+  static AuditVerdict verify(const std::string& path, ByteView mac_key, const AuditMark& mark = {});
 
   // For a failed unlock: appends an unauthenticated line to path + ".pending".
   static void record_pending(const std::string& path, nlohmann::json event);
@@ -187,6 +198,7 @@ class AuditLog {
   std::string last_mac_;        // its mac
   uint64_t committed_seq_ = 0;  // last entry written by commit()
   std::string committed_mac_;
+  AuditMark durable_mark_;
   std::string batch_;  // lines appended since the last commit
   size_t pending_entries_ = 0;
   std::atomic<uint64_t> write_failures_{0};

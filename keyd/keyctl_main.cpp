@@ -421,7 +421,8 @@ int main(int argc, char** argv) {
       const std::string path =
           audit_log.empty() ? store_dir + "/" + colcrypt::keyd::kAuditFileName : audit_log;
       const json reply = colcrypt::keyd::audit_verdict_json(
-          colcrypt::keyd::AuditLog::verify(path, store.audit_mac_key().view()), path);
+          colcrypt::keyd::AuditLog::verify(path, store.audit_mac_key().view(), store.audit_mark()),
+          path);
       if (raw_json) {
         std::printf("%s\n", reply.dump(2).c_str());
         return reply.value("ok", false) ? (reply["gaps"].empty() ? kExitOk : kExitAuditGaps)

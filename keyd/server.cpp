@@ -99,7 +99,9 @@ Server::Server(ServerConfig config, KeyStore store)
     config_.audit_log_path =
         store_.dir() + (store_.dir().back() == '/' ? "" : "/") + kAuditFileName;
   }
-  audit_ = std::make_unique<AuditLog>(config_.audit_log_path, store_.audit_mac_key());
+  audit_ = std::make_unique<AuditLog>(config_.audit_log_path, store_.audit_mac_key(),
+                                      store_.audit_mark());
+  store_.set_audit_mark(audit_->durable_mark());
   audit({{"event", "unlock"},
          {"store", store_.dir().empty() ? store_.location() : store_.dir()},
          {"keys", store_.keys().size()}});
@@ -113,7 +115,15 @@ void Server::audit(json event) {
   if (audit_) audit_->append(std::move(event));
 }
 
+void Server::sync_audit() {
+  if (!audit_) return;
+  audit_->sync();
+  // Written with the store's next save (at the latest on the flush tick).
+  store_.set_audit_mark(audit_->durable_mark());
+}
+
 Server::~Server() {
+  if (reload_thread_.joinable()) reload_thread_.join();
   connections_.clear();
   if (listen_fd_ >= 0) {
     ::close(listen_fd_);
@@ -202,12 +212,17 @@ bool Server::close_idlest() {
   // --max-connections the one whose last whole request is oldest makes room;
   // its client connects again when it next needs a key. A peer trickling a
   // frame (or sending nothing) ranks by its accept, so it goes before a
-  // client that keeps asking. A connection with a reply queued or row counts
-  // awaited is never taken.
+  // client that keeps asking. A connection in the middle of a frame ranks by
+  // the frame's first byte: a kept connection that was idle and has just
+  // begun a request is not cut off in the middle of it. A connection with a
+  // reply queued or row counts awaited is never taken.
+  auto rank = [](const Connection& c) {
+    return c.reader.buffered() > 0 ? std::max(c.last_request, c.frame_started) : c.last_request;
+  };
   Connection* idlest = nullptr;
   for (auto& c : connections_) {
     if (c->dead || c->waiting || !c->out.empty()) continue;
-    if (idlest == nullptr || c->last_request < idlest->last_request) idlest = c.get();
+    if (idlest == nullptr || rank(*c) < rank(*idlest)) idlest = c.get();
   }
   if (idlest == nullptr) return false;
   if (log_level() >= LogLevel::Debug)
@@ -245,14 +260,19 @@ void Server::handle_readable(Connection& c) {
 void Server::process_frames(Connection& c) {
   try {
     // A request waiting for row counts holds back the frames after it.
+    bool took_frame = false;
     while (!c.waiting) {
       auto frame = c.reader.next();
       if (!frame) break;
+      took_frame = true;
       c.request_started = Clock::now();
       handle_frame(c, static_cast<uint8_t>(frame->type), frame->body);
       secure_zero(frame->body.data(), frame->body.size());
       c.last_request = Clock::now();
     }
+    // The read that completed a frame also began the next one: that frame's
+    // time limit runs from this read, not from the first byte of the last.
+    if (took_frame && c.reader.buffered() > 0) c.frame_started = c.last_activity;
   } catch (const Error& e) {
     if (e.code() != Errc::ProtocolError) throw;
     log_warning("malformed frame from peer " + peer_text(c.uid, c.pid) + " (" + e.what() +
@@ -337,6 +357,7 @@ void Server::drain_signals() {
   while (::read(g_signal_pipe[0], buf, sizeof buf) > 0) {
   }
   if (g_hup.exchange(false)) reload();
+  finish_reload();
   if (g_stop && !stopping_) {
     stopping_ = true;
     log_info("shutting down");
@@ -353,7 +374,7 @@ void Server::flush_store(bool force) {
   } catch (const Error& e) {
     log_error(std::string("cannot save key usage: ") + e.what());
   }
-  if (audit_) audit_->sync();
+  sync_audit();
 }
 
 void Server::poll_store(bool force) {
@@ -534,11 +555,15 @@ int Server::run() {
   connections_.clear();
   metrics_http_.reset();
   stopping_ = true;
+  // A reload still resolving names is not applied; its thread ends with it.
+  if (reload_thread_.joinable()) reload_thread_.join();
+  reload_.reset();
   db_worker_.reset();  // a count in progress ends within --count-timeout-ms
   jobs_.reset();       // stops the worker; an unfinished batch rolls back
-  flush_store(true);
+  // The stop entry first: the store's last save then records the log's end.
   audit({{"event", "stop"}});
-  if (audit_) audit_->sync();
+  sync_audit();
+  flush_store(true);
   ::close(listen_fd_);
   listen_fd_ = -1;
   remove_socket();

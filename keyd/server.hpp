@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/error.hpp"
@@ -174,8 +175,13 @@ class Server {
   void queue(Connection& c, SecretBytes frame);
   void queue(Connection& c, const std::vector<uint8_t>& frame);
   void drain_signals();
-  // SIGHUP: reopens the log file, then applies config_.reload's settings.
+  // SIGHUP: reopens the log file, then runs config_.reload on a thread of
+  // its own (it resolves user names: NSS may block for as long as its
+  // server takes) and applies its settings when they are ready
+  // (finish_reload, on the loop). A SIGHUP during a reload runs another after it.
   void reload();
+  void finish_reload();
+  void apply_reload(const ReloadableSettings& settings);
   void flush_store(bool force);
   void remove_socket();
   bool may_connect(uid_t uid) const;  // on either list
@@ -184,6 +190,9 @@ class Server {
   // A key request from a peer not on allow_uids: Denied, audited and logged.
   void refuse_fetch(Connection& c, uint8_t type, const std::vector<uint8_t>& body);
   void audit(nlohmann::json event);
+  // Makes the audit log and its head durable and hands their mark to the
+  // store (AuditMark): after admin actions, on the flush tick, at stop.
+  void sync_audit();
   void run_scheduler(bool force);
   // --store-db: the database's role and new records (about once a second).
   void poll_store(bool force);
@@ -218,6 +227,11 @@ class Server {
   LoopMetrics metrics_;
   int64_t started_unix_ = 0;
   std::unique_ptr<MetricsHttp> metrics_http_;  // with --metrics-listen
+  // The reload thread and what it hands over (guarded by reload_->mutex).
+  struct ReloadResult;
+  std::shared_ptr<ReloadResult> reload_;
+  std::thread reload_thread_;
+  bool reload_again_ = false;
   // The key name for a metric label: the name when the store has such a key,
   // else kUnknownKeyLabel (peers choose the names they ask for).
   std::string key_label(const std::string& name) const;

@@ -56,7 +56,7 @@ json Server::rotate_and_audit(const std::string& name, const std::string& reason
     entry["result"] = "ok";
     entry["version"] = key.primary_version;
     audit(entry);
-    if (audit_) audit_->sync();
+    sync_audit();
     log_info("rotated key '" + key.name + "' to version " + std::to_string(key.primary_version) +
              " (" + reason + ")");
     return key_metadata_json(key);
@@ -137,7 +137,7 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
       if (request.is_object() && request.contains(field)) entry[field] = request[field];
     }
     audit(std::move(entry));
-    if (audit_) audit_->sync();
+    sync_audit();
   };
   try {
     if (!request.is_object() || !request.contains("op") || !request["op"].is_string()) {
@@ -301,9 +301,9 @@ void Server::handle_admin(Connection& c, const std::vector<uint8_t>& body,
         }
       }
     } else if (op == "audit-verify") {
-      if (audit_) audit_->sync();
-      AuditVerdict verdict =
-          AuditLog::verify(config_.audit_log_path, store_.audit_mac_key().view());
+      sync_audit();
+      AuditVerdict verdict = AuditLog::verify(config_.audit_log_path, store_.audit_mac_key().view(),
+                                              store_.audit_mark());
       result = audit_verdict_json(verdict, config_.audit_log_path);
     } else if (op == "status") {
       auto uptime =

@@ -8,6 +8,10 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <thread>
 
 #include "keyd/log.hpp"
 #include "keyd/metrics_http.hpp"
@@ -80,6 +84,13 @@ bool Server::may_fetch(uid_t uid) const {
 
 bool Server::may_connect(uid_t uid) const { return is_admin(uid) || may_fetch(uid); }
 
+struct Server::ReloadResult {
+  std::mutex mutex;
+  bool done = false;
+  std::optional<ReloadableSettings> settings;  // unset: the reload failed
+  std::string error;
+};
+
 void Server::reload() {
   reopen_log_file();  // first: what follows goes to the new file
   unwrapped_.clear();
@@ -87,17 +98,54 @@ void Server::reload() {
     log_info("SIGHUP: no --config file to read again (the log file, if any, was reopened)");
     return;
   }
-  ReloadableSettings settings;
-  try {
-    settings = config_.reload();
-  } catch (const std::exception& e) {
-    log_error("SIGHUP: cannot reload " + config_.reload_source + ": " + e.what() +
-              "; keeping the current settings");
-    audit({{"event", "reload"}, {"source", config_.reload_source}, {"result", "invalid"}});
+  if (reload_) {
+    reload_again_ = true;  // the file may have changed after the running reload read it
     return;
   }
-  config_.allow_uids = std::move(settings.allow_uids);
-  config_.admin_uids = std::move(settings.admin_uids);
+  reload_ = std::make_shared<ReloadResult>();
+  reload_thread_ = std::thread([reread = config_.reload, result = reload_] {
+    std::optional<ReloadableSettings> settings;
+    std::string error;
+    try {
+      settings = reread();
+    } catch (const std::exception& e) {
+      error = e.what();
+    }
+    {
+      std::lock_guard<std::mutex> lock(result->mutex);
+      result->settings = std::move(settings);
+      result->error = std::move(error);
+      result->done = true;
+    }
+    wake_loop('r');
+  });
+}
+
+void Server::finish_reload() {
+  if (!reload_) return;
+  {
+    std::lock_guard<std::mutex> lock(reload_->mutex);
+    if (!reload_->done) return;
+  }
+  reload_thread_.join();
+  const std::shared_ptr<ReloadResult> result = std::move(reload_);
+  reload_.reset();
+  if (!result->settings) {
+    log_error("SIGHUP: cannot reload " + config_.reload_source + ": " + result->error +
+              "; keeping the current settings");
+    audit({{"event", "reload"}, {"source", config_.reload_source}, {"result", "invalid"}});
+  } else {
+    apply_reload(*result->settings);
+  }
+  if (reload_again_ && !stopping_) {
+    reload_again_ = false;
+    reload();
+  }
+}
+
+void Server::apply_reload(const ReloadableSettings& settings) {
+  config_.allow_uids = settings.allow_uids;
+  config_.admin_uids = settings.admin_uids;
   set_log_level(settings.log_level);
   audit({{"event", "reload"},
          {"source", config_.reload_source},

@@ -180,7 +180,15 @@ KeyStore::PollResult KeyStore::poll(bool force_reload) {
 }
 
 std::string KeyStore::file_text() const {
-  return store_file_text(params_, keys_, releasing_, kek_.view());
+  return store_file_text(params_, keys_, releasing_, kek_.view(), backend_->audit_mark());
+}
+
+AuditMark KeyStore::audit_mark() const { return backend_->audit_mark(); }
+
+void KeyStore::set_audit_mark(const AuditMark& mark) {
+  if (!backend_->keeps_audit_mark() || mark.seq == 0 || mark == backend_->audit_mark()) return;
+  backend_->set_audit_mark(mark);
+  dirty_ = true;
 }
 
 const KeyRecord* KeyStore::find(std::string_view name) const {

@@ -130,6 +130,20 @@ struct UseGrant {
   bool rotated = false;  // the key was rotated to serve (or after) this grant
 };
 
+// Where the audit log stood when keyd last made it durable (AuditLog::
+// durable_mark): its last entry's seq and mac, and the log's size then. The
+// key store keeps it (under the store's MAC) so that a log cut back and an
+// old copy of its head restored are found: the log must still hold this
+// entry at this offset, and the head must not name an earlier one.
+struct AuditMark {
+  uint64_t seq = 0;  // 0: none recorded (a new store, or one written before marks)
+  std::string mac;
+  uint64_t size = 0;
+  bool operator==(const AuditMark& o) const {
+    return seq == o.seq && mac == o.mac && size == o.size;
+  }
+};
+
 // Why a key is due for automatic rotation (KeyStore::rotation_due).
 enum class RotationReason { None, Interval, UsageCap };
 
@@ -267,6 +281,12 @@ class KeyStore {
 
   // Key for the audit log's MAC chain (HKDF of the KEK, its own label).
   SecretBytes audit_mac_key() const;
+  // The audit log's mark (AuditMark) as of the last save or set_audit_mark.
+  // A new mark makes the store dirty: the next flush() writes it.
+  // Only the file store keeps a mark (StoreBackend::keeps_audit_mark); with
+  // another backend audit_mark() is empty and set_audit_mark does nothing.
+  AuditMark audit_mark() const;
+  void set_audit_mark(const AuditMark& mark);
 
   // The file a save would write now (tests, the store's fuzz target).
   std::string file_text() const;

@@ -45,6 +45,13 @@ class StoreBackend {
   // unreachable); read_only_reason() says why, for the peer.
   virtual bool read_only() const { return false; }
   virtual std::string read_only_reason() const { return {}; }
+  // The audit log's mark (AuditMark) kept with the records. The file store
+  // keeps it in its file, under the file's MAC (set_audit_mark: written by
+  // the next save). The database store keeps none: its tables replicate to
+  // hosts whose audit logs differ, and a standby cannot write them.
+  virtual bool keeps_audit_mark() const { return false; }
+  virtual AuditMark audit_mark() const { return {}; }
+  virtual void set_audit_mark(const AuditMark& /*mark*/) {}
   // Called by keyd's loop about once a second (and when a fetch names a key
   // or version not loaded): looks at the database's role and generation.
   virtual StorePoll poll(ByteView /*kek*/, bool /*force_reload*/) { return {}; }

@@ -163,7 +163,7 @@ std::string signed_store_text(nlohmann::json doc, ByteView mac_key) {
 }
 
 std::string store_file_text(const KekParams& params, const std::vector<KeyRecord>& keys,
-                            bool exact_usage, ByteView kek) {
+                            bool exact_usage, ByteView kek, const AuditMark& mark) {
   json jkek;
   if (params.source == MasterSecret::Kind::Password) {
     jkek = {{"source", "password"},
@@ -180,6 +180,7 @@ std::string store_file_text(const KekParams& params, const std::vector<KeyRecord
               {"kek", std::move(jkek)},
               {"kek_check", to_hex(ByteView(params.check))},
               {"keys", std::move(jkeys)}};
+  if (mark.seq > 0) doc["audit_mark"] = {{"seq", mark.seq}, {"mac", mark.mac}, {"size", mark.size}};
   return signed_store_text(std::move(doc), store_mac_key(kek).view());
 }
 
@@ -287,6 +288,13 @@ std::vector<KeyRecord> FileStoreBackend::read_keys(ByteView kek) {
       corrupt(path, "its MAC does not verify (the file was edited or damaged)");
     }
     for (const auto& jk : body.at("keys")) keys.push_back(parse_key(path, jk));
+    if (body.contains("audit_mark")) {
+      const json& mark = body.at("audit_mark");
+      mark_.seq = unsigned_field<uint64_t>(path, mark.at("seq"), "audit mark");
+      mark_.mac = mark.at("mac").get<std::string>();
+      mark_.size = unsigned_field<uint64_t>(path, mark.at("size"), "audit mark");
+      if (mark_.seq == 0) corrupt(path, "invalid audit mark");
+    }
   } catch (const json::exception&) {
     corrupt(path, "a field is missing or has the wrong type");
   }
@@ -301,7 +309,7 @@ void FileStoreBackend::initialize(const KekParams& params, const std::vector<Key
 void FileStoreBackend::save(const KekParams& params, const std::vector<KeyRecord>& keys,
                             bool exact_usage, ByteView kek) {
   if (read_only_) throw Error(Errc::Internal, "a key store opened read-only was written");
-  const std::string text = store_file_text(params, keys, exact_usage, kek);
+  const std::string text = store_file_text(params, keys, exact_usage, kek, mark_);
   const std::string tmp = join_path(dir_, kStoreTempFileName);
   const std::string path = file_path();
   ::unlink(tmp.c_str());

@@ -31,6 +31,9 @@ class FileStoreBackend : public StoreBackend {
                   ByteView kek) override;
   void save(const KekParams& params, const std::vector<KeyRecord>& keys, bool exact_usage,
             ByteView kek) override;
+  bool keeps_audit_mark() const override { return true; }
+  AuditMark audit_mark() const override { return mark_; }
+  void set_audit_mark(const AuditMark& mark) override { mark_ = mark; }
 
  private:
   explicit FileStoreBackend(std::string dir) : dir_(std::move(dir)) {}
@@ -38,6 +41,7 @@ class FileStoreBackend : public StoreBackend {
   int lock_fd_ = -1;
   bool read_only_ = false;
   nlohmann::json body_;  // the file read by read_params, without its checksum
+  AuditMark mark_;       // as read by read_keys, or set since
 };
 
 // KeyStore::exists.
@@ -45,6 +49,6 @@ bool file_store_exists(const std::string& dir);
 
 // The text of keystore.json holding `keys` (what a save writes).
 std::string store_file_text(const KekParams& params, const std::vector<KeyRecord>& keys,
-                            bool exact_usage, ByteView kek);
+                            bool exact_usage, ByteView kek, const AuditMark& mark = {});
 
 }  // namespace colcrypt::keyd

@@ -19,6 +19,7 @@ packages=(
   binutils                   # nm, for the exported-symbol check (scripts/check-extension.sh)
   clang libclang-rt-14-dev   # fuzz targets: clang++ with libFuzzer and ASan/UBSan runtimes
   valgrind                   # memcheck of keyd (ctest valgrind-keyd, make test-sanitize)
+  patchelf                   # make test-sanitize: the postmaster's libraries made to need ASan
   openssl                    # the AES-GCM baseline of the colcrypt-file bench (openssl speed)
   python3-cryptography       # the colcrypt-file interop test (an independent decryptor)
   time                       # /usr/bin/time -v: colcrypt-file's memory in its test and bench

@@ -28,9 +28,9 @@
 namespace colcrypt::pg {
 namespace {
 
-KeyCacheClock cache_clock = boottime_ms;
+ClockGettime read_clock = ::clock_gettime;
 
-int64_t now_ms() noexcept { return cache_clock(); }
+int64_t now_ms() noexcept { return boottime_ms(); }
 
 bool fresh(int64_t fetched_ms, int ttl_s, int64_t now) noexcept {
   return ttl_s > 0 && now - fetched_ms < static_cast<int64_t>(ttl_s) * 1000;
@@ -334,8 +334,10 @@ class KeyCache {
         hkdf_sha256(reply.key.view(), ByteView::of(kBlindIndexSalt), ByteView(reply.id), 32);
     SecretBytes siv_key =
         hkdf_sha256(reply.key.view(), ByteView::of(kDeterministicSalt), ByteView(reply.id), 64);
-    keys_.erase(ref);
+    // last_ first: it may point at the node erase() frees (found by ASan in
+    // pg_regress: a backend's new use block for the version it holds).
     if (last_ != nullptr && last_->first == ref) last_ = nullptr;
+    keys_.erase(ref);
     auto [it, inserted] = keys_.emplace(
         ref, KeyEntry{std::move(key), std::move(reply.name), now, HmacSha256(blind_key.view()),
                       std::move(siv_key), SecretBytes(reply.key.view())});
@@ -524,13 +526,13 @@ client::ClientOptions client_options(const KeydSettings& settings) {
 }
 
 int64_t boottime_ms() noexcept {
-  struct timespec ts;
-  clock_gettime(CLOCK_BOOTTIME, &ts);
+  struct timespec ts {};
+  read_clock(CLOCK_BOOTTIME, &ts);
   return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
 }
 
-void set_key_cache_clock(KeyCacheClock clock) noexcept {
-  cache_clock = clock != nullptr ? clock : boottime_ms;
+void set_key_cache_clock(ClockGettime clock_gettime_fn) noexcept {
+  read_clock = clock_gettime_fn != nullptr ? clock_gettime_fn : ::clock_gettime;
 }
 
 void evict_expired_keys(int ttl_s) noexcept {

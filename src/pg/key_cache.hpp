@@ -9,6 +9,8 @@
 // key per TTL, never one per row; the last key used is remembered so that a
 // scan over values of one key skips even the hash lookup.
 #pragma once
+#include <time.h>
+
 #include <cstddef>
 #include <cstdint>
 #include <string_view>
@@ -92,16 +94,18 @@ size_t key_name_of(const KeydSettings& settings, const EnvelopeHeader& header,
 // fetched when missing). For colcrypt.rewrap (src/pg/lifecycle.cpp).
 uint32_t primary_version(const KeydSettings& settings, std::string_view key_name);
 
-// The clock the TTL counts on, in milliseconds. boottime_ms (CLOCK_BOOTTIME)
-// keeps counting while the machine is suspended, where CLOCK_MONOTONIC stops:
-// a backend resumed after a long suspend fetches its keys again instead of
+// The clock the TTL counts on: CLOCK_BOOTTIME, in milliseconds. It keeps
+// counting while the machine is suspended, where CLOCK_MONOTONIC stops: a
+// backend resumed after a long suspend fetches its keys again instead of
 // encrypting under a version that keyd retired or destroyed meanwhile. It is
 // read once per value (about 30 ns of CPU; the two CLOCK_MONOTONIC_COARSE
 // reads it replaced took 16 ns: bench/core_bench.cpp, BM_CacheClock*).
-using KeyCacheClock = int64_t (*)() noexcept;
 int64_t boottime_ms() noexcept;
-// Replaces the clock (tests); nullptr restores boottime_ms.
-void set_key_cache_clock(KeyCacheClock clock) noexcept;
+// How boottime_ms reads the kernel's clocks: clock_gettime. Tests replace it
+// with clocks of their own, e.g. one where a suspend moves CLOCK_BOOTTIME
+// and no other clock; nullptr restores clock_gettime.
+using ClockGettime = int (*)(clockid_t, struct timespec*);
+void set_key_cache_clock(ClockGettime clock_gettime_fn) noexcept;
 
 // The keyd client's options for these settings.
 client::ClientOptions client_options(const KeydSettings& settings);

@@ -2,6 +2,10 @@
 // its exit code, rewrap after a rotation, crypto-shredding by destroy, the
 // audit log, a pg_dump archive, an independent implementation of the format
 // (tests/interop/colcrypt_file.py) and constant memory.
+#include <pwd.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <catch2/catch.hpp>
 #include <cstdio>
 #include <filesystem>
@@ -247,6 +251,111 @@ TEST_CASE("colcrypt-file: rewrap after a rotation, and destroy shreds the files 
     CHECK(r.exit_code == 0);
     CHECK(read_file(d + "/out") == plain);
   }
+}
+
+TEST_CASE("colcrypt-file: an in-place rewrap keeps the file's owner and mode, or refuses",
+          "[file][file-owner]") {
+  Sandbox sandbox(keyd_only());
+  sandbox.create_key("owned");
+  const passwd* pg = ::getpwnam("postgres");
+  REQUIRE(pg != nullptr);
+  const uid_t pg_uid = pg->pw_uid;
+  const gid_t pg_gid = pg->pw_gid;
+  // A directory postgres may write in, and files in it.
+  const std::string d = sandbox.dir() + "/owner";
+  fs::create_directories(d);
+  REQUIRE(::chown(d.c_str(), pg_uid, pg_gid) == 0);
+  write_file(d + "/plain", pattern(70000));
+  for (const char* name : {"pg", "root"}) {
+    REQUIRE(
+        file_cmd(sandbox, {"encrypt", "--key", "owned", d + "/plain", d + "/" + name}).exit_code ==
+        0);
+  }
+  REQUIRE(::chown((d + "/pg").c_str(), pg_uid, pg_gid) == 0);
+  REQUIRE(::chmod((d + "/pg").c_str(), 0640) == 0);
+  REQUIRE(::chmod((d + "/root").c_str(), 0644) == 0);
+  REQUIRE(sandbox.keyctl({"rotate", "owned"}).exit_code == 0);
+
+  // root rewraps postgres's file in place: it stays postgres's, mode 0640.
+  CommandResult r = file_cmd(sandbox, {"rewrap", d + "/pg"});
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  struct stat st {};
+  REQUIRE(::stat((d + "/pg").c_str(), &st) == 0);
+  CHECK(st.st_uid == pg_uid);
+  CHECK(st.st_gid == pg_gid);
+  CHECK((st.st_mode & 07777) == 0640);
+  CHECK(header_version(read_file(d + "/pg")) == 2);
+
+  // postgres may replace root's file (it owns the directory) but cannot give
+  // the new file root as its owner: refused, the file untouched, nothing left.
+  const std::string before = read_file(d + "/root");
+  r = run_command({"setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups", kFile,
+                   "--socket", sandbox.keyd_socket(), "rewrap", d + "/root"});
+  INFO(r.output);
+  CHECK(r.exit_code == kIo);
+  CHECK(contains(r.output, "cannot keep the owner (uid 0, gid 0)"));
+  REQUIRE(::stat((d + "/root").c_str(), &st) == 0);
+  CHECK(st.st_uid == 0);
+  CHECK(read_file(d + "/root") == before);
+  CHECK(leftovers(d).empty());
+}
+
+TEST_CASE("colcrypt-file: without /proc the output is still committed", "[file][file-noproc]") {
+  // Where /proc is not mounted (some containers and chroots) the O_TMPFILE
+  // output cannot be named through /proc/self/fd: root names it with
+  // linkat(AT_EMPTY_PATH), a user without CAP_DAC_READ_SEARCH writes a named
+  // temporary file from the start.
+  Sandbox sandbox(keyd_only());
+  sandbox.create_key("np");
+  const passwd* pg = ::getpwnam("postgres");
+  REQUIRE(pg != nullptr);
+  const std::string d = sandbox.dir() + "/noproc";
+  fs::create_directories(d);
+  REQUIRE(::chown(d.c_str(), pg->pw_uid, pg->pw_gid) == 0);
+  const std::string plain = pattern(3 * 65536 + 7);
+  write_file(d + "/plain", plain);
+  REQUIRE(::chmod((d + "/plain").c_str(), 0644) == 0);
+  const std::string as_user = GENERATE(std::string("root"), std::string("postgres"));
+  INFO("as " << as_user);
+  std::vector<std::string> prefix = {"unshare",
+                                     "--mount",
+                                     "--propagation",
+                                     "private",
+                                     "sh",
+                                     "-c",
+                                     "umount -l /proc && exec \"$@\"",
+                                     "sh"};
+  if (as_user == "postgres") {
+    prefix.insert(prefix.end(),
+                  {"setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups"});
+  }
+  auto without_proc = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), {kFile, "--socket", sandbox.keyd_socket()});
+    args.insert(args.begin(), prefix.begin(), prefix.end());
+    return run_command(args);
+  };
+  // The command really runs without /proc.
+  std::vector<std::string> probe = prefix;
+  probe.insert(probe.end(), {"test", "-e", "/proc/self/fd/0"});
+  REQUIRE(run_command(probe).exit_code == 1);
+
+  const std::string enc = d + "/enc-" + as_user;
+  const std::string dec = d + "/dec-" + as_user;
+  CommandResult r = without_proc({"encrypt", "--key", "np", d + "/plain", enc});
+  INFO(r.output);
+  REQUIRE(r.exit_code == 0);
+  r = without_proc({"decrypt", enc, dec});
+  REQUIRE(r.exit_code == 0);
+  CHECK(read_file(dec) == plain);
+  REQUIRE(sandbox.keyctl({"rotate", "np"}).exit_code == 0);
+  r = without_proc({"rewrap", enc});
+  REQUIRE(r.exit_code == 0);
+  CHECK(header_version(read_file(enc)) >= 2);
+  REQUIRE(run_command({kFile, "--socket", sandbox.keyd_socket(), "decrypt", enc, dec}).exit_code ==
+          0);
+  CHECK(read_file(dec) == plain);
+  CHECK(leftovers(d).empty());
 }
 
 TEST_CASE("colcrypt-file: a pg_dump -Fc archive through pipes restores", "[file]") {

@@ -1,9 +1,7 @@
 // The extension's backend key cache (src/pg/key_cache.cpp, Postgres-free)
-// against a fake keyd: its TTL counts on the cache's clock, which tests
-// replace, and the real clock is CLOCK_BOOTTIME.
-//
-// Not testable here: that CLOCK_BOOTTIME keeps counting through a suspend of
-// the machine (the reason for it) needs a machine to suspend.
+// against a fake keyd: its TTL counts on CLOCK_BOOTTIME, read through a
+// clock_gettime that tests replace with a fake machine's clocks (a suspend
+// moves CLOCK_BOOTTIME and no other clock).
 #include <time.h>
 
 #include <atomic>
@@ -24,8 +22,18 @@ using colcrypt::test::FakeKeyd;
 
 namespace {
 
+// The fake machine's clocks: fake_now ms since boot, of which fake_suspended
+// were spent suspended (CLOCK_BOOTTIME counts them, CLOCK_MONOTONIC and its
+// coarse form do not).
 std::atomic<int64_t> fake_now{0};
-int64_t fake_clock() noexcept { return fake_now.load(); }
+std::atomic<int64_t> fake_suspended{0};
+int fake_clock(clockid_t id, struct timespec* ts) {
+  const int64_t ms =
+      id == CLOCK_BOOTTIME ? fake_now.load() : fake_now.load() - fake_suspended.load();
+  ts->tv_sec = ms / 1000;
+  ts->tv_nsec = (ms % 1000) * 1000000;
+  return 0;
+}
 
 int64_t ms_of(const timespec& ts) {
   return static_cast<int64_t>(ts.tv_sec) * 1000 + ts.tv_nsec / 1000000;
@@ -130,17 +138,45 @@ TEST_CASE("key cache: the TTL expires on the cache clock's time", "[key_cache]")
   CHECK(keyd.version_fetches() == 1);
 }
 
-TEST_CASE("key cache: time the machine spent suspended counts", "[key_cache]") {
-  // What CLOCK_BOOTTIME reports after a resume: a jump as long as the
-  // suspend. The entries fetched before it are stale.
+TEST_CASE("key cache: a new use block for the version it holds replaces the cached entry",
+          "[key_cache]") {
+  // The block of 1024 uses runs out while the version is cached (and is the
+  // last one used): the fetch of the next block stores the same version
+  // again. Under ASan this read freed memory (key_cache.cpp, store()).
   OneKeyKeyd keyd;
   CacheReset reset;
   pg::clear_key_cache();
   pg::set_key_cache_clock(fake_clock);
   const pg::KeydSettings s = settings_for(keyd.path(), 60);
   fake_now = 1'000;
+  std::vector<uint8_t> value;
+  for (int i = 0; i < 1025; ++i) {
+    value = encrypt(s);
+    decrypt(s, value);
+  }
+  CHECK(keyd.primary_fetches() == 2);
+  CHECK(keyd.version_fetches() == 0);
+  decrypt(s, value);
+}
+
+TEST_CASE("key cache: time the machine spent suspended counts", "[key_cache]") {
+  // A night in suspend moves CLOCK_BOOTTIME by eight hours and the monotonic
+  // clocks not at all: the entries fetched before it must be stale.
+  OneKeyKeyd keyd;
+  CacheReset reset;
+  pg::clear_key_cache();
+  pg::set_key_cache_clock(fake_clock);
+  const pg::KeydSettings s = settings_for(keyd.path(), 60);
+  fake_now = 1'000;
+  fake_suspended = 0;
   const std::vector<uint8_t> value = encrypt(s);
-  fake_now += 8LL * 3600 * 1000;  // a night in suspend
+  decrypt(s, value);
+  CHECK(keyd.version_fetches() == 0);  // the primary's entry serves it
+  fake_now += 8LL * 3600 * 1000;
+  fake_suspended += 8LL * 3600 * 1000;
+  timespec monotonic{};
+  fake_clock(CLOCK_MONOTONIC, &monotonic);
+  REQUIRE(ms_of(monotonic) == 1'000);  // a clock that stopped would still say fresh
   decrypt(s, value);
   CHECK(keyd.version_fetches() == 1);
   encrypt(s);

@@ -1,5 +1,6 @@
 // keyd's server in-process: a real store and socket, the real client.
 #include <poll.h>
+#include <signal.h>
 #include <stdlib.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -12,8 +13,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <future>
+#include <iterator>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -41,8 +45,9 @@ MasterSecret test_password() {
 // A keyd serving a temp store on a temp socket from a background thread.
 class RunningKeyd {
  public:
-  RunningKeyd(std::vector<uid_t> allow, std::vector<uid_t> admin, size_t max_connections = 256)
-      : max_connections_(max_connections) {
+  RunningKeyd(std::vector<uid_t> allow, std::vector<uid_t> admin, size_t max_connections = 256,
+              std::function<void(ServerConfig&)> configure = nullptr)
+      : max_connections_(max_connections), configure_(std::move(configure)) {
     char pattern[] = "/tmp/colcrypt-server-test-XXXXXX";
     if (!::mkdtemp(pattern)) throw std::runtime_error("mkdtemp failed");
     dir_ = pattern;
@@ -63,6 +68,7 @@ class RunningKeyd {
     config.allow_uids = std::move(allow);
     config.admin_uids = std::move(admin);
     config.max_connections = max_connections_;
+    if (configure_) configure_(config);
     server_ = std::make_unique<Server>(std::move(config), std::move(store));
     server_->listen();
     result_ = std::async(std::launch::async, [this] { return server_->run(); });
@@ -87,6 +93,7 @@ class RunningKeyd {
  private:
   std::string dir_;
   size_t max_connections_;
+  std::function<void(ServerConfig&)> configure_;
   std::unique_ptr<Server> server_;
   std::future<int> result_;
 };
@@ -127,6 +134,42 @@ std::vector<uint8_t> raw_exchange(const std::string& path, const std::vector<uin
   ::close(fd);
   return got;
 }
+
+// A raw connection to keyd, for frames sent in pieces.
+class RawPeer {
+ public:
+  explicit RawPeer(const std::string& path)
+      : fd_(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0)) {
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, path.c_str(), sizeof addr.sun_path - 1);
+    REQUIRE(::connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0);
+  }
+  ~RawPeer() { ::close(fd_); }
+  RawPeer(const RawPeer&) = delete;
+  RawPeer& operator=(const RawPeer&) = delete;
+  void send(const std::vector<uint8_t>& bytes, size_t from, size_t to) {
+    REQUIRE(::send(fd_, bytes.data() + from, to - from, MSG_NOSIGNAL) ==
+            static_cast<ssize_t>(to - from));
+  }
+  // The next frame keyd sends within timeout_ms; nullopt when keyd closed
+  // the connection (or sent nothing).
+  std::optional<wire::Frame> next_frame(int timeout_ms) {
+    for (;;) {
+      if (auto frame = reader_.next()) return frame;
+      pollfd p{fd_, POLLIN, 0};
+      if (::poll(&p, 1, timeout_ms) != 1) return std::nullopt;
+      uint8_t buf[512];
+      ssize_t n = ::recv(fd_, buf, sizeof buf, 0);
+      if (n <= 0) return std::nullopt;
+      reader_.feed(buf, static_cast<size_t>(n));
+    }
+  }
+
+ private:
+  int fd_;
+  wire::FrameReader reader_;
+};
 
 }  // namespace
 
@@ -538,4 +581,174 @@ TEST_CASE("keyd server: keys served from its unwrapped-key cache follow disable 
   CHECK(v3.version == 3);
   CHECK(key_bytes(v3) != key_bytes(v2));
   CHECK(key_bytes(c.fetch_version(v2.id, 2)) == key_bytes(v2));
+}
+
+TEST_CASE("keyd server: at its limit a kept connection in the middle of a frame is not evicted",
+          "[keystore][server][connections]") {
+  const uid_t me = ::geteuid();
+  RunningKeyd keyd({me}, {me}, 2);
+  keyd.admin({{"op", "create"}, {"name", "k"}});
+  const auto status = wire::encode_admin("{\"op\":\"status\"}");
+  // b's last whole request is older than a's ...
+  RawPeer b(keyd.socket_path());
+  b.send(status, 0, status.size());
+  REQUIRE(b.next_frame(3000));
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  Client a = keyd.client();
+  const KeyId id = a.fetch_primary("k").id;
+  std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  // ... but b has begun its next request when a third peer arrives: a,
+  // idle, makes room, not b in the middle of its frame.
+  b.send(status, 0, 3);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  Client c = keyd.client();
+  CHECK(c.fetch_version(id, 1).version == 1);
+  b.send(status, 3, status.size());
+  auto reply = b.next_frame(3000);
+  REQUIRE(reply);
+  CHECK(reply->type == wire::MsgType::AdminResult);
+  // a reconnects when it next needs a key.
+  CHECK(a.fetch_version(id, 1).version == 1);
+}
+
+TEST_CASE("keyd server: a frame's time limit runs from its own first byte",
+          "[keystore][server][connections]") {
+  const uid_t me = ::geteuid();
+  RunningKeyd keyd({me}, {me}, 256, [](ServerConfig& config) { config.frame_timeout_ms = 800; });
+  const auto status = wire::encode_admin("{\"op\":\"status\"}");
+  std::vector<uint8_t> two = status;
+  two.insert(two.end(), status.begin(), status.end());
+  RawPeer peer(keyd.socket_path());
+  // The first frame takes 500 ms to arrive; the read that completes it also
+  // brings the start of the second, whose rest follows 500 ms later: each
+  // frame arrives within 800 ms of its first byte, so neither is cut off.
+  peer.send(two, 0, 1);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  peer.send(two, 1, status.size() + 3);
+  auto first = peer.next_frame(3000);
+  REQUIRE(first);
+  CHECK(first->type == wire::MsgType::AdminResult);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  peer.send(two, status.size() + 3, two.size());
+  auto second = peer.next_frame(3000);
+  REQUIRE(second);
+  CHECK(second->type == wire::MsgType::AdminResult);
+  // A frame that does not arrive in time still costs the connection.
+  peer.send(status, 0, 1);
+  CHECK_FALSE(peer.next_frame(3000));
+}
+
+TEST_CASE("keyd server: SIGHUP reads the settings off the poll loop, which keeps serving",
+          "[keystore][server][reload]") {
+  // The reload resolves user names: NSS (LDAP, sssd) may take as long as its
+  // server does. Here it waits until released, and keyd must serve meanwhile.
+  const uid_t me = ::geteuid();
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<int> reloads{0};
+  RunningKeyd keyd({me}, {me}, 256, [&](ServerConfig& config) {
+    config.reload_source = "the test's settings";
+    config.reload = [released, &reloads] {
+      ++reloads;
+      released.wait();
+      ReloadableSettings settings;
+      settings.admin_uids = {::geteuid()};  // no longer on the fetch list
+      settings.log_level = LogLevel::Error;
+      return settings;
+    };
+  });
+  struct Releaser {  // destroyed before keyd, whose stop waits for the reload
+    std::promise<void>& promise;
+    bool done = false;
+    void operator()() {
+      if (!done) promise.set_value();
+      done = true;
+    }
+    ~Releaser() { (*this)(); }
+  } releaser{release};
+  keyd.admin({{"op", "create"}, {"name", "k"}});
+  Client kept = keyd.client();
+  CHECK(kept.fetch_primary("k").version == 1);
+
+  install_signal_handlers();
+  REQUIRE(::kill(::getpid(), SIGHUP) == 0);
+  for (int i = 0; i < 200 && reloads == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  REQUIRE(reloads == 1);
+  // The reload is stuck, keyd is not: fetches and admin ops, old settings.
+  const auto started = std::chrono::steady_clock::now();
+  CHECK(kept.fetch_primary("k").version == 1);
+  CHECK(keyd.client().fetch_primary("k").version == 1);
+  CHECK(keyd.admin({{"op", "status"}})["key_count"] == 1);
+  CHECK(std::chrono::steady_clock::now() - started < std::chrono::seconds(1));
+  // A second SIGHUP meanwhile runs another reload after this one.
+  REQUIRE(::kill(::getpid(), SIGHUP) == 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  CHECK(reloads == 1);
+
+  releaser();
+  Errc refused = Errc::Internal;
+  for (int i = 0; i < 200 && refused != Errc::PermissionDenied; ++i) {
+    try {
+      kept.fetch_primary("k");
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    } catch (const Error& e) {
+      refused = e.code();
+    }
+  }
+  CHECK(refused == Errc::PermissionDenied);  // the new settings apply
+  for (int i = 0; i < 200 && reloads < 2; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  CHECK(reloads == 2);
+  // The reload is audited as before.
+  std::ifstream in(keyd.store_dir() + "/audit.log", std::ios::binary);
+  size_t applied = 0;
+  for (std::string line; std::getline(in, line);) {
+    const json entry = json::parse(line);
+    if (entry["event"] == "reload" && entry["result"] == "ok") ++applied;
+  }
+  CHECK(applied >= 1);
+  for (int sig : {SIGHUP, SIGINT, SIGTERM}) ::signal(sig, SIG_DFL);
+}
+
+TEST_CASE("keyd server: the store keeps where keyd left its audit log; a log cut back is found",
+          "[keystore][server][audit][audit-mark]") {
+  const uid_t me = ::geteuid();
+  RunningKeyd keyd({me}, {me});
+  auto slurp = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  auto spit = [](const std::string& path, const std::string& text) {
+    std::ofstream(path, std::ios::binary | std::ios::trunc) << text;
+  };
+  const std::string log_path = keyd.store_dir() + "/audit.log";
+  keyd.admin({{"op", "create"}, {"name", "k"}});
+  keyd.client().fetch_primary("k");
+  keyd.admin({{"op", "audit-verify"}});  // syncs the log and its head
+  const std::string old_log = slurp(log_path);
+  const std::string old_head = slurp(log_path + ".head");
+  keyd.admin({{"op", "create"}, {"name", "k2"}});
+  keyd.client().fetch_primary("k2");
+  REQUIRE(keyd.stop() == 0);
+
+  // A clean stop leaves the store's mark at the log's last entry (the stop).
+  const std::string log = slurp(log_path);
+  const std::string last = log.substr(log.rfind('\n', log.size() - 2) + 1);
+  REQUIRE(json::parse(last)["event"] == "stop");
+  {
+    const KeyStore store = KeyStore::open_read_only(keyd.store_dir(), test_password());
+    CHECK(store.audit_mark().seq == json::parse(last)["seq"].get<uint64_t>());
+    CHECK(store.audit_mark().size == log.size());
+    CHECK(AuditLog::verify(log_path, store.audit_mac_key().view(), store.audit_mark()).ok);
+  }
+
+  // The log cut back to the old copy of its head: keyd's next start finds it.
+  spit(log_path, old_log);
+  spit(log_path + ".head", old_head);
+  keyd.start({me}, {me});
+  const json verdict = keyd.admin({{"op", "audit-verify"}});
+  INFO(verdict.dump());
+  CHECK(verdict["ok"] == false);
+  CHECK(verdict["problem"].get<std::string>().find("key store recorded") != std::string::npos);
 }

@@ -492,6 +492,103 @@ TEST_CASE("audit log: a head left behind by a crash between the two writes is no
   }
 }
 
+TEST_CASE("audit log: a log cut back to an old copy of its head fails against the store's mark",
+          "[lifecycle][audit][audit-mark]") {
+  // Someone who kept a copy of audit.head cuts the log back to (or just
+  // past) the entry it names and restores it: the chain and the head agree,
+  // so only the mark the key store keeps can tell.
+  LifecycleDir dir;
+  SecretBytes key = SecretBytes::random(32);
+  {
+    AuditLog log(dir.audit(), SecretBytes(key.view()));
+    for (int i = 0; i < 3; ++i) log.append({{"event", "fetch"}, {"pid", i}});
+  }
+  const std::string old_head = slurp(dir.audit() + ".head");
+  const std::string old_log = slurp(dir.audit());
+  AuditMark mark;
+  {
+    AuditLog log(dir.audit(), SecretBytes(key.view()));
+    for (int i = 3; i < 6; ++i) log.append({{"event", "fetch"}, {"pid", i}});
+    log.sync();
+    mark = log.durable_mark();
+  }
+  REQUIRE(mark.seq == 6);
+  REQUIRE(mark.size == slurp(dir.audit()).size());
+  const std::string whole_log = slurp(dir.audit());
+  CHECK(AuditLog::verify(dir.audit(), key.view(), mark).ok);
+
+  auto expect_found = [&](const std::string& what) {
+    INFO(what);
+    // Without the mark this passes: the hole this closes.
+    const AuditVerdict blind = AuditLog::verify(dir.audit(), key.view());
+    CHECK(blind.ok);
+    const AuditVerdict v = AuditLog::verify(dir.audit(), key.view(), mark);
+    INFO(v.problem);
+    CHECK_FALSE(v.ok);
+    CHECK(v.problem.find("key store recorded") != std::string::npos);
+    // keyd's start records it in the chain: verify fails from then on.
+    { AuditLog log(dir.audit(), SecretBytes(key.view()), mark); }
+    CHECK(slurp(dir.audit()).find("audit-chain-break") != std::string::npos);
+    CHECK_FALSE(AuditLog::verify(dir.audit(), key.view()).ok);
+  };
+  SECTION("cut back to the entry the old head names") {
+    spit(dir.audit(), old_log);
+    spit(dir.audit() + ".head", old_head);
+    expect_found("log = entries 1..3, head names 3");
+  }
+  SECTION("cut back past it: the rest chains on from the old head") {
+    auto lines = lines_of(whole_log);
+    lines.resize(4);
+    spit(dir.audit(), join(lines));
+    spit(dir.audit() + ".head", old_head);
+    expect_found("log = entries 1..4, head names 3");
+  }
+  SECTION("the whole log intact, an old head") {
+    spit(dir.audit() + ".head", old_head);
+    const AuditVerdict v = AuditLog::verify(dir.audit(), key.view(), mark);
+    CHECK_FALSE(v.ok);
+    CHECK(v.problem.find("an old copy of the head") != std::string::npos);
+  }
+  SECTION("log and head deleted") {
+    ::unlink(dir.audit().c_str());
+    ::unlink((dir.audit() + ".head").c_str());
+    { AuditLog log(dir.audit(), SecretBytes(key.view()), mark); }
+    CHECK(slurp(dir.audit()).find("audit-chain-break") != std::string::npos);
+    CHECK_FALSE(AuditLog::verify(dir.audit(), key.view(), mark).ok);
+  }
+  SECTION("a head behind the log after a crash, but not behind the mark, is still no break") {
+    const std::string head_at_mark = slurp(dir.audit() + ".head");  // names entry 6
+    {
+      AuditLog log(dir.audit(), SecretBytes(key.view()), mark);
+      log.append({{"event", "fetch"}, {"pid", 7}});
+    }
+    // As a kill between the write of entry 7 and the head's update leaves it.
+    spit(dir.audit() + ".head", head_at_mark);
+    const AuditVerdict v = AuditLog::verify(dir.audit(), key.view(), mark);
+    INFO(v.problem);
+    CHECK(v.ok);
+    CHECK(v.head_behind == 1);
+    { AuditLog log(dir.audit(), SecretBytes(key.view()), mark); }
+    CHECK(slurp(dir.audit()).find("audit-chain-break") == std::string::npos);
+    CHECK(AuditLog::verify(dir.audit(), key.view(), mark).ok);
+  }
+}
+
+TEST_CASE("key store: the audit mark is kept under the store's MAC", "[keystore][audit-mark]") {
+  LifecycleDir dir;
+  {
+    KeyStore store = KeyStore::create(dir.store(), pw("pw"), 1000);
+    CHECK(store.audit_mark().seq == 0);
+    const std::string before = store.file_text();
+    CHECK(before.find("audit_mark") == std::string::npos);  // none yet: the old form
+    store.set_audit_mark({42, "ab", 12345});
+    CHECK(store.dirty());
+    store.flush();
+  }
+  KeyStore store = KeyStore::open(dir.store(), pw("pw"));
+  CHECK(store.audit_mark() == AuditMark{42, "ab", 12345});
+}
+
 TEST_CASE("audit log: pending failed unlocks are chained at the next start", "[lifecycle][audit]") {
   LifecycleDir dir;
   SecretBytes key = SecretBytes::random(32);
