@@ -49,6 +49,17 @@ std::string with_statement_timeout(const std::string& conninfo, int timeout_ms) 
   if (!connect_timeout) {
     out += " connect_timeout=" + std::to_string(std::max(2, (timeout_ms + 999) / 1000));
   }
+  // A TCP peer that vanished (a host down, packets dropped) is noticed within
+  // seconds, not after the kernel's retransmissions (about 15 minutes): keyd's
+  // loop waits on these sessions. Unless the connection string says otherwise.
+  for (const char* keepalive :
+       {"keepalives=1", "keepalives_idle=5", "keepalives_interval=2", "keepalives_count=2"}) {
+    const std::string name = std::string(keepalive).substr(0, std::string(keepalive).find('='));
+    if (out.find(name + "=") == std::string::npos) out += std::string(" ") + keepalive;
+  }
+  if (out.find("tcp_user_timeout=") == std::string::npos) {
+    out += " tcp_user_timeout=" + std::to_string(std::max(2000, timeout_ms));
+  }
   return out;
 }
 

@@ -265,22 +265,22 @@ int migrate_store(const std::string& from_dir, const std::string& from_db,
     if (!from_dir.empty()) {
       const k::KeyStore from = k::KeyStore::open(std::move(dir_backend), secret);
       from.copy_to(*db);
-      expected = from.file_text();
+      expected = from.records_text();
       keys = from.keys().size();
       destination = db->location();
       const k::KeyStore copy = k::KeyStore::open(std::move(db), secret);
-      if (copy.file_text() != expected) {
+      if (copy.records_text() != expected) {
         return fail(kExitKeydError, "the copy in " + destination + " differs from the source");
       }
     } else {
       const k::KeyStore from = k::KeyStore::open(std::move(db), secret);
       from.copy_to(*dir_backend);
-      expected = from.file_text();
+      expected = from.records_text();
       keys = from.keys().size();
       destination = to_dir;
       dir_backend.reset();  // its lock
       const k::KeyStore copy = k::KeyStore::open(to_dir, secret);
-      if (copy.file_text() != expected) {
+      if (copy.records_text() != expected) {
         return fail(kExitKeydError, "the copy in " + destination + " differs from the source");
       }
     }

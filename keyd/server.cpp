@@ -393,6 +393,7 @@ void Server::poll_store(bool force) {
       }
     }
     if (found.reloaded) {
+      replay_wait_spent_ = false;
       publish_keys();
       log_debug("re-read the key store (" + std::to_string(store_.keys().size()) + " keys)");
     }
@@ -409,12 +410,15 @@ void Server::poll_store(bool force) {
   }
 }
 
-bool Server::await_store(const std::function<bool()>& present) {
+bool Server::await_store(const std::function<bool()>& present, bool replay_wait) {
   if (present()) return true;
   if (!store_.dir().empty()) return false;  // a file store is only ever changed by this keyd
-  poll_store(true);
-  if (present()) return true;
-  if (!store_.read_only()) return false;
+  if (Clock::now() - last_forced_read_ >= std::chrono::milliseconds(200)) {
+    last_forced_read_ = Clock::now();
+    poll_store(true);
+    if (present()) return true;
+  }
+  if (!replay_wait || !store_.read_only() || replay_wait_spent_) return false;
   // A standby may not have replayed the version's row yet (WAL order: it
   // replays it before any value encrypted under it). Bounded: the loop waits.
   const auto deadline = Clock::now() + std::chrono::milliseconds(config_.replay_wait_ms);
@@ -423,6 +427,7 @@ bool Server::await_store(const std::function<bool()>& present) {
     poll_store(false);
     if (present()) return true;
   }
+  replay_wait_spent_ = true;
   return false;
 }
 

@@ -197,9 +197,14 @@ class Server {
   // --store-db: the database's role and new records (about once a second).
   void poll_store(bool force);
   // A fetch names something not loaded: with --store-db, re-read at once
-  // and, on a standby, wait up to replay_wait_ms for replay. True once present().
-  bool await_store(const std::function<bool()>& present);
+  // (at most every 200 ms: a peer naming unknown keys in a loop cannot make
+  // keyd re-read without end) and, for a version on a standby (replay_wait),
+  // wait up to replay_wait_ms for replay; after a wait that found nothing, no
+  // other wait until the store is re-read with new records. True once present().
+  bool await_store(const std::function<bool()>& present, bool replay_wait);
   std::chrono::steady_clock::time_point last_store_poll_;
+  std::chrono::steady_clock::time_point last_forced_read_{};
+  bool replay_wait_spent_ = false;
   nlohmann::json rotate_and_audit(const std::string& name, const std::string& reason, uid_t uid,
                                   pid_t pid);
 

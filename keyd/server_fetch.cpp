@@ -45,8 +45,12 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
         // A standby reserves no uses: deterministic values and blind indexes
         // (SIV, HMAC: no random nonce to count) are keyed there for searches,
         // as lookups; an encryption is refused ("standby: encrypt on the primary").
-        if (store_.read_only() && purpose != wire::FetchPurpose::Decrypt) wanted = 0;
-        await_store([&] { return store_.find(name) != nullptr; });
+        // A file key (colcrypt-file: a random nonce per file) is an encryption.
+        if (store_.read_only() && (purpose == wire::FetchPurpose::Deterministic ||
+                                   purpose == wire::FetchPurpose::BlindIndex)) {
+          wanted = 0;
+        }
+        await_store([&] { return store_.find(name) != nullptr; }, false);
         if (const KeyRecord* k = store_.find(name)) {
           // Blocks are charged whole: one never exceeds 1/64 of the key's cap
           // (what exiting backends take with them stays small), but 1024 is
@@ -138,10 +142,12 @@ void Server::handle_frame(Connection& c, uint8_t type, std::vector<uint8_t>& bod
         if (purpose != wire::FetchPurpose::Decrypt) {
           entry["purpose"] = wire::fetch_purpose_name(purpose);
         }
-        await_store([&] {
-          const KeyRecord* k = store_.find(id);
-          return k && k->find_version(version);
-        });
+        await_store(
+            [&] {
+              const KeyRecord* k = store_.find(id);
+              return k && k->find_version(version);
+            },
+            true);
         const KeyRecord* key = store_.find(id);
         if (!key) {
           entry["result"] = "KeyNotFound";

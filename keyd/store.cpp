@@ -183,6 +183,10 @@ std::string KeyStore::file_text() const {
   return store_file_text(params_, keys_, releasing_, kek_.view(), backend_->audit_mark());
 }
 
+std::string KeyStore::records_text() const {
+  return store_file_text(params_, keys_, false, kek_.view());
+}
+
 AuditMark KeyStore::audit_mark() const { return backend_->audit_mark(); }
 
 void KeyStore::set_audit_mark(const AuditMark& mark) {

@@ -606,6 +606,10 @@ TEST_CASE("audit log: verify passes on a real log and fails after tampering",
   sandbox.must("keyd-stop");
   const std::string good = read_file(path);
   const std::string good_head = read_file(path + ".head");
+  // The key store keeps where the log stood (its audit mark): a keyd started
+  // on a tampered log records the break and moves the mark, so each case, and
+  // the restore at the end, puts back the store of the good state as well.
+  const std::string good_store = read_file(sandbox.store_file());
   std::vector<std::string> lines;
   for (size_t pos = 0; pos < good.size();) {
     size_t nl = good.find('\n', pos);
@@ -625,6 +629,7 @@ TEST_CASE("audit log: verify passes on a real log and fails after tampering",
   auto verify_after = [&](const std::string& what, const std::string& text) {
     write(path, text);
     write(path + ".head", good_head);
+    write(sandbox.store_file(), good_store);
     sandbox.must("keyd-start", lifecycle_env());
     CommandResult r = sandbox.keyctl({"audit", "verify"});
     INFO(what << ": " << r.output);
@@ -654,9 +659,10 @@ TEST_CASE("audit log: verify passes on a real log and fails after tampering",
     l.pop_back();
     verify_after("truncated", joined(l));
   }
-  // Restored, it verifies again.
+  // Restored (log, head and the store's mark together), it verifies again.
   write(path, good);
   write(path + ".head", good_head);
+  write(sandbox.store_file(), good_store);
   sandbox.must("keyd-start", lifecycle_env());
   CHECK(sandbox.keyctl({"audit", "verify"}).exit_code == 0);
   // No key bytes: the log never holds the store's wrapped keys or any 64-hex key.
