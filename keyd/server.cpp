@@ -105,6 +105,7 @@ Server::Server(ServerConfig config, KeyStore store)
   audit({{"event", "unlock"},
          {"store", store_.dir().empty() ? store_.location() : store_.dir()},
          {"keys", store_.keys().size()}});
+  audit_rewind();  // the store was read at start, before the audit log was open
   jobs_ = std::make_unique<JobRunner>(config_.databases, config_.job_poll_interval_ms);
   jobs_->set_paused(store_.read_only());
   db_worker_ = std::make_unique<DatabaseWorker>(config_.databases, config_.count_timeout_ms);
@@ -120,6 +121,18 @@ void Server::sync_audit() {
   audit_->sync();
   // Written with the store's next save (at the latest on the flush tick).
   store_.set_audit_mark(audit_->durable_mark());
+}
+
+void Server::audit_rewind() {
+  // The warning is the store's own (it names the database and what changed).
+  const std::optional<StoreRewind> r = store_.take_rewind();
+  if (!r) return;
+  audit({{"event", "store-rewound"},
+         {"store", store_.location()},
+         {"old_timeline", r->old_timeline},
+         {"old_generation", r->old_generation},
+         {"new_timeline", r->new_timeline},
+         {"new_generation", r->new_generation}});
 }
 
 Server::~Server() {
@@ -385,16 +398,20 @@ void Server::poll_store(bool force) {
       jobs_->set_paused(store_.read_only());
       if (store_.read_only()) {
         log_warning("key store now read-only: " + store_.read_only_reason());
-        audit({{"event", "store-role"}, {"role", "read-only"}, {"store", store_.location()}});
+        audit({{"event", "store-role"},
+               {"role", "read-only"},
+               {"store", store_.location()},
+               {"reason", store_.read_only_reason()}});
       } else {
         log_info("key store now writable: its " + store_.location() + " is a primary");
         audit({{"event", "store-role"}, {"role", "writable"}, {"store", store_.location()}});
         jobs_->wake();
       }
     }
+    audit_rewind();
     if (found.reloaded) {
       replay_wait_spent_ = false;
-      publish_keys();
+      publish_keys();  // also empties the unwrapped-key cache: no dropped version is served
       log_debug("re-read the key store (" + std::to_string(store_.keys().size()) + " keys)");
     }
   } catch (const Error& e) {

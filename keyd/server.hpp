@@ -193,6 +193,7 @@ class Server {
   // Makes the audit log and its head durable and hands their mark to the
   // store (AuditMark): after admin actions, on the flush tick, at stop.
   void sync_audit();
+  void audit_rewind();  // a store-rewound entry when the store took a new timeline
   void run_scheduler(bool force);
   // --store-db: the database's role and new records (about once a second).
   void poll_store(bool force);

@@ -155,7 +155,9 @@ void KeyStore::adopt(std::vector<KeyRecord> keys) {
     }
     for (auto& v : k.versions) {
       const KeyVersion* ov = old->find_version(v.version);
-      if (!ov) continue;
+      // After a failover the same version number may be another key (the
+      // new primary's own rotation): its uses are not the lost one's.
+      if (!ov || ov->wrapped != v.wrapped) continue;
       if (ov->usage_count > v.usage_count) {
         k.usage_count += ov->usage_count - v.usage_count;
         v.usage_count = ov->usage_count;
@@ -178,6 +180,8 @@ KeyStore::PollResult KeyStore::poll(bool force_reload) {
   }
   return result;
 }
+
+std::optional<StoreRewind> KeyStore::take_rewind() { return backend_->take_rewind(); }
 
 std::string KeyStore::file_text() const {
   return store_file_text(params_, keys_, releasing_, kek_.view(), backend_->audit_mark());

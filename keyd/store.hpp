@@ -67,6 +67,13 @@ struct KekParams {
 
 class StoreBackend;
 
+// A database store taken at a lower generation than keyd had seen, because
+// the database's timeline went up (a failover or a point-in-time restore).
+struct StoreRewind {
+  int64_t old_timeline = 0, old_generation = 0;
+  int64_t new_timeline = 0, new_generation = 0;
+};
+
 struct KeyVersion {
   uint32_t version = 0;
   wire::KeyState state = wire::KeyState::Active;
@@ -193,6 +200,8 @@ class KeyStore {
     bool reloaded = false;
   };
   PollResult poll(bool force_reload = false);
+  // See StoreBackend::take_rewind.
+  std::optional<StoreRewind> take_rewind();
   const KekParams& kek_params() const { return params_; }
   // Writes these records, as they are (wrapped keys copied, never unwrapped),
   // and the KEK parameters into a new store (colcrypt-keyctl store migrate).

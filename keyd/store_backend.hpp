@@ -6,6 +6,7 @@
 // in a schema of a Postgres database (docs/operations.md, "--store-db").
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -15,7 +16,7 @@ namespace colcrypt::keyd {
 
 // What a backend's poll() found (database backend only).
 struct StorePoll {
-  bool role_changed = false;  // became writable or read-only (see read_only())
+  bool role_changed = false;  // became writable, a standby or unreachable (read_only())
   bool reloaded = false;      // the records were re-read: `keys` holds them
   std::vector<KeyRecord> keys;
 };
@@ -55,6 +56,9 @@ class StoreBackend {
   // Called by keyd's loop about once a second (and when a fetch names a key
   // or version not loaded): looks at the database's role and generation.
   virtual StorePoll poll(ByteView /*kek*/, bool /*force_reload*/) { return {}; }
+  // The last read took an older generation on a newer timeline (database
+  // backend): what it dropped, once; the server audits it.
+  virtual std::optional<StoreRewind> take_rewind() { return std::nullopt; }
 };
 
 }  // namespace colcrypt::keyd

@@ -33,6 +33,25 @@ constexpr int kMaxBackoffMs = 5000;
 // replay never shows half a save).
 using SnapshotTx = pqxx::transaction<pqxx::repeatable_read, pqxx::read_only>;
 
+// The timeline of the database state a session reads: the term of the store's
+// generation (docs/operations.md, "Replicas and failover"). On a primary, the
+// WAL insertion timeline, from the name of the current WAL segment (its first
+// 8 hex digits; PG 15 names it by the insertion timeline, right after a
+// promotion too, whereas pg_control_checkpoint().timeline_id keeps the old one
+// until the next checkpoint). pg_walfile_name() refuses to run in recovery, so
+// on a standby it is the higher of the last restartpoint's timeline and the
+// minimum recovery point's: a hot standby accepts sessions only once replay
+// has passed its minimum recovery point, so both are at or below the timeline
+// of what it has replayed, and pg_rewind sets the latter to its source's
+// timeline. Not pg_stat_wal_receiver.received_tli: WAL received may be ahead
+// of WAL replayed (and the view hides it from roles without pg_read_all_stats).
+// A lagging value errs towards refusing an older generation (fail closed).
+// All these functions are executable by PUBLIC in PG 15.
+constexpr const char* kTimelineSql =
+    "CASE WHEN pg_is_in_recovery() THEN GREATEST((pg_control_checkpoint()).timeline_id, "
+    "(pg_control_recovery()).min_recovery_end_timeline)::bigint "
+    "ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int::bigint END";
+
 SecretBytes row_mac_key(ByteView kek) {
   return hkdf_sha256(kek, {}, ByteView::of(kRowMacInfo), 32);
 }
@@ -183,7 +202,9 @@ DbStoreBackend::Snapshot DbStoreBackend::read_snapshot() {
   Snapshot s;
   try {
     SnapshotTx t(*conn_);
-    s.in_recovery = t.exec("SELECT pg_is_in_recovery()")[0][0].as<bool>();
+    pqxx::result role = t.exec(std::string("SELECT pg_is_in_recovery(), ") + kTimelineSql);
+    s.in_recovery = role[0][0].as<bool>();
+    s.timeline = role[0][1].is_null() ? 0 : role[0][1].as<int64_t>();
     pqxx::result m = t.exec(
         "SELECT format_version, kek_source, pbkdf2_iterations, encode(salt, 'hex'), "
         "encode(kek_check, 'hex'), generation, manifest, encode(mac, 'hex') "
@@ -288,11 +309,18 @@ std::vector<KeyRecord> DbStoreBackend::verify(const Snapshot& s, ByteView kek) {
                                                      s.salt, s.check, s.generation, s.manifest)))) {
     corrupt(location_, "the MAC of its meta row does not verify (the row was edited)");
   }
-  const int64_t seen = recorded_generation();
-  if (s.generation < seen) {
-    corrupt(location_, "it is at generation " + std::to_string(s.generation) +
-                           ", older than generation " + std::to_string(seen) +
-                           " this keyd has seen (" + state_file_ +
+  const Recorded seen = recorded();
+  // A lower generation is a rollback unless the database moved to a higher
+  // timeline since: then its history forked at a promotion (a failover that
+  // lost the old primary's last writes, or a point-in-time restore), and the
+  // store is what that history holds. A state file from before timelines
+  // (timeline 0) proves no promotion: an older generation stays refused.
+  const bool rewound = s.generation < seen.generation;
+  if (rewound && (seen.timeline == 0 || s.timeline <= seen.timeline)) {
+    corrupt(location_, "it is at generation " + std::to_string(s.generation) + " (timeline " +
+                           std::to_string(s.timeline) + "), older than generation " +
+                           std::to_string(seen.generation) + " (timeline " +
+                           std::to_string(seen.timeline) + ") this keyd has seen (" + state_file_ +
                            "): the key tables were rolled back to an older copy");
   }
   // Names for messages, from the key rows whose MAC verifies.
@@ -371,9 +399,19 @@ std::vector<KeyRecord> DbStoreBackend::verify(const Snapshot& s, ByteView kek) {
     corrupt(location_, "a field is missing or has the wrong type");
   }
   generation_ = s.generation;
+  timeline_ = s.timeline;
   saved_macs_ = std::move(macs);
   refused_generation_ = -1;
-  if (s.generation > seen) record_generation(s.generation);
+  if (rewound) {
+    rewound_ = StoreRewind{seen.timeline, seen.generation, s.timeline, s.generation};
+    log_warning("the key " + location_ + " moved to timeline " + std::to_string(s.timeline) +
+                " (from " + std::to_string(seen.timeline) + ") at generation " +
+                std::to_string(s.generation) + ", older than generation " +
+                std::to_string(seen.generation) +
+                " this keyd had seen: a failover or a point-in-time restore dropped the key "
+                "changes after the fork; keyd now follows the database");
+  }
+  record({std::max(s.timeline, seen.timeline), s.generation});
   return records;
 }
 
@@ -388,7 +426,7 @@ void DbStoreBackend::initialize(const KekParams& params, const std::vector<KeyRe
   }
   // One transaction creates the schema and writes the records (save()).
   creating_ = true;
-  generation_ = recorded_generation() + 1;
+  generation_ = recorded().generation + 1;
   saved_macs_.clear();
   try {
     save(params, keys, false, kek);
@@ -488,11 +526,13 @@ void DbStoreBackend::save(const KekParams& params, const std::vector<KeyRecord>&
     pqxx::work t(*conn_);
     // Re-checked in the transaction that writes: a demoted database refuses
     // the write anyway, and keyd answers with the standby's refusal.
-    if (t.exec("SELECT pg_is_in_recovery()")[0][0].as<bool>()) {
+    pqxx::result role = t.exec(std::string("SELECT pg_is_in_recovery(), ") + kTimelineSql);
+    if (role[0][0].as<bool>()) {
       t.abort();
       in_recovery_ = true;
       throw Error(Errc::PermissionDenied, read_only_reason());
     }
+    if (!role[0][1].is_null()) timeline_ = role[0][1].as<int64_t>();
     if (creating_) create_schema(t, generation_);
     pqxx::result updated = t.exec_params(
         "UPDATE colcrypt_keyd.meta SET generation = $1, manifest = $2, mac = decode($3, 'hex'), "
@@ -563,7 +603,8 @@ void DbStoreBackend::save(const KekParams& params, const std::vector<KeyRecord>&
   saved_macs_.clear();
   for (const Row& r : rows) saved_macs_[{r.key_id, r.version}] = r.mac;
   try {
-    record_generation(generation);
+    const Recorded seen = recorded();
+    record({std::max(timeline_, seen.timeline), generation});
   } catch (const Error& e) {
     log_warning(std::string("cannot record the store generation: ") + e.what());
   }
@@ -571,21 +612,28 @@ void DbStoreBackend::save(const KekParams& params, const std::vector<KeyRecord>&
 
 StorePoll DbStoreBackend::poll(ByteView kek, bool force_reload) {
   StorePoll out;
-  const bool was_read_only = read_only();
+  // Unreachable, standby, primary: a database back as a standby after an
+  // outage is a role change too (read-only for another reason).
+  const auto role = [this] { return !conn_ ? 0 : in_recovery_ ? 1 : 2; };
+  const int old_role = role();
   if (!conn_) {
     reconnect();
     if (!conn_) return out;
     force_reload = true;
   }
   int64_t generation = -1;
+  int64_t timeline = timeline_;
   try {
     bool recovery = false;
     {
       pqxx::nontransaction t(*conn_);
       pqxx::result r = t.exec(
-          "SELECT pg_is_in_recovery(), (SELECT generation FROM colcrypt_keyd.meta WHERE id = 1)");
+          std::string("SELECT pg_is_in_recovery(), (SELECT generation FROM colcrypt_keyd.meta "
+                      "WHERE id = 1), ") +
+          kTimelineSql);
       recovery = r[0][0].as<bool>();
       if (!r[0][1].is_null()) generation = r[0][1].as<int64_t>();
+      if (!r[0][2].is_null()) timeline = r[0][2].as<int64_t>();
     }
     if (recovery != in_recovery_ || (recovery && primary_.empty() &&
                                      Clock::now() - last_role_check_ > std::chrono::seconds(10))) {
@@ -597,37 +645,54 @@ StorePoll DbStoreBackend::poll(ByteView kek, bool force_reload) {
   } catch (const std::exception& e) {
     log_warning(std::string("cannot look at the key database: ") + e.what());
   }
-  out.role_changed = read_only() != was_read_only;
-  if (conn_ && generation >= 0 &&
-      ((generation != generation_ && generation != refused_generation_) || force_reload)) {
+  out.role_changed = role() != old_role;
+  // A new timeline is re-read even at the same generation: the same number
+  // may now stand for other records (the new primary's own changes).
+  const bool changed = generation != generation_ || timeline != timeline_;
+  const bool refused = generation == refused_generation_ && timeline == refused_timeline_;
+  if (conn_ && generation >= 0 && ((changed && !refused) || force_reload)) {
     try {
       out.keys = verify(read_snapshot(), kek);
       out.reloaded = true;
     } catch (const Error& e) {
-      if (e.code() == Errc::StoreCorrupt) refused_generation_ = generation;
+      if (e.code() == Errc::StoreCorrupt) {
+        refused_generation_ = generation;
+        refused_timeline_ = timeline;
+      }
       throw;
     }
   }
   return out;
 }
 
-int64_t DbStoreBackend::recorded_generation() const {
-  if (state_file_.empty()) return 0;
+// The state file: "generation N" (before timelines: read as timeline 0) or
+// "timeline T generation N".
+DbStoreBackend::Recorded DbStoreBackend::recorded() const {
+  Recorded out;
+  if (state_file_.empty()) return out;
   std::ifstream in(state_file_);
-  if (!in) return 0;
+  if (!in) return out;
   std::string word;
-  int64_t generation = 0;
-  if (!(in >> word >> generation) || word != "generation" || generation < 0) {
-    throw Error(Errc::StoreCorrupt,
-                "the store state file " + state_file_ + " is damaged (expected \"generation N\")");
+  bool ok = static_cast<bool>(in >> word);
+  if (ok && word == "timeline") {
+    ok = (in >> out.timeline >> word) && out.timeline >= 0;
   }
-  return generation;
+  ok = ok && word == "generation" && (in >> out.generation) && out.generation >= 0;
+  if (ok && in >> word) ok = false;  // trailing text
+  if (!ok) {
+    throw Error(Errc::StoreCorrupt, "the store state file " + state_file_ +
+                                        " is damaged (expected \"timeline T generation N\")");
+  }
+  return out;
 }
 
-void DbStoreBackend::record_generation(int64_t generation) {
-  if (state_file_.empty() || generation <= recorded_generation()) return;
+void DbStoreBackend::record(Recorded seen) {
+  if (state_file_.empty()) return;
+  const Recorded old = recorded();
+  if (seen.timeline == old.timeline && seen.generation == old.generation) return;
   const std::string tmp = state_file_ + ".tmp";
-  const std::string text = "generation " + std::to_string(generation) + "\n";
+  const std::string text = "timeline " + std::to_string(seen.timeline) + " generation " +
+                           std::to_string(seen.generation) + "\n";
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
   if (fd < 0) {
     int err = errno;

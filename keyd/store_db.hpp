@@ -11,12 +11,17 @@
 // over all its fields, key id and version included; the meta row's MAC covers
 // the generation and the manifest, so a row edited, moved, deleted or
 // restored from an older copy is refused, and keyd remembers the highest
-// generation it has seen in a local state file, so a rollback of all tables
-// at once is refused too. Each save is one transaction.
+// generation it has seen, with the database's timeline when it saw it, in a
+// local state file, so a rollback of all tables at once is refused too. A
+// lower generation is taken only on a higher timeline: a promotion happened
+// in the database's history (a failover that lost the old primary's last
+// writes, or a point-in-time restore), which is a new term, not a rollback.
+// Each save is one transaction.
 #pragma once
 #include <chrono>
 #include <map>
 #include <memory>
+#include <optional>
 #include <pqxx/connection>
 #include <string>
 #include <utility>
@@ -61,6 +66,9 @@ class DbStoreBackend : public StoreBackend {
   bool read_only() const override { return !conn_ || in_recovery_; }
   std::string read_only_reason() const override;
   StorePoll poll(ByteView kek, bool force_reload) override;
+  std::optional<StoreRewind> take_rewind() override {
+    return std::exchange(rewound_, std::nullopt);
+  }
 
  private:
   DbStoreBackend() = default;
@@ -81,6 +89,7 @@ class DbStoreBackend : public StoreBackend {
     uint32_t iterations = 0;
     std::string salt, check;  // hex
     int64_t generation = 0;
+    int64_t timeline = 0;
     std::string manifest;
     std::string mac;  // hex
     std::vector<Row> rows;
@@ -90,8 +99,12 @@ class DbStoreBackend : public StoreBackend {
   void refresh_role();  // in_recovery_ and primary_ from the open session
   Snapshot read_snapshot();
   std::vector<KeyRecord> verify(const Snapshot& s, ByteView kek);
-  int64_t recorded_generation() const;
-  void record_generation(int64_t generation);
+  struct Recorded {
+    int64_t timeline = 0;  // 0: unknown (a state file from before timelines)
+    int64_t generation = 0;
+  };
+  Recorded recorded() const;
+  void record(Recorded seen);
 
   std::string conninfo_;  // with the timeouts
   std::string location_;  // no password
@@ -100,11 +113,14 @@ class DbStoreBackend : public StoreBackend {
   bool in_recovery_ = false;
   std::string primary_;  // "host:port" of the primary while in recovery, when visible
   int64_t generation_ = 0;
+  int64_t timeline_ = 0;                // of the database when keyd last read or wrote it
+  std::optional<StoreRewind> rewound_;  // set by verify(), taken by take_rewind()
   std::map<std::pair<std::string, uint32_t>, std::string> saved_macs_;  // as last read/written
   std::unique_ptr<Snapshot> pending_;  // read by read_params for read_keys
+  // A reload refused at this generation and timeline is not retried.
   int64_t refused_generation_ = -1;
-  bool creating_ = false;  // the next save creates the schema first (initialize)    // a reload
-                           // refused at this generation is not retried
+  int64_t refused_timeline_ = -1;
+  bool creating_ = false;  // the next save creates the schema first (initialize)
   std::chrono::steady_clock::time_point next_connect_{};
   int backoff_ms_ = 500;
   std::chrono::steady_clock::time_point last_role_check_{};

@@ -351,6 +351,7 @@ TEST_CASE("replica: failover: the promoted side's keyd writes, the rewound old p
   const pid_t standby_keyd = standby.keyd_pid();
   const pid_t primary_keyd = primary.keyd_pid();
   const size_t log_mark = standby.keyd_log().size();
+  const size_t primary_mark = primary.keyd_log().size();
   primary.crash_postgres();
   standby.promote();
   standby.wait_keyd_log(log_mark, "now writable");
@@ -374,6 +375,11 @@ TEST_CASE("replica: failover: the promoted side's keyd writes, the rewound old p
   REQUIRE(primary.in_recovery());
   wait_standby_keyd(primary);
   CHECK(primary.keyd_pid() == primary_keyd);
+  // Back after the outage as a standby: a role change, logged and audited
+  // (not only "reachable again").
+  primary.wait_keyd_log(primary_mark, "key store now read-only: this keyd's");
+  CHECK(read_file(primary.dir() + "/keyd-state/audit.log").find("is a standby (in recovery)") !=
+        std::string::npos);
   check_refused_as_standby(primary, {"rotate", "fk"});
   check_refused_as_standby(primary, {"reencrypt", "fk"});
   primary.wait_replayed(standby);
@@ -384,15 +390,12 @@ TEST_CASE("replica: failover: the promoted side's keyd writes, the rewound old p
   }
 }
 
-// [!mayfail]: fails with keyd as merged from h-storedb (480b185..7ecc27b). After
-// the rewind the old primary's keyd refuses its tables as "rolled back" (their
-// generation is below the one it recorded before the failover), keeps its lost
-// version 2 in memory, and serves it for the new primary's version 2: the rows
-// fail with 39000. keyd must take a timeline switch of its database as a new
-// term (e.g. record (timeline, generation), not the generation alone). Remove
-// the tag once it does.
+// keyd records (timeline, generation): the rewound tables are at a lower
+// generation but on a higher timeline, a new term. Without that rule the old
+// primary's keyd refuses them as "rolled back", keeps its lost version 2 and
+// serves it for the new primary's version 2 (the rows fail with 39000).
 TEST_CASE("replica: a key change lost in a failover is forgotten by the old primary's keyd",
-          "[replica][!mayfail]") {
+          "[replica]") {
   // The standby stops streaming; the primary rotates and seals a row under its
   // version 2, which the standby never receives; the primary dies and the
   // standby is promoted. pg_rewind throws the old primary's version 2 away, so
@@ -437,6 +440,15 @@ TEST_CASE("replica: a key change lost in a failover is forgotten by the old prim
   CHECK(primary.keyd_pid() == primary_keyd);
   primary.wait_replayed(standby);
   CHECK(rows_decrypting(primary) == "15");
+  primary.wait_keyd_log(0, "moved to timeline 2 (from 1)");
+  {
+    const std::string audit = read_file(primary.dir() + "/keyd-state/audit.log");
+    CHECK(audit.find("\"event\":\"store-rewound\"") != std::string::npos);
+    CHECK(audit.find("\"new_timeline\":2") != std::string::npos);
+    CHECK(audit.find("store-corrupt") == std::string::npos);
+    // The state file follows the tables: a restart takes them too.
+    CHECK(read_file(primary.dir() + "/keyd-state/store-generation").find("timeline 2 ") == 0);
+  }
 
   keyctl_ok(standby, {"rotate", "lk"});
   insert_rows(standby, 16, 20);  // under the new primary's version 2

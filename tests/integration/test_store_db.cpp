@@ -9,6 +9,7 @@
 
 #include <catch2/catch.hpp>
 #include <chrono>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <thread>
@@ -115,7 +116,10 @@ TEST_CASE("store-db: the whole lifecycle on the database, across restarts", "[st
   json status = keyctl_json(s, {"status"});
   CHECK(status["read_only"] == false);
   CHECK(status["store"].get<std::string>().find("database") == 0);
-  CHECK(path_exists(s.dir() + "/keyd-state/store-generation"));
+  // (timeline, generation): the sandbox's database never left timeline 1.
+  CHECK(read_file(s.dir() + "/keyd-state/store-generation")
+            .rfind("timeline 1 generation " + pg.value("SELECT generation FROM colcrypt_keyd.meta"),
+                   0) == 0);
 }
 
 TEST_CASE("store-db: rows tampered by the database superuser are refused and audited",
@@ -188,7 +192,22 @@ TEST_CASE("store-db: rows tampered by the database superuser are refused and aud
                          "/pgsock -p " + std::to_string(s.port()) + " -f " + dump + " postgres"});
     INFO(restore.output);
     REQUIRE(restore.exit_code == 0);
+    // On the same timeline (no promotion in between): a rollback.
     refused_with("the key tables were rolled back to an older copy");
+    CHECK(read_file(s.dir() + "/keyd-state/store-generation").rfind("timeline 1 ", 0) == 0);
+  }
+  SECTION("a state file from before timelines (\"generation N\")") {
+    const std::string state = s.dir() + "/keyd-state/store-generation";
+    const auto write_file = [](const std::string& path, const std::string& text) {
+      std::ofstream(path, std::ios::trunc) << text;  // keeps keyd's ownership of the file
+    };
+    const int64_t generation = std::stoll(pg.value("SELECT generation FROM colcrypt_keyd.meta"));
+    // An unknown timeline is no proof of a promotion: an older generation stays refused.
+    write_file(state, "generation " + std::to_string(generation + 1) + "\n");
+    refused_with("the key tables were rolled back to an older copy");
+    write_file(state, "generation " + std::to_string(generation) + "\n");
+    accepted_again();
+    CHECK(read_file(state) == "timeline 1 generation " + std::to_string(generation) + "\n");
   }
 }
 
