@@ -398,6 +398,14 @@ std::vector<KeyRecord> DbStoreBackend::verify(const Snapshot& s, ByteView kek) {
   } catch (const json::exception&) {
     corrupt(location_, "a field is missing or has the wrong type");
   }
+  // Recorded before the records are taken: a state file that cannot be
+  // written must not leave this backend believing it holds a generation
+  // whose records keyd never adopted (a later save would write them back).
+  try {
+    record({std::max(s.timeline, seen.timeline), s.generation});
+  } catch (const Error& e) {
+    log_warning(std::string("cannot record the store generation: ") + e.what());
+  }
   generation_ = s.generation;
   timeline_ = s.timeline;
   saved_macs_ = std::move(macs);
@@ -411,7 +419,6 @@ std::vector<KeyRecord> DbStoreBackend::verify(const Snapshot& s, ByteView kek) {
                 " this keyd had seen: a failover or a point-in-time restore dropped the key "
                 "changes after the fork; keyd now follows the database");
   }
-  record({std::max(s.timeline, seen.timeline), s.generation});
   return records;
 }
 
@@ -424,9 +431,18 @@ void DbStoreBackend::initialize(const KekParams& params, const std::vector<KeyRe
                     ": it is a standby (in recovery); start keyd on the primary first, the "
                     "standby receives the store by replication");
   }
+  // A database whose key tables were dropped is not a new store: the keys
+  // and every value sealed under them would be gone for good.
+  const Recorded seen = recorded();
+  if (seen.generation > 0) {
+    corrupt(location_, "it holds no key store, but this keyd has seen one at generation " +
+                           std::to_string(seen.generation) + " (" + state_file_ +
+                           "): the key tables were dropped; restore them, or remove that file "
+                           "to start a new, empty store");
+  }
   // One transaction creates the schema and writes the records (save()).
   creating_ = true;
-  generation_ = recorded().generation + 1;
+  generation_ = seen.generation + 1;
   saved_macs_.clear();
   try {
     save(params, keys, false, kek);

@@ -280,6 +280,15 @@ TEST_CASE("replica: the standby's keyd decrypts what the primary wrote, in WAL o
     INFO(o.message);
     CHECK(o.sqlstate == "55000");
   }
+  // Nor a file key: colcrypt-file seals every file under a random nonce, an
+  // encryption to count like any other (exit 4: the key refused).
+  {
+    CommandResult r = as_postgres({COLCRYPT_FILE_BIN, "--socket", standby.keyd_socket(), "encrypt",
+                                   "--key", "rk", "/dev/null", "-"});
+    INFO(r.output);
+    CHECK(r.exit_code == 4);
+    CHECK(r.output.find("standby") != std::string::npos);
+  }
 
   // A rotation on the primary: a value under version 2 decrypts on the standby
   // as soon as its row has replayed, in a session that already holds version 1

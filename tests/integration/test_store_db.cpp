@@ -120,6 +120,16 @@ TEST_CASE("store-db: the whole lifecycle on the database, across restarts", "[st
   CHECK(read_file(s.dir() + "/keyd-state/store-generation")
             .rfind("timeline 1 generation " + pg.value("SELECT generation FROM colcrypt_keyd.meta"),
                    0) == 0);
+
+  // Key tables dropped: not a new, empty store (the keys would be gone for
+  // good), but a refusal naming the generation this keyd has seen.
+  s.run("keyd-stop");
+  pg.value("DROP SCHEMA colcrypt_keyd CASCADE");
+  CommandResult dropped = s.run("keyd-start", store_db_env());
+  INFO(dropped.output);
+  CHECK(dropped.exit_code == 65);
+  CHECK(dropped.output.find("the key tables were dropped") != std::string::npos);
+  CHECK(pg.value("SELECT count(*) FROM pg_namespace WHERE nspname = 'colcrypt_keyd'") == "0");
 }
 
 TEST_CASE("store-db: rows tampered by the database superuser are refused and audited",

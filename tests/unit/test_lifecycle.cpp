@@ -695,14 +695,23 @@ TEST_CASE("lifecycle: a version that keyed derived values is pinned", "[keystore
 }
 
 TEST_CASE("keyd: counting connections get a statement_timeout", "[keyd][count]") {
+  const std::string keepalive =
+      " keepalives=1 keepalives_idle=5 keepalives_interval=2 keepalives_count=2";
   CHECK(with_statement_timeout("dbname=app port=5433", 1500) ==
-        "dbname='app' port='5433' options='-c statement_timeout=1500' connect_timeout=2");
+        "dbname='app' port='5433' options='-c statement_timeout=1500' connect_timeout=2" +
+            keepalive + " tcp_user_timeout=2000");
   // Options given are kept; a URI becomes key=value; quotes are escaped.
   CHECK(with_statement_timeout("postgresql://u@h:5/db?options=-c%20work_mem%3D8MB", 30000) ==
         "user='u' dbname='db' host='h' port='5' options='-c work_mem=8MB -c "
-        "statement_timeout=30000' connect_timeout=30");
+        "statement_timeout=30000' connect_timeout=30" +
+            keepalive + " tcp_user_timeout=30000");
   CHECK(with_statement_timeout("dbname='it\\'s' connect_timeout=7", 100) ==
-        "connect_timeout='7' dbname='it\\'s' options='-c statement_timeout=100'");
+        "connect_timeout='7' dbname='it\\'s' options='-c statement_timeout=100'" + keepalive +
+            " tcp_user_timeout=2000");
+  // Keepalive settings given are kept, not added twice.
+  CHECK(with_statement_timeout("dbname=app keepalives=0 tcp_user_timeout=900", 1500) ==
+        "dbname='app' keepalives='0' tcp_user_timeout='900' options='-c statement_timeout=1500' "
+        "connect_timeout=2 keepalives_idle=5 keepalives_interval=2 keepalives_count=2");
   CHECK(code_of([] { with_statement_timeout("dbname=", 1); }) != Errc::InvalidArgument);
   CHECK(code_of([] { with_statement_timeout("nonsense", 1); }) == Errc::InvalidArgument);
 }
