@@ -13,8 +13,7 @@ size_t UnwrappedKeys::RefHash::operator()(const Ref& r) const noexcept {
   return static_cast<size_t>(h ^ (uint64_t{r.version} * 0x9e3779b97f4a7c15ull));
 }
 
-UnwrappedKeys::UnwrappedKeys(size_t capacity)
-    : slab_(capacity == 0 ? size_t{1} : capacity * kKeySize), slots_(capacity == 0 ? 1 : capacity) {
+UnwrappedKeys::UnwrappedKeys(size_t capacity) : slots_(capacity == 0 ? 1 : capacity) {
   index_.reserve(slots_.size());
 }
 
@@ -26,7 +25,7 @@ ByteView UnwrappedKeys::find(const KeyId& id, uint32_t version, ByteView wrapped
       std::memcmp(slot.wrapped.data(), wrapped.data, wrapped.size) != 0) {
     return {};
   }
-  return {slab_.data() + it->second * kKeySize, kKeySize};
+  return slot.key.view();
 }
 
 void UnwrappedKeys::insert(const KeyId& id, uint32_t version, ByteView wrapped, ByteView key) {
@@ -39,7 +38,7 @@ void UnwrappedKeys::insert(const KeyId& id, uint32_t version, ByteView wrapped, 
   } else {
     at = next_;
     next_ = (next_ + 1) % slots_.size();
-    if (slots_[at].used) {
+    if (!slots_[at].key.empty()) {
       index_.erase(slots_[at].ref);
       wipe(at);
     }
@@ -48,23 +47,18 @@ void UnwrappedKeys::insert(const KeyId& id, uint32_t version, ByteView wrapped, 
   Slot& slot = slots_[at];
   slot.ref = ref;
   slot.wrapped.assign(wrapped.data, wrapped.data + wrapped.size);
-  slot.used = true;
-  std::memcpy(slab_.data() + at * kKeySize, key.data, kKeySize);
+  if (slot.key.empty()) slot.key = keys_.acquire();
+  std::memcpy(slot.key.data(), key.data, kKeySize);
 }
 
 void UnwrappedKeys::wipe(size_t slot) noexcept {
-  secure_zero(slab_.data() + slot * kKeySize, kKeySize);
-  slots_[slot].used = false;
+  slots_[slot].key = SecretSlab::Slot();  // wiped
   slots_[slot].wrapped.clear();
 }
 
 void UnwrappedKeys::clear() noexcept {
   if (index_.empty()) return;
-  secure_zero(slab_.data(), slab_.size());
-  for (Slot& s : slots_) {
-    s.used = false;
-    s.wrapped.clear();
-  }
+  for (size_t i = 0; i < slots_.size(); ++i) wipe(i);
   index_.clear();
   next_ = 0;
 }

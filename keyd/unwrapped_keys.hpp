@@ -9,10 +9,10 @@
 // version's state before they ask. On top of that the server clears the whole
 // cache on every admin request and every reload, and destroy wipes it at once.
 //
-// Every key byte lives in one slab of locked, non-dumpable memory
-// (SecretBytes: mlock where the limit allows, MADV_DONTDUMP, wiped on
-// release); an evicted or cleared slot is wiped. The cache is bounded:
-// `capacity` entries, first-in first-out beyond that.
+// Every key byte lives in a SecretSlab, 128 keys to a page of locked,
+// non-dumpable memory (mlock where the limit allows, MADV_DONTDUMP); an
+// evicted or cleared slot is wiped. The cache is bounded: `capacity`
+// entries, first-in first-out beyond that.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -27,7 +27,7 @@ namespace colcrypt::keyd {
 
 class UnwrappedKeys {
  public:
-  // 1,024 versions x 32 bytes: 32 KiB locked, far below RLIMIT_MEMLOCK.
+  // 1,024 versions x 32 bytes: 32 KiB locked when full, far below RLIMIT_MEMLOCK.
   static constexpr size_t kDefaultCapacity = 1024;
   static constexpr size_t kKeySize = AeadKey::kKeySize;
 
@@ -57,11 +57,11 @@ class UnwrappedKeys {
   struct Slot {
     Ref ref;
     std::vector<uint8_t> wrapped;  // not secret: the form the store keeps on disk
-    bool used = false;
+    SecretSlab::Slot key;          // empty: the slot is unused
   };
   void wipe(size_t slot) noexcept;
 
-  SecretBytes slab_;  // capacity * kKeySize bytes; slot i at i * kKeySize
+  SecretSlab keys_{kKeySize};  // before slots_: it outlives their keys
   std::vector<Slot> slots_;
   std::unordered_map<Ref, size_t, RefHash> index_;
   size_t next_ = 0;  // the next slot to fill (the oldest once full)

@@ -214,4 +214,57 @@ void SecretBytes::release() noexcept {
   locked_ = false;
 }
 
+SecretSlab::SecretSlab(size_t slot_size) : slot_size_(slot_size) {
+  if (slot_size == 0 || slot_size > page_size())
+    throw Error(Errc::InvalidArgument, "secret slab slots must fit a page");
+}
+
+SecretSlab::Slot SecretSlab::acquire() {
+  if (free_.empty()) {
+    const size_t per_page = page_size() / slot_size_;
+    // Room for every slot there will be: release() pushes without allocating.
+    free_.reserve((pages_.size() + 1) * per_page);
+    SecretBytes& page = pages_.emplace_back(page_size());
+    for (size_t i = per_page; i-- > 0;) free_.push_back(page.data() + i * slot_size_);
+  }
+  uint8_t* slot = free_.back();
+  free_.pop_back();
+  ++in_use_;
+  return Slot(this, slot);
+}
+
+SecretSlab::Slot SecretSlab::acquire(ByteView secret) {
+  if (secret.size != slot_size_)
+    throw Error(Errc::InvalidArgument, "secret of the wrong size for its slab");
+  Slot slot = acquire();
+  std::memcpy(slot.data(), secret.data, secret.size);
+  return slot;
+}
+
+SecretSlab::Slot::Slot(Slot&& other) noexcept : slab_(other.slab_), data_(other.data_) {
+  other.slab_ = nullptr;
+  other.data_ = nullptr;
+}
+
+SecretSlab::Slot& SecretSlab::Slot::operator=(Slot&& other) noexcept {
+  if (this != &other) {
+    release();
+    slab_ = other.slab_;
+    data_ = other.data_;
+    other.slab_ = nullptr;
+    other.data_ = nullptr;
+  }
+  return *this;
+}
+
+void SecretSlab::Slot::release() noexcept {
+  if (data_ == nullptr) return;
+  OPENSSL_cleanse(data_, slab_->slot_size_);
+  // Cannot fail: free_ was reserved for every slot of every page.
+  slab_->free_.push_back(data_);
+  --slab_->in_use_;
+  slab_ = nullptr;
+  data_ = nullptr;
+}
+
 }  // namespace colcrypt

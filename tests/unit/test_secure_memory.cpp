@@ -1,6 +1,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cstring>
 #include <set>
@@ -163,4 +164,48 @@ TEST_CASE("SecretBytes work in a forked child and in other threads", "[secure_me
   moved = SecretBytes();  // released on another thread than it was made on
   SecretBytes again(32);
   for (size_t j = 0; j < again.size(); ++j) REQUIRE(again.data()[j] == 0);
+}
+
+TEST_CASE("SecretSlab: many slots to a page, each wiped when released", "[secure_memory]") {
+  REQUIRE_ERRC(SecretSlab(0), Errc::InvalidArgument);
+  REQUIRE_ERRC(SecretSlab(size_t{1} << 20), Errc::InvalidArgument);
+  SecretSlab slab(32);
+  const size_t per_page = static_cast<size_t>(sysconf(_SC_PAGESIZE)) / 32;
+  std::vector<SecretSlab::Slot> slots;
+  std::set<const uint8_t*> seen;
+  for (size_t i = 0; i < per_page + 1; ++i) {
+    SecretSlab::Slot& slot = slots.emplace_back(slab.acquire());
+    REQUIRE(slot.size() == 32);
+    CHECK(std::all_of(slot.data(), slot.data() + 32, [](uint8_t b) { return b == 0; }));
+    std::memset(slot.data(), 0x5A, 32);
+    seen.insert(slot.data());
+  }
+  CHECK(seen.size() == per_page + 1);  // distinct slots
+  CHECK(slab.pages() == 2);
+  CHECK(slab.slots_in_use() == per_page + 1);
+
+  // Released (destroyed, assigned to or moved over): wiped where it was.
+  const uint8_t* where = slots[3].data();
+  slots[3] = SecretSlab::Slot();
+  CHECK(slots[3].empty());
+  CHECK(std::all_of(where, where + 32, [](uint8_t b) { return b == 0; }));
+  const uint8_t* moved_over = slots[4].data();
+  slots[4] = std::move(slots[5]);
+  CHECK(slots[5].empty());
+  CHECK(std::all_of(moved_over, moved_over + 32, [](uint8_t b) { return b == 0; }));
+  CHECK(slots[4].data()[0] == 0x5A);
+  CHECK(slab.slots_in_use() == per_page - 1);
+
+  // A freed slot is reused before a new page is taken.
+  const uint8_t secret[32] = {1, 2, 3};
+  SecretSlab::Slot again = slab.acquire(ByteView(secret, sizeof secret));
+  CHECK((again.data() == where || again.data() == moved_over));
+  CHECK(std::memcmp(again.data(), secret, 32) == 0);
+  REQUIRE_ERRC(slab.acquire(ByteView(secret, 16)), Errc::InvalidArgument);
+  const uint8_t* last = again.data();
+  { SecretSlab::Slot gone = std::move(again); }
+  CHECK(std::all_of(last, last + 32, [](uint8_t b) { return b == 0; }));
+  slots.clear();
+  CHECK(slab.slots_in_use() == 0);
+  CHECK(slab.pages() == 2);  // kept, wiped, for the next slots
 }
