@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <array>
 #include <cstring>
+#include <list>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <utility>
@@ -53,13 +55,86 @@ struct VersionRefHash {
   }
 };
 
+// A hash map of at most `capacity` items that drops the least recently used
+// one to make room. Items live in a list, so a pointer to one stays valid
+// until that item is removed; on_remove(item) hears of every removal first.
+template <typename K, typename V, typename Hash = std::hash<K>>
+class LruMap {
+ public:
+  using Item = std::pair<const K, V>;
+
+  // At least 2: putting an item never evicts the one put or found just before.
+  explicit LruMap(size_t capacity) : capacity_(std::max<size_t>(capacity, 2)) {}
+
+  // k's item, now the most recently used; nullptr when absent.
+  Item* find(const K& k) {
+    auto it = index_.find(k);
+    if (it == index_.end()) return nullptr;
+    items_.splice(items_.begin(), items_, it->second);
+    return &*it->second;
+  }
+
+  // Puts (k, v) first, in place of k's item if there is one; when full, the
+  // least recently used item leaves to make room.
+  template <typename OnRemove>
+  Item& put(const K& k, V&& v, OnRemove&& on_remove) {
+    if (auto it = index_.find(k); it != index_.end()) {
+      on_remove(*it->second);
+      items_.erase(it->second);
+      index_.erase(it);
+    } else if (items_.size() >= capacity_) {
+      on_remove(items_.back());
+      index_.erase(items_.back().first);
+      items_.pop_back();
+    }
+    items_.emplace_front(k, std::move(v));
+    try {
+      index_.emplace(k, items_.begin());
+    } catch (...) {
+      items_.pop_front();
+      throw;
+    }
+    return items_.front();
+  }
+
+  template <typename Pred, typename OnRemove>
+  void remove_if(Pred&& pred, OnRemove&& on_remove) {
+    for (auto it = items_.begin(); it != items_.end();) {
+      if (!pred(*it)) {
+        ++it;
+        continue;
+      }
+      on_remove(*it);
+      index_.erase(it->first);
+      it = items_.erase(it);
+    }
+  }
+
+  void clear() noexcept {
+    index_.clear();
+    items_.clear();
+  }
+  size_t size() const { return items_.size(); }
+  bool empty() const { return items_.empty(); }
+
+ private:
+  size_t capacity_;
+  std::list<Item> items_;  // most recently used first
+  std::unordered_map<K, typename std::list<Item>::iterator, Hash> index_;
+};
+
 struct KeyEntry {
   AeadKey key;
+  KeyId id;
   std::string name;
   int64_t fetched_ms;
-  HmacSha256 blind_mac;  // keyed with the HKDF of the key bytes for blind indexes (key_cache.hpp)
-  SecretBytes siv_key;   // HKDF of the key bytes for deterministic values
-  SecretBytes version_key;  // the key bytes: derived-key values (algorithm 3) derive from them
+  // The key bytes, in the cache's locked slab: derived-key values
+  // (algorithm 3) derive from them, and so do the two keys below.
+  SecretSlab::Slot version_key;
+  // Derived on first use (KeyCache::siv_key, blind_mac): most versions only
+  // ever encrypt and decrypt.
+  SecretSlab::Slot siv_key;             // HKDF of the key bytes for deterministic values
+  std::optional<HmacSha256> blind_mac;  // keyed with the HKDF for blind indexes (key_cache.hpp)
   // Bits (1 << wire::FetchPurpose) of the purposes keyd was told of when it
   // served this entry: the first deterministic or blind-index use of a cached
   // version fetches it again with its purpose, so that keyd always knows.
@@ -196,18 +271,19 @@ class KeyCache {
   KeyEntry& by_version_at(const KeydSettings& s, const VersionRef& ref, wire::FetchPurpose purpose,
                           int64_t now) {
     const unsigned bit = purpose == wire::FetchPurpose::Decrypt ? 0 : purpose_bit(purpose);
+    // last_ is always the most recently used entry: no reordering needed.
     if (last_ != nullptr && last_->first == ref &&
         fresh(last_->second.fetched_ms, s.cache_ttl_s, now) &&
         (last_->second.reported & bit) == bit)
       return last_->second;
-    auto it = keys_.find(ref);
+    KeyMap::Item* found = keys_.find(ref);
     unsigned reported = bit;
-    if (it != keys_.end() && fresh(it->second.fetched_ms, s.cache_ttl_s, now)) {
-      if ((it->second.reported & bit) == bit) {
-        last_ = &*it;
-        return it->second;
+    if (found != nullptr && fresh(found->second.fetched_ms, s.cache_ttl_s, now)) {
+      if ((found->second.reported & bit) == bit) {
+        last_ = found;
+        return found->second;
       }
-      reported |= it->second.reported;
+      reported |= found->second.reported;
     }
     const std::string what = describe(ref);
     wire::KeyReply reply = fetch(
@@ -241,19 +317,19 @@ class KeyCache {
                      "Key names are 1 to 63 characters from A-Z, a-z, 0-9, '_', '.' and '-', "
                      "and do not start with '.' or '-'.");
     std::string key(name);
-    auto it = primaries_.find(key);
-    if (it != primaries_.end() && fresh(it->second.fetched_ms, s.cache_ttl_s, now) &&
-        (!consume || it->second.uses_left > 0)) {
-      last_primary_ = &*it;
-      ref = it->second.ref;
-      if (consume) --it->second.uses_left;
+    PrimaryMap::Item* found = primaries_.find(key);
+    if (found != nullptr && fresh(found->second.fetched_ms, s.cache_ttl_s, now) &&
+        (!consume || found->second.uses_left > 0)) {
+      last_primary_ = found;
+      ref = found->second.ref;
+      if (consume) --found->second.uses_left;
       return by_version_at(s, ref, wire::FetchPurpose::Decrypt, now);
     }
     const std::string what = describe(name);
     uint32_t ask = !consume ? 0 : s.cache_ttl_s > 0 ? kUseBlock : 1;
-    if (consume && s.cache_ttl_s > 0 && it != primaries_.end() && it->second.uses_left == 0 &&
-        fresh(it->second.fetched_ms, s.cache_ttl_s, now)) {
-      ask = std::min(kMaxUseBlock, std::max(kUseBlock, it->second.asked * 2));
+    if (consume && s.cache_ttl_s > 0 && found != nullptr && found->second.uses_left == 0 &&
+        fresh(found->second.fetched_ms, s.cache_ttl_s, now)) {
+      ask = std::min(kMaxUseBlock, std::max(kUseBlock, found->second.asked * 2));
     }
     uint64_t granted = 0;
     wire::KeyReply reply = fetch(s, what, [&](client::Client& c) {
@@ -269,12 +345,31 @@ class KeyCache {
                      std::string("its primary version is ") + wire::key_state_name(reply.state));
     ref = VersionRef{reply.id, reply.version};
     KeyEntry& entry = store(std::move(reply), s.cache_ttl_s, now);
-    // store() may have evicted expired names (and invalidated `it`).
-    auto [slot, inserted] = primaries_.insert_or_assign(
-        std::move(key), PrimaryEntry{ref, now, consume ? granted - 1 : granted, ask});
-    (void)inserted;
-    last_primary_ = &*slot;
+    // store() may have evicted expired names (and freed `found`); the entry
+    // it returns is the most recently used: putting a name evicts no version.
+    last_primary_ = &primaries_.put(
+        key, PrimaryEntry{ref, now, consume ? granted - 1 : granted, ask}, Forget{this});
     return entry;
+  }
+
+  // The SIV key of entry's version for deterministic values (key_cache.hpp).
+  ByteView siv_key(KeyEntry& entry) {
+    if (entry.siv_key.empty()) {
+      const SecretBytes derived = hkdf_sha256(
+          entry.version_key.view(), ByteView::of(kDeterministicSalt), ByteView(entry.id), 64);
+      entry.siv_key = siv_keys_.acquire(derived.view());
+    }
+    return entry.siv_key.view();
+  }
+
+  // The blind-index MAC of entry's version (key_cache.hpp).
+  HmacSha256& blind_mac(KeyEntry& entry) {
+    if (!entry.blind_mac) {
+      entry.blind_mac.emplace(hkdf_sha256(entry.version_key.view(), ByteView::of(kBlindIndexSalt),
+                                          ByteView(entry.id), 32)
+                                  .view());
+    }
+    return *entry.blind_mac;
   }
 
   void clear() noexcept {
@@ -286,27 +381,31 @@ class KeyCache {
 
   void evict_expired(int ttl_s, int64_t now) noexcept {
     if (keys_.empty() && primaries_.empty()) return;
-    for (auto it = keys_.begin(); it != keys_.end();) {
-      if (fresh(it->second.fetched_ms, ttl_s, now)) {
-        ++it;
-      } else {
-        if (last_ == &*it) last_ = nullptr;
-        it = keys_.erase(it);
-      }
-    }
-    for (auto it = primaries_.begin(); it != primaries_.end();) {
-      if (fresh(it->second.fetched_ms, ttl_s, now)) {
-        ++it;
-      } else {
-        if (last_primary_ == &*it) last_primary_ = nullptr;
-        it = primaries_.erase(it);
-      }
-    }
+    keys_.remove_if([&](const auto& item) { return !fresh(item.second.fetched_ms, ttl_s, now); },
+                    Forget{this});
+    primaries_.remove_if(
+        [&](const auto& item) { return !fresh(item.second.fetched_ms, ttl_s, now); }, Forget{this});
+  }
+
+  KeyCacheSize size() const {
+    return {keys_.size(), primaries_.size(),
+            version_keys_.slots_in_use() + siv_keys_.slots_in_use()};
   }
 
  private:
-  using KeyMap = std::unordered_map<VersionRef, KeyEntry, VersionRefHash>;
-  using PrimaryMap = std::unordered_map<std::string, PrimaryEntry>;
+  using KeyMap = LruMap<VersionRef, KeyEntry, VersionRefHash>;
+  using PrimaryMap = LruMap<std::string, PrimaryEntry>;
+
+  // Hears of every removal from the maps: last_ and last_primary_ never dangle.
+  struct Forget {
+    KeyCache* cache;
+    void operator()(const KeyMap::Item& item) const noexcept {
+      if (cache->last_ == &item) cache->last_ = nullptr;
+    }
+    void operator()(const PrimaryMap::Item& item) const noexcept {
+      if (cache->last_primary_ == &item) cache->last_primary_ = nullptr;
+    }
+  };
 
   template <typename Request>
   static wire::KeyReply fetch(const KeydSettings& s, const std::string& what, Request&& request) {
@@ -325,31 +424,37 @@ class KeyCache {
     return reply;
   }
 
+  // Caches a fetched version as the most recently used entry. When the cache
+  // is full the least recently used entry leaves (its secrets wiped). A
+  // KeyEntry& is used only until its caller's next call into the cache that
+  // may fetch (encrypt_deterministic and blind_index discard what primary()
+  // returns before by_version()); even so the entry got just before is the
+  // most recently used but one, which a capacity of 2 or more never evicts.
   KeyEntry& store(wire::KeyReply reply, int ttl_s, int64_t now) {
     // A fetch is rare (once per key per TTL): the moment to drop stale keys.
     evict_expired(ttl_s, now);
     const VersionRef ref{reply.id, reply.version};
     AeadKey key(reply.key.view());  // the key schedule, computed once per fetch
-    SecretBytes blind_key =
-        hkdf_sha256(reply.key.view(), ByteView::of(kBlindIndexSalt), ByteView(reply.id), 32);
-    SecretBytes siv_key =
-        hkdf_sha256(reply.key.view(), ByteView::of(kDeterministicSalt), ByteView(reply.id), 64);
-    // last_ first: it may point at the node erase() frees (found by ASan in
-    // pg_regress: a backend's new use block for the version it holds).
-    if (last_ != nullptr && last_->first == ref) last_ = nullptr;
-    keys_.erase(ref);
-    auto [it, inserted] = keys_.emplace(
-        ref, KeyEntry{std::move(key), std::move(reply.name), now, HmacSha256(blind_key.view()),
-                      std::move(siv_key), SecretBytes(reply.key.view())});
-    (void)inserted;
-    last_ = &*it;
-    return it->second;
+    SecretSlab::Slot version_key = version_keys_.acquire(reply.key.view());
+    // put() tells Forget first: last_ may point at the item it
+    // replaces (found by ASan in pg_regress: a backend's new use block for
+    // the version it holds) or evicts.
+    KeyMap::Item& item =
+        keys_.put(ref,
+                  KeyEntry{std::move(key), reply.id, std::move(reply.name), now,
+                           std::move(version_key), SecretSlab::Slot(), std::nullopt},
+                  Forget{this});
+    last_ = &item;
+    return item.second;
   }
 
-  KeyMap keys_;
-  PrimaryMap primaries_;
-  KeyMap::value_type* last_ = nullptr;
-  PrimaryMap::value_type* last_primary_ = nullptr;
+  // Declared before the maps: the slabs outlive the slots of their entries.
+  SecretSlab version_keys_{AeadKey::kKeySize};  // 128 to a locked page
+  SecretSlab siv_keys_{64};                     // 64 to a locked page
+  KeyMap keys_{kKeyCacheCapacity};
+  PrimaryMap primaries_{kKeyCacheCapacity};
+  KeyMap::Item* last_ = nullptr;
+  PrimaryMap::Item* last_primary_ = nullptr;
 };
 
 // Created on first use and never destroyed: a static destructor would run at
@@ -445,7 +550,7 @@ void encrypt_deterministic(const KeydSettings& settings, std::string_view key_na
   cache().primary(settings, key_name, ref);
   ref.version = 1;  // the first version: equal plaintexts stay equal across rotations
   KeyEntry& entry = cache().by_version(settings, ref, wire::FetchPurpose::Deterministic);
-  seal_deterministic(entry.siv_key.view(), ref.id, ref.version, payload, context, plaintext, out);
+  seal_deterministic(cache().siv_key(entry), ref.id, ref.version, payload, context, plaintext, out);
 }
 
 size_t deterministic_key_name(const KeydSettings& settings, ByteView value, char (&out)[64]) {
@@ -465,7 +570,7 @@ void decrypt_deterministic(const KeydSettings& settings, ByteView value, ByteVie
   CallScope scope(settings);
   KeyEntry& entry =
       cache().by_version(settings, deterministic_ref(value), wire::FetchPurpose::Deterministic);
-  open_deterministic(entry.siv_key.view(), value, context, out);
+  open_deterministic(cache().siv_key(entry), value, context, out);
 }
 
 void report_denial(const KeydSettings& settings, const char* key_name, const char* privilege,
@@ -488,7 +593,7 @@ void blind_index(const KeydSettings& settings, std::string_view key_name, ByteVi
   cache().primary(settings, key_name, ref);
   KeyEntry& first =
       cache().by_version(settings, VersionRef{ref.id, 1}, wire::FetchPurpose::BlindIndex);
-  const std::array<uint8_t, 32> mac = first.blind_mac.mac(data);
+  const std::array<uint8_t, 32> mac = cache().blind_mac(first).mac(data);
   std::memcpy(out, mac.data(), kBlindIndexSize);
 }
 
@@ -537,6 +642,10 @@ void set_key_cache_clock(ClockGettime clock_gettime_fn) noexcept {
 
 void evict_expired_keys(int ttl_s) noexcept {
   if (the_cache != nullptr) the_cache->evict_expired(ttl_s, now_ms());
+}
+
+KeyCacheSize key_cache_size() noexcept {
+  return the_cache != nullptr ? the_cache->size() : KeyCacheSize{};
 }
 
 }  // namespace colcrypt::pg

@@ -4,10 +4,15 @@
 //
 // Cache: (key id, version) -> AES key schedule + name, and key name -> its
 // primary (id, version). Both expire colcrypt.key_cache_ttl seconds after the
-// fetch from keyd (0: nothing is kept past the call that fetched it). Evicted
-// entries are destroyed and AeadKey wipes its schedule. One keyd exchange per
-// key per TTL, never one per row; the last key used is remembered so that a
-// scan over values of one key skips even the hash lookup.
+// fetch from keyd (0: nothing is kept past the call that fetched it), and each
+// holds at most kKeyCacheCapacity entries: beyond that the least recently
+// used one leaves (a statement meeting more versions still works, with more
+// keyd fetches). Key bytes live in locked slabs, 128 to a page (SecretSlab);
+// the SIV and blind-index keys are derived on a version's first deterministic
+// or blind-index use. Evicted entries are destroyed: their slots are wiped and
+// AeadKey wipes its schedule. One keyd exchange per key per TTL, never one per
+// row; the last key used is remembered so that a scan over values of one key
+// skips even the hash lookup.
 #pragma once
 #include <time.h>
 
@@ -109,6 +114,19 @@ void set_key_cache_clock(ClockGettime clock_gettime_fn) noexcept;
 
 // The keyd client's options for these settings.
 client::ClientOptions client_options(const KeydSettings& settings);
+
+// The most key versions, and the most key names, a backend caches: 4,096
+// versions take 128 KiB of locked memory (256 KiB more if all are used for
+// deterministic values) and about 6 MB in all.
+constexpr size_t kKeyCacheCapacity = 4096;
+
+// What the cache holds now: for tests and the memory benchmark.
+struct KeyCacheSize {
+  size_t versions = 0;
+  size_t names = 0;
+  size_t secret_slots = 0;  // slab slots in use: key bytes and SIV keys
+};
+KeyCacheSize key_cache_size() noexcept;
 
 // Drops (and wipes) every cached key: at backend exit.
 void clear_key_cache() noexcept;

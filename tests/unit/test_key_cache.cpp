@@ -306,7 +306,112 @@ std::string blind(const pg::KeydSettings& s, const std::string& name, std::strin
   return hex(out, sizeof out);
 }
 
+// A value sealed under version v of key n, as keyd would have it sealed.
+std::vector<uint8_t> sealed_under(uint32_t n, uint32_t version) {
+  const std::string plaintext = "v" + std::to_string(version);
+  std::vector<uint8_t> out(sealed_size(plaintext.size()));
+  AeadKey key(ByteView(ManyKeysKeyd::key_bytes(n, version)));
+  seal(key, ManyKeysKeyd::id_of(n), version, PayloadType::Text, ByteView::of("ctx"),
+       ByteView::of(plaintext), out.data());
+  return out;
+}
+
+std::string decrypted(const pg::KeydSettings& s, const std::vector<uint8_t>& value) {
+  std::vector<uint8_t> out(opened_size(ByteView(value)));
+  pg::decrypt_value(s, ByteView(value), ByteView::of("ctx"), out.data());
+  return std::string(out.begin(), out.end());
+}
+
+// Versions first..last of key n: one value under each.
+std::vector<std::vector<uint8_t>> values_of(uint32_t n, uint32_t first, uint32_t last) {
+  std::vector<std::vector<uint8_t>> values;
+  for (uint32_t v = first; v <= last; ++v) values.push_back(sealed_under(n, v));
+  return values;
+}
+
+constexpr uint32_t kCapacity = static_cast<uint32_t>(pg::kKeyCacheCapacity);
+
 }  // namespace
+
+TEST_CASE("key cache: bounded; a statement meeting more versions still works", "[key_cache]") {
+  ManyKeysKeyd keyd;
+  CacheReset reset;
+  pg::clear_key_cache();
+  const pg::KeydSettings s = settings_for(keyd.path(), 3600);
+  const uint32_t last = kCapacity + 100;
+  const auto values = values_of(1, 1, last);
+  for (uint32_t v = 1; v <= last; ++v)
+    REQUIRE(decrypted(s, values[v - 1]) == "v" + std::to_string(v));
+  CHECK(keyd.version_fetches() == static_cast<int>(last));
+  CHECK(pg::key_cache_size().versions == pg::kKeyCacheCapacity);
+  // The evicted entries gave their key bytes back (wiped: SecretSlab).
+  CHECK(pg::key_cache_size().secret_slots == pg::kKeyCacheCapacity);
+  // The newest kCapacity versions are the ones kept.
+  for (uint32_t v = last; v > last - kCapacity; --v)
+    REQUIRE(decrypted(s, values[v - 1]) == "v" + std::to_string(v));
+  CHECK(keyd.version_fetches() == static_cast<int>(last));
+  CHECK(decrypted(s, values[0]) == "v1");
+  CHECK(keyd.version_fetches() == static_cast<int>(last) + 1);
+  pg::clear_key_cache();
+  CHECK(pg::key_cache_size().versions == 0);
+  CHECK(pg::key_cache_size().secret_slots == 0);
+}
+
+TEST_CASE("key cache: the least recently used version leaves first", "[key_cache]") {
+  ManyKeysKeyd keyd;
+  CacheReset reset;
+  pg::clear_key_cache();
+  pg::set_key_cache_clock(fake_clock);
+  fake_now = 10'000;
+  const pg::KeydSettings s = settings_for(keyd.path(), 60);
+  const auto values = values_of(1, 1, kCapacity + 2);
+  for (uint32_t v = 1; v <= kCapacity; ++v) decrypted(s, values[v - 1]);
+  REQUIRE(keyd.version_fetches() == static_cast<int>(kCapacity));
+  CHECK(decrypted(s, values[0]) == "v1");  // a hit: version 1 is now the most recently used
+  CHECK(keyd.version_fetches() == static_cast<int>(kCapacity));
+  CHECK(decrypted(s, values[kCapacity]) == "v" + std::to_string(kCapacity + 1));  // evicts 2
+  CHECK(decrypted(s, values[0]) == "v1");
+  CHECK(keyd.version_fetches() == static_cast<int>(kCapacity) + 1);
+  CHECK(decrypted(s, values[1]) == "v2");  // fetched again, evicting 3
+  CHECK(keyd.version_fetches() == static_cast<int>(kCapacity) + 2);
+  CHECK(decrypted(s, values[3]) == "v4");
+  CHECK(keyd.version_fetches() == static_cast<int>(kCapacity) + 2);
+  CHECK(decrypted(s, values[2]) == "v3");
+  CHECK(keyd.version_fetches() == static_cast<int>(kCapacity) + 3);
+  CHECK(pg::key_cache_size().versions == pg::kKeyCacheCapacity);
+
+  // The TTL still applies on top, and its eviction wipes as well.
+  fake_now += 60'000;
+  pg::evict_expired_keys(60);
+  CHECK(pg::key_cache_size().versions == 0);
+  CHECK(pg::key_cache_size().secret_slots == 0);
+}
+
+TEST_CASE("key cache: bounded key names, least recently used first", "[key_cache]") {
+  ManyKeysKeyd keyd;
+  CacheReset reset;
+  pg::clear_key_cache();
+  const pg::KeydSettings s = settings_for(keyd.path(), 3600);
+  const ByteView plaintext = ByteView::of("x");
+  std::vector<uint8_t> out(sealed_size(plaintext.size));
+  auto encrypt_under = [&](uint32_t n) {
+    pg::encrypt_value(s, "k" + std::to_string(n), PayloadType::Text, ByteView::of("ctx"), plaintext,
+                      out.data());
+  };
+  for (uint32_t n = 0; n < kCapacity; ++n) encrypt_under(n);
+  REQUIRE(keyd.primary_fetches() == static_cast<int>(kCapacity));
+  encrypt_under(0);          // a hit: k0 is now the most recently used
+  encrypt_under(kCapacity);  // evicts k1
+  CHECK(keyd.primary_fetches() == static_cast<int>(kCapacity) + 1);
+  CHECK(pg::key_cache_size().names == pg::kKeyCacheCapacity);
+  CHECK(pg::key_cache_size().versions == pg::kKeyCacheCapacity);
+  encrypt_under(0);
+  CHECK(keyd.primary_fetches() == static_cast<int>(kCapacity) + 1);
+  encrypt_under(1);
+  CHECK(keyd.primary_fetches() == static_cast<int>(kCapacity) + 2);
+  CHECK(decrypted(s, out) == "x");
+  CHECK(keyd.version_fetches() == 0);
+}
 
 TEST_CASE("key cache: deterministic values and blind indexes stay byte-identical", "[key_cache]") {
   // Stored data depends on these bytes: the expected values were computed by
@@ -316,8 +421,14 @@ TEST_CASE("key cache: deterministic values and blind indexes stay byte-identical
   keyd.primary = 3;  // rotated: both derive from version 1 all the same
   CacheReset reset;
   pg::clear_key_cache();
-  for (int ttl : {60, 0}) {
+  const auto fill = values_of(1, 1, kCapacity);
+  for (int ttl : {60, 0, 3600}) {
     const pg::KeydSettings s = settings_for(keyd.path(), ttl);
+    if (ttl == 3600) {
+      // A full cache: the primary and then version 1 of k7 each evict one.
+      for (const auto& value : fill) decrypted(s, value);
+      REQUIRE(pg::key_cache_size().versions == pg::kKeyCacheCapacity);
+    }
     const std::vector<uint8_t> det = deterministic(s, "k7", "4111 1111 1111 1111");
     CHECK(hex(det.data(), det.size()) ==
           "0102010007000000bcc3cad1d8dfe6edf4fb0209000000013468c3729b37a4c9980bf60515b"
@@ -343,4 +454,25 @@ TEST_CASE("key cache: deterministic values and blind indexes stay byte-identical
     pg::decrypt_deterministic(s, ByteView(det), ByteView::of("ctx"), opened.data());
     CHECK(std::string(opened.begin(), opened.end()) == "4111 1111 1111 1111");
   }
+}
+
+TEST_CASE("key cache: the SIV and blind-index keys are derived on first use only", "[key_cache]") {
+  ManyKeysKeyd keyd;
+  CacheReset reset;
+  pg::clear_key_cache();
+  const pg::KeydSettings s = settings_for(keyd.path(), 3600);
+  const auto values = values_of(7, 1, 3);
+  for (const auto& value : values) decrypted(s, value);
+  CHECK(pg::key_cache_size().versions == 3);
+  CHECK(pg::key_cache_size().secret_slots == 3);  // the key bytes only
+  const std::string index = blind(s, "k7", "a");
+  CHECK(pg::key_cache_size().secret_slots == 3);  // its MAC key lives in the HMAC context
+  const std::vector<uint8_t> det = deterministic(s, "k7", "a");
+  CHECK(pg::key_cache_size().secret_slots == 4);  // and version 1's SIV key
+  CHECK(deterministic(s, "k7", "a") == det);
+  CHECK(blind(s, "k7", "a") == index);
+  CHECK(pg::key_cache_size().secret_slots == 4);
+  CHECK(pg::key_cache_size().versions == 3);
+  pg::clear_key_cache();
+  CHECK(pg::key_cache_size().secret_slots == 0);
 }
