@@ -115,9 +115,10 @@ void set_key_cache_clock(ClockGettime clock_gettime_fn) noexcept;
 // The keyd client's options for these settings.
 client::ClientOptions client_options(const KeydSettings& settings);
 
-// The most key versions, and the most key names, a backend caches: 4,096
-// versions take 128 KiB of locked memory (256 KiB more if all are used for
-// deterministic values) and about 6 MB in all.
+// The most key versions, and the most key names, a backend caches. A full
+// cache takes 128 KiB of locked memory for the key bytes (plus 64 bytes per
+// version used for deterministic values) and about 11 MB in all: 2.6 kB per
+// version, mostly AeadKey's two OpenSSL cipher contexts (bench/ANALYSIS.md).
 constexpr size_t kKeyCacheCapacity = 4096;
 
 // What the cache holds now: for tests and the memory benchmark.
