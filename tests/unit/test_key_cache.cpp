@@ -380,11 +380,21 @@ TEST_CASE("key cache: the least recently used version leaves first", "[key_cache
   CHECK(keyd.version_fetches() == static_cast<int>(kCapacity) + 3);
   CHECK(pg::key_cache_size().versions == pg::kKeyCacheCapacity);
 
-  // The TTL still applies on top, and its eviction wipes as well.
+  // The TTL still applies on top, and its eviction wipes as well; the last
+  // version and name used leave with the rest (ASan: nothing points at them).
+  const ByteView plaintext = ByteView::of("x");
+  std::vector<uint8_t> fresh(sealed_size(plaintext.size));
+  pg::encrypt_value(s, "k1", PayloadType::Text, ByteView::of("ctx"), plaintext, fresh.data());
+  CHECK(keyd.primary_fetches() == 1);
   fake_now += 60'000;
   pg::evict_expired_keys(60);
   CHECK(pg::key_cache_size().versions == 0);
+  CHECK(pg::key_cache_size().names == 0);
   CHECK(pg::key_cache_size().secret_slots == 0);
+  CHECK(decrypted(s, fresh) == "x");
+  CHECK(keyd.version_fetches() == static_cast<int>(kCapacity) + 4);
+  pg::encrypt_value(s, "k1", PayloadType::Text, ByteView::of("ctx"), plaintext, fresh.data());
+  CHECK(keyd.primary_fetches() == 2);
 }
 
 TEST_CASE("key cache: bounded key names, least recently used first", "[key_cache]") {
