@@ -392,10 +392,9 @@ void encrypt_value(const KeydSettings& settings, std::string_view key_name, Payl
   seal(derived, ref.id, ref.version, payload, context, plaintext, out, algorithm);
 }
 
-void decrypt_value(const KeydSettings& settings, ByteView envelope, ByteView context,
-                   uint8_t* out) {
+void decrypt_value(const KeydSettings& settings, const EnvelopeHeader& header, ByteView envelope,
+                   ByteView context, uint8_t* out) {
   CallScope scope(settings);
-  const EnvelopeHeader header = parse_header(envelope);
   KeyEntry& entry = cache().by_version(settings, VersionRef{header.key_id, header.key_version});
   open_with(entry, header, envelope, context, out);
 }

@@ -95,7 +95,7 @@ std::vector<uint8_t> encrypt(const pg::KeydSettings& s) {
 
 void decrypt(const pg::KeydSettings& s, const std::vector<uint8_t>& value) {
   std::vector<uint8_t> out(opened_size(ByteView(value)));
-  pg::decrypt_value(s, ByteView(value), ByteView::of("ctx"), out.data());
+  pg::decrypt_value(s, parse_header(ByteView(value)), ByteView(value), ByteView::of("ctx"), out.data());
 }
 
 // Every test leaves the cache empty and on its real clock.
