@@ -42,9 +42,12 @@ int64_t ms_of(const timespec& ts) {
 // A keyd serving one key "k" (version 1), counting the fetches of each kind.
 class OneKeyKeyd {
  public:
-  OneKeyKeyd()
-      : id_(new_key_id()), keyd_([this](const wire::Frame& f) -> Answer { return answer(f); }) {}
+  explicit OneKeyKeyd(std::string name = "k")
+      : id_(new_key_id()),
+        name_(std::move(name)),
+        keyd_([this](const wire::Frame& f) -> Answer { return answer(f); }) {}
   const std::string& path() const { return keyd_.path(); }
+  const KeyId& id() const { return id_; }
   int primary_fetches() const { return primary_fetches_; }
   int version_fetches() const { return version_fetches_; }
 
@@ -54,7 +57,7 @@ class OneKeyKeyd {
     r.id = id_;
     r.version = 1;
     r.state = wire::KeyState::Active;
-    r.name = "k";
+    r.name = name_;
     r.key = SecretBytes(32);
     std::memset(r.key.data(), 0x11, 32);
     SecretBytes frame;
@@ -73,6 +76,7 @@ class OneKeyKeyd {
   }
 
   KeyId id_;
+  std::string name_;
   std::atomic<int> primary_fetches_{0};
   std::atomic<int> version_fetches_{0};
   FakeKeyd keyd_;  // last: its thread calls answer(), so it stops first
@@ -211,4 +215,25 @@ TEST_CASE("key cache: without an injected clock the TTL runs in real time", "[ke
   std::this_thread::sleep_for(std::chrono::milliseconds(1100));
   encrypt(s);
   CHECK(keyd.primary_fetches() == 2);
+}
+
+TEST_CASE("key cache: a key name keyd sends is checked before it is cached", "[key_cache]") {
+  // Names reach error messages and the privilege check: one that is not a
+  // valid key name is a protocol error, whichever function asked first.
+  OneKeyKeyd keyd("bad name; DROP");
+  CacheReset reset;
+  pg::clear_key_cache();
+  const pg::KeydSettings s = settings_for(keyd.path(), 60);
+  EnvelopeHeader header{};
+  header.key_id = keyd.id();
+  header.key_version = 1;
+  char name[pg::kKeyNameCapacity];
+  try {
+    pg::key_name_of(s, header, name);
+    FAIL("an invalid name was accepted");
+  } catch (const Error& e) {
+    CHECK(e.code() == Errc::ProtocolError);
+    CHECK(std::string(e.what()).find("DROP") == std::string::npos);
+    CHECK(keyd.version_fetches() == 1);
+  }
 }
