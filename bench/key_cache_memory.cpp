@@ -110,7 +110,10 @@ int main(int argc, char** argv) {
   const long heap0 = heap_kb(), anon0 = status_kb("RssAnon"), locked0 = status_kb("VmLck");
   uint32_t done = 0;
   for (uint32_t n : counts) {
-    for (; done < n; ++done) pg::decrypt_value(settings, ByteView(values[done]), ByteView(), out);
+    for (; done < n; ++done) {
+      const ByteView value(values[done]);
+      pg::decrypt_value(settings, parse_header(value), value, ByteView(), out);
+    }
     if (std::memcmp(out, "123456789", 9) != 0) {
       std::fprintf(stderr, "colcrypt-bench-keycache: a value decrypted wrongly\n");
       return 1;

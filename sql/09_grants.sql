@@ -211,7 +211,34 @@ SELECT secret::text FROM vault WHERE id = 1;
 RESET ROLE;
 SELECT colcrypt.revoke_key('regress_key', 'regress_cc_readers');
 
+-- a check that passed is remembered for the next rows, but not past a change:
+-- a superuser that stops being one is checked like any role from its next
+-- statement (in a new session: its first check is a superuser's)
+CREATE ROLE regress_cc_admin SUPERUSER IN ROLE colcrypt_user;
+GRANT SELECT ON vault TO regress_cc_admin;
+\c
+SET ROLE regress_cc_admin;
+SELECT secret::text FROM vault WHERE id = 1;
+RESET ROLE;
+ALTER ROLE regress_cc_admin NOSUPERUSER;
+SET ROLE regress_cc_admin;
+SELECT secret::text FROM vault WHERE id = 1;
+\echo :SQLSTATE
+RESET ROLE;
+-- and a role that was allowed is refused after a revoke, by every function
+SELECT colcrypt.grant_key('regress_key', 'regress_cc_admin', 'all');
+SET ROLE regress_cc_admin;
+SELECT count(colcrypt.encrypt_field('x', 'regress_key')) FROM generate_series(1, 3);
+RESET ROLE;
+SELECT colcrypt.revoke_key('regress_key', 'regress_cc_admin', 'encrypt');
+SET ROLE regress_cc_admin;
+SELECT count(colcrypt.encrypt_field('x', 'regress_key')) FROM generate_series(1, 3);
+\echo :SQLSTATE
+SELECT secret::text FROM vault WHERE id = 1;
+RESET ROLE;
+SELECT colcrypt.revoke_key('regress_key', 'regress_cc_admin');
+
 DROP TABLE vault;
 SELECT colcrypt.revoke_key('regress_key', r) FROM unnest(ARRAY['regress_cc_writer', 'regress_cc_reader']::regrole[]) r;
 DROP ROLE regress_cc_writer, regress_cc_reader, regress_cc_member, regress_cc_readers,
-    regress_cc_heir, regress_cc_last, regress_cc_many;
+    regress_cc_heir, regress_cc_last, regress_cc_many, regress_cc_admin;

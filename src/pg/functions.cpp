@@ -161,7 +161,7 @@ struct varlena* decrypt_field(FunctionCallInfo fcinfo, const EnvelopeHeader& hea
   SET_VARSIZE(result, VARHDRSZ + size);
 
   guarded(ValueOrigin::Stored, [&] {
-    colcrypt::pg::decrypt_value(settings, envelope, context,
+    colcrypt::pg::decrypt_value(settings, header, envelope, context,
                                 reinterpret_cast<uint8_t*>(VARDATA(result)));
   });
   return result;
@@ -376,7 +376,7 @@ Datum colcrypt_verify_sealed(PG_FUNCTION_ARGS) {
                std::string_view(reinterpret_cast<const char*>(name.data), name.size);
     if (!same_key) return;
     try {
-      colcrypt::pg::decrypt_value(settings, envelope, context, scratch);
+      colcrypt::pg::decrypt_value(settings, header, envelope, context, scratch);
       opens = true;
     } catch (const colcrypt::Error& e) {
       if (e.code() != colcrypt::Errc::DecryptionFailed) throw;

@@ -291,6 +291,11 @@ class KeyCache {
     if (reply.id != ref.id || reply.version != ref.version)
       throw SqlError(Errc::ProtocolError, "invalid reply from colcrypt-keyd for " + what,
                      "keyd answered with a different key or version");
+    // Checked once here, so that every name the cache holds is valid (a
+    // primary's reply must carry the valid name it was asked for).
+    if (!valid_key_name(reply.name))
+      throw SqlError(Errc::ProtocolError, "invalid reply from colcrypt-keyd for " + what,
+                     "the key name is not a valid key name");
     if (reply.state == wire::KeyState::Disabled || reply.state == wire::KeyState::Destroyed)
       throw SqlError(Errc::KeyUnavailable, what + " is not available",
                      std::string("the version is ") + wire::key_state_name(reply.state));
@@ -497,10 +502,9 @@ void encrypt_value(const KeydSettings& settings, std::string_view key_name, Payl
   seal(derived, ref.id, ref.version, payload, context, plaintext, out, algorithm);
 }
 
-void decrypt_value(const KeydSettings& settings, ByteView envelope, ByteView context,
-                   uint8_t* out) {
+void decrypt_value(const KeydSettings& settings, const EnvelopeHeader& header, ByteView envelope,
+                   ByteView context, uint8_t* out) {
   CallScope scope(settings);
-  const EnvelopeHeader header = parse_header(envelope);
   KeyEntry& entry = cache().by_version(settings, VersionRef{header.key_id, header.key_version});
   open_with(entry, header, envelope, context, out);
 }
@@ -557,9 +561,7 @@ size_t deterministic_key_name(const KeydSettings& settings, ByteView value, char
   CallScope scope(settings);
   const KeyEntry& entry =
       cache().by_version(settings, deterministic_ref(value), wire::FetchPurpose::Deterministic);
-  if (!valid_key_name(entry.name) || entry.name.size() >= sizeof out)
-    throw SqlError(Errc::ProtocolError, "invalid reply from colcrypt-keyd",
-                   "the key name is not a valid key name");
+  static_assert(sizeof out > kMaxKeyNameSize, "room for every valid name");  // valid: by_version_at
   std::memcpy(out, entry.name.data(), entry.name.size());
   out[entry.name.size()] = '\0';
   return entry.name.size();
@@ -602,9 +604,8 @@ size_t key_name_of(const KeydSettings& settings, const EnvelopeHeader& header,
   CallScope scope(settings);
   const KeyEntry& entry =
       cache().by_version(settings, VersionRef{header.key_id, header.key_version});
-  if (!valid_key_name(entry.name) || entry.name.size() >= kKeyNameCapacity)
-    throw SqlError(Errc::ProtocolError, "invalid reply from colcrypt-keyd",
-                   "the key name is not a valid key name");
+  static_assert(kKeyNameCapacity > kMaxKeyNameSize,
+                "room for every valid name");  // valid: by_version_at
   std::memcpy(out, entry.name.data(), entry.name.size());
   out[entry.name.size()] = '\0';
   return entry.name.size();

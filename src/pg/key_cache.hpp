@@ -49,9 +49,11 @@ void encrypt_value(const KeydSettings& settings, std::string_view key_name, Payl
                    ByteView context, ByteView plaintext, uint8_t* out,
                    Algorithm algorithm = Algorithm::Aes256Gcm);
 
-// Opens a structurally valid envelope with the key its header names; writes
+// Opens a structurally valid envelope with the key its header (parse_header
+// of this envelope, which the caller has already made) names; writes
 // opened_size(envelope) bytes to out.
-void decrypt_value(const KeydSettings& settings, ByteView envelope, ByteView context, uint8_t* out);
+void decrypt_value(const KeydSettings& settings, const EnvelopeHeader& header, ByteView envelope,
+                   ByteView context, uint8_t* out);
 
 // Checks that a sealed value belongs where it is being stored: its key is
 // named expected_key_name and it authenticates with context. scratch receives

@@ -76,6 +76,19 @@ Oid key_grants_relid = InvalidOid;  // learnt at the first lookup
 bool privilege_callbacks_registered = false;
 bool privileges_for_transaction = false;  // an entry came from the transaction's snapshot
 
+// The last check that passed: a bulk load or a scan asks the same question
+// for every row, and this answers it with one compare, before even the name's
+// validation (a name equal to one that passed is valid). Dropped with the
+// cache: any invalidation moves privilege_generation.
+struct LastAllowed {
+  Oid user = InvalidOid;
+  KeyPrivilege privilege = KeyPrivilege::Encrypt;
+  uint64 generation = 0;
+  size_t name_size = 0;  // 0: none
+  char key_name[64];
+};
+LastAllowed last_allowed;
+
 void forget_privileges() {
   privilege_cache_used = 0;
   privileges_for_transaction = false;
@@ -137,11 +150,40 @@ bool lookup_privilege(Oid user, const char* key, KeyPrivilege privilege) {
   return allowed;
 }
 
+void register_privilege_callbacks() {
+  if (privilege_callbacks_registered) return;
+  CacheRegisterRelcacheCallback(privileges_relcache_callback, 0);
+  CacheRegisterSyscacheCallback(AUTHMEMROLEMEM, privileges_syscache_callback, 0);
+  CacheRegisterSyscacheCallback(AUTHOID, privileges_syscache_callback, 0);
+  privilege_callbacks_registered = true;
+}
+
+bool same_as_last_allowed(const char* key_name, size_t key_name_size, KeyPrivilege privilege) {
+  const LastAllowed& last = last_allowed;
+  return last.name_size != 0 && last.name_size == key_name_size && last.privilege == privilege &&
+         last.generation == privilege_generation && last.user == GetUserId() &&
+         std::memcmp(last.key_name, key_name, key_name_size) == 0;
+}
+
+// Only after the check passed, with a valid name (at most 63 bytes).
+void remember_allowed(Oid user, const char* key_name, size_t key_name_size,
+                      KeyPrivilege privilege) {
+  // Not while the answer came from the transaction's snapshot (parallel
+  // mode): the cache below keeps such entries only until the transaction ends.
+  if (privileges_for_transaction) return;
+  last_allowed.user = user;
+  last_allowed.privilege = privilege;
+  last_allowed.generation = privilege_generation;
+  std::memcpy(last_allowed.key_name, key_name, key_name_size);
+  last_allowed.name_size = key_name_size;
+}
+
 }  // namespace
 
 namespace colcrypt::pg {
 
 void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivilege privilege) {
+  if (same_as_last_allowed(key_name, key_name_size, privilege)) return;
   // First, and without echoing it: a "name" that is not one may be a
   // plaintext passed in the wrong argument, and the denial below would put
   // it into the error, the server log and keyd's audit log.
@@ -152,12 +194,17 @@ void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivileg
     ereport(ERROR, (errcode(ERRCODE_INVALID_PARAMETER_VALUE), errmsg("invalid colcrypt key name"),
                     errdetail("Key names are 1 to 63 characters from A-Z, a-z, 0-9, '_', '.' "
                               "and '-', and do not start with '.' or '-'.")));
-  if (superuser()) return;
-  char key[64];
-  if (key_name_size >= sizeof key) key_name_size = sizeof key - 1;
-  std::memcpy(key, key_name, key_name_size);
-  key[key_name_size] = '\0';
+  // The callbacks first: remember_allowed() relies on them to move the
+  // generation when a role (its superuser attribute too) or a grant changes.
+  register_privilege_callbacks();
   const Oid user = GetUserId();
+  if (superuser()) {
+    remember_allowed(user, key_name, key_name_size, privilege);
+    return;
+  }
+  char key[64];
+  std::memcpy(key, key_name, key_name_size);  // valid: at most 63 bytes
+  key[key_name_size] = '\0';
   bool allowed = false;
   bool cached = false;
   for (int i = 0; i < privilege_cache_used; ++i) {
@@ -169,12 +216,6 @@ void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivileg
     }
   }
   if (!cached) {
-    if (!privilege_callbacks_registered) {
-      CacheRegisterRelcacheCallback(privileges_relcache_callback, 0);
-      CacheRegisterSyscacheCallback(AUTHMEMROLEMEM, privileges_syscache_callback, 0);
-      CacheRegisterSyscacheCallback(AUTHOID, privileges_syscache_callback, 0);
-      privilege_callbacks_registered = true;
-    }
     const uint64 generation = privilege_generation;
     allowed = lookup_privilege(user, key, privilege);
     if (generation == privilege_generation && privilege_cache_used < kPrivilegeCacheSize) {
@@ -185,6 +226,7 @@ void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivileg
       strlcpy(e.key_name, key, sizeof e.key_name);
     }
   }
+  if (allowed) remember_allowed(user, key_name, key_name_size, privilege);
   if (!allowed) {
     const char* role = GetUserNameFromId(user, false);
     const KeydSettings settings = prepare_key_access();

@@ -141,7 +141,7 @@ struct varlena* rewrap_value(struct varlena* input, ByteView context,
   SET_VARSIZE(result, VARHDRSZ + envelope.size);
   guarded(ValueOrigin::Stored, [&] {
     colcrypt::SecretBytes plaintext(plain_size);  // wiped when the lambda returns or throws
-    colcrypt::pg::decrypt_value(settings, envelope, context, plaintext.data());
+    colcrypt::pg::decrypt_value(settings, header, envelope, context, plaintext.data());
     // A derived-key value stays one, under the primary's key for its context.
     colcrypt::pg::encrypt_value(settings, std::string_view(name, name_size), header.payload,
                                 context, plaintext.view(),

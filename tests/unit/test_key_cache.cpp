@@ -44,9 +44,12 @@ int64_t ms_of(const timespec& ts) {
 // A keyd serving one key "k" (version 1), counting the fetches of each kind.
 class OneKeyKeyd {
  public:
-  OneKeyKeyd()
-      : id_(new_key_id()), keyd_([this](const wire::Frame& f) -> Answer { return answer(f); }) {}
+  explicit OneKeyKeyd(std::string name = "k")
+      : id_(new_key_id()),
+        name_(std::move(name)),
+        keyd_([this](const wire::Frame& f) -> Answer { return answer(f); }) {}
   const std::string& path() const { return keyd_.path(); }
+  const KeyId& id() const { return id_; }
   int primary_fetches() const { return primary_fetches_; }
   int version_fetches() const { return version_fetches_; }
 
@@ -56,7 +59,7 @@ class OneKeyKeyd {
     r.id = id_;
     r.version = 1;
     r.state = wire::KeyState::Active;
-    r.name = "k";
+    r.name = name_;
     r.key = SecretBytes(32);
     std::memset(r.key.data(), 0x11, 32);
     SecretBytes frame;
@@ -75,6 +78,7 @@ class OneKeyKeyd {
   }
 
   KeyId id_;
+  std::string name_;
   std::atomic<int> primary_fetches_{0};
   std::atomic<int> version_fetches_{0};
   FakeKeyd keyd_;  // last: its thread calls answer(), so it stops first
@@ -97,7 +101,8 @@ std::vector<uint8_t> encrypt(const pg::KeydSettings& s) {
 
 void decrypt(const pg::KeydSettings& s, const std::vector<uint8_t>& value) {
   std::vector<uint8_t> out(opened_size(ByteView(value)));
-  pg::decrypt_value(s, ByteView(value), ByteView::of("ctx"), out.data());
+  pg::decrypt_value(s, parse_header(ByteView(value)), ByteView(value), ByteView::of("ctx"),
+                    out.data());
 }
 
 // Every test leaves the cache empty and on its real clock.
@@ -318,7 +323,8 @@ std::vector<uint8_t> sealed_under(uint32_t n, uint32_t version) {
 
 std::string decrypted(const pg::KeydSettings& s, const std::vector<uint8_t>& value) {
   std::vector<uint8_t> out(opened_size(ByteView(value)));
-  pg::decrypt_value(s, ByteView(value), ByteView::of("ctx"), out.data());
+  pg::decrypt_value(s, parse_header(ByteView(value)), ByteView(value), ByteView::of("ctx"),
+                    out.data());
   return std::string(out.begin(), out.end());
 }
 
@@ -485,4 +491,25 @@ TEST_CASE("key cache: the SIV and blind-index keys are derived on first use only
   CHECK(pg::key_cache_size().versions == 3);
   pg::clear_key_cache();
   CHECK(pg::key_cache_size().secret_slots == 0);
+}
+
+TEST_CASE("key cache: a key name keyd sends is checked before it is cached", "[key_cache]") {
+  // Names reach error messages and the privilege check: one that is not a
+  // valid key name is a protocol error, whichever function asked first.
+  OneKeyKeyd keyd("bad name; DROP");
+  CacheReset reset;
+  pg::clear_key_cache();
+  const pg::KeydSettings s = settings_for(keyd.path(), 60);
+  EnvelopeHeader header{};
+  header.key_id = keyd.id();
+  header.key_version = 1;
+  char name[pg::kKeyNameCapacity];
+  try {
+    pg::key_name_of(s, header, name);
+    FAIL("an invalid name was accepted");
+  } catch (const Error& e) {
+    CHECK(e.code() == Errc::ProtocolError);
+    CHECK(std::string(e.what()).find("DROP") == std::string::npos);
+    CHECK(keyd.version_fetches() == 1);
+  }
 }

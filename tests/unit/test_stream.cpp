@@ -32,7 +32,7 @@ Bytes version_key(uint8_t seed = 1) { return pattern(32, seed); }
 Source source_of(const Bytes& bytes, size_t& pos, size_t max_read = SIZE_MAX) {
   return [&bytes, &pos, max_read](uint8_t* buffer, size_t n) {
     const size_t take = std::min({n, bytes.size() - pos, max_read});
-    std::memcpy(buffer, bytes.data() + pos, take);
+    if (take > 0) std::memcpy(buffer, bytes.data() + pos, take);  // an empty vector's data() may be null
     pos += take;
     return take;
   };
