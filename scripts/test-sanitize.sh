@@ -12,7 +12,7 @@
 # Like `make test` it installs the extension into the system Postgres, which
 # every work tree shares: run it under the install lock
 #   flock /tmp/colcrypt-install.lock make test-sanitize
-# scripts/test.sh runs it after the ordinary suites (COLCRYPT_SANITIZE_TESTS=0 skips it).
+# It is not part of `make test` (docs/reliability.md says why).
 set -euo pipefail
 
 src=$(cd "$(dirname "$0")/.." && pwd)
