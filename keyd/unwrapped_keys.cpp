@@ -32,22 +32,26 @@ void UnwrappedKeys::insert(const KeyId& id, uint32_t version, ByteView wrapped, 
   if (key.size != kKeySize) throw Error(Errc::InvalidArgument, "cached key of the wrong size");
   if (wrapped.empty()) return;  // nothing to check a later fetch against
   const Ref ref{id, version};
+  // Everything that may throw (bad_alloc) comes before the index names the
+  // slot: a failed insert leaves no index entry without its key.
+  std::vector<uint8_t> wrapped_copy(wrapped.data, wrapped.data + wrapped.size);
   size_t at;
   if (auto it = index_.find(ref); it != index_.end()) {
     at = it->second;
   } else {
     at = next_;
-    next_ = (next_ + 1) % slots_.size();
     if (!slots_[at].key.empty()) {
-      index_.erase(slots_[at].ref);
+      if (auto old = index_.find(slots_[at].ref); old != index_.end() && old->second == at)
+        index_.erase(old);
       wipe(at);
     }
+    slots_[at].key = keys_.acquire();
     index_.emplace(ref, at);
+    next_ = (next_ + 1) % slots_.size();
   }
   Slot& slot = slots_[at];
   slot.ref = ref;
-  slot.wrapped.assign(wrapped.data, wrapped.data + wrapped.size);
-  if (slot.key.empty()) slot.key = keys_.acquire();
+  slot.wrapped = std::move(wrapped_copy);
   std::memcpy(slot.key.data(), key.data, kKeySize);
 }
 

@@ -457,7 +457,7 @@ class KeyCache {
   SecretSlab version_keys_{AeadKey::kKeySize};  // 128 to a locked page
   SecretSlab siv_keys_{64};                     // 64 to a locked page
   KeyMap keys_{kKeyCacheCapacity};
-  PrimaryMap primaries_{kKeyCacheCapacity};
+  PrimaryMap primaries_{kKeyNameCacheCapacity};
   KeyMap::Item* last_ = nullptr;
   PrimaryMap::Item* last_primary_ = nullptr;
 };

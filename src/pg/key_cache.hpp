@@ -5,7 +5,8 @@
 // Cache: (key id, version) -> AES key schedule + name, and key name -> its
 // primary (id, version). Both expire colcrypt.key_cache_ttl seconds after the
 // fetch from keyd (0: nothing is kept past the call that fetched it), and each
-// holds at most kKeyCacheCapacity entries: beyond that the least recently
+// holds at most kKeyCacheCapacity versions (kKeyNameCacheCapacity names):
+// beyond that the least recently
 // used one leaves (a statement meeting more versions still works, with more
 // keyd fetches). Key bytes live in locked slabs, 128 to a page (SecretSlab);
 // the SIV and blind-index keys are derived on a version's first deterministic
@@ -117,11 +118,16 @@ void set_key_cache_clock(ClockGettime clock_gettime_fn) noexcept;
 // The keyd client's options for these settings.
 client::ClientOptions client_options(const KeydSettings& settings);
 
-// The most key versions, and the most key names, a backend caches. A full
-// cache takes 128 KiB of locked memory for the key bytes (plus 64 bytes per
-// version used for deterministic values) and about 11 MB in all: 2.6 kB per
-// version, mostly AeadKey's two OpenSSL cipher contexts (bench/ANALYSIS.md).
+// The most key versions a backend caches. A full cache takes 128 KiB of
+// locked memory for the key bytes (plus 64 bytes per version used for
+// deterministic values) and about 11 MB in all: 2.6 kB per version, mostly
+// AeadKey's two OpenSSL cipher contexts (bench/ANALYSIS.md).
 constexpr size_t kKeyCacheCapacity = 4096;
+// The most key names (name -> primary, about 100 bytes each, no secret). Far
+// higher: an evicted name takes with it the uses keyd already charged to its
+// block, so a backend cycling through more names than this would spend a
+// version's usage cap in a few dozen encryptions.
+constexpr size_t kKeyNameCacheCapacity = 65536;
 
 // What the cache holds now: for tests and the memory benchmark.
 struct KeyCacheSize {

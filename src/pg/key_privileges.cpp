@@ -166,11 +166,13 @@ bool same_as_last_allowed(const char* key_name, size_t key_name_size, KeyPrivile
 }
 
 // Only after the check passed, with a valid name (at most 63 bytes).
+// generation: privilege_generation when the check began; an answer found
+// while an invalidation arrived is not remembered (as the cache does).
 void remember_allowed(Oid user, const char* key_name, size_t key_name_size,
-                      KeyPrivilege privilege) {
-  // Not while the answer came from the transaction's snapshot (parallel
-  // mode): the cache below keeps such entries only until the transaction ends.
-  if (privileges_for_transaction) return;
+                      KeyPrivilege privilege, uint64 generation) {
+  // Nor while the answer came from the transaction's snapshot (parallel
+  // mode): the cache keeps such entries only until the transaction ends.
+  if (generation != privilege_generation || privileges_for_transaction) return;
   last_allowed.user = user;
   last_allowed.privilege = privilege;
   last_allowed.generation = privilege_generation;
@@ -198,8 +200,11 @@ void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivileg
   // generation when a role (its superuser attribute too) or a grant changes.
   register_privilege_callbacks();
   const Oid user = GetUserId();
+  // An answer is remembered only when no invalidation arrived while it was
+  // found (a catalog lookup may process them): it could predate a change.
+  const uint64 generation = privilege_generation;
   if (superuser()) {
-    remember_allowed(user, key_name, key_name_size, privilege);
+    remember_allowed(user, key_name, key_name_size, privilege, generation);
     return;
   }
   char key[64];
@@ -216,7 +221,6 @@ void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivileg
     }
   }
   if (!cached) {
-    const uint64 generation = privilege_generation;
     allowed = lookup_privilege(user, key, privilege);
     if (generation == privilege_generation && privilege_cache_used < kPrivilegeCacheSize) {
       PrivilegeEntry& e = privilege_cache[privilege_cache_used++];
@@ -226,7 +230,7 @@ void check_key_privilege(const char* key_name, size_t key_name_size, KeyPrivileg
       strlcpy(e.key_name, key, sizeof e.key_name);
     }
   }
-  if (allowed) remember_allowed(user, key_name, key_name_size, privilege);
+  if (allowed) remember_allowed(user, key_name, key_name_size, privilege, generation);
   if (!allowed) {
     const char* role = GetUserNameFromId(user, false);
     const KeydSettings settings = prepare_key_access();
