@@ -8,7 +8,6 @@
 
 #include <catch2/catch.hpp>
 #include <cstdio>
-#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -303,6 +302,14 @@ TEST_CASE("colcrypt-file: an in-place rewrap keeps the file's owner and mode, or
 }
 
 TEST_CASE("colcrypt-file: without /proc the output is still committed", "[file][file-noproc]") {
+#if defined(__SANITIZE_ADDRESS__)
+  // ASan needs /proc: it reads the main thread's stack bounds from
+  // /proc/self/maps (without them every exception unwound reports a false
+  // stack-use-after-scope) and LeakSanitizer aborts at exit. The ordinary
+  // build's run of this test is the check.
+  WARN("skipped under AddressSanitizer (make test-sanitize): ASan cannot run without /proc");
+  return;
+#endif
   // Where /proc is not mounted (some containers and chroots) the O_TMPFILE
   // output cannot be named through /proc/self/fd: root names it with
   // linkat(AT_EMPTY_PATH), a user without CAP_DAC_READ_SEARCH writes a named
@@ -331,12 +338,6 @@ TEST_CASE("colcrypt-file: without /proc the output is still committed", "[file][
     prefix.insert(prefix.end(),
                   {"setpriv", "--reuid=postgres", "--regid=postgres", "--clear-groups"});
   }
-#if defined(__SANITIZE_ADDRESS__)
-  // make test-sanitize: LeakSanitizer needs /proc and aborts without it.
-  const char* asan = std::getenv("ASAN_OPTIONS");
-  prefix.insert(prefix.end(), {"env", std::string("ASAN_OPTIONS=") + (asan != nullptr ? asan : "") +
-                                          ":detect_leaks=0"});
-#endif
   auto without_proc = [&](std::vector<std::string> args) {
     args.insert(args.begin(), {kFile, "--socket", sandbox.keyd_socket()});
     args.insert(args.begin(), prefix.begin(), prefix.end());
