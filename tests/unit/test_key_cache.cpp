@@ -105,8 +105,9 @@ void decrypt(const pg::KeydSettings& s, const std::vector<uint8_t>& value) {
                     out.data());
 }
 
-// Every test leaves the cache empty and on its real clock.
+// Every test starts and leaves with the cache empty, and leaves it on its real clock.
 struct CacheReset {
+  CacheReset() { pg::clear_key_cache(); }
   ~CacheReset() {
     pg::clear_key_cache();
     pg::set_key_cache_clock(nullptr);
@@ -118,7 +119,6 @@ struct CacheReset {
 TEST_CASE("key cache: the TTL expires on the cache clock's time", "[key_cache]") {
   OneKeyKeyd keyd;
   CacheReset reset;
-  pg::clear_key_cache();
   pg::set_key_cache_clock(fake_clock);
   const pg::KeydSettings s = settings_for(keyd.path(), 60);
   fake_now = 5'000'000;
@@ -152,7 +152,6 @@ TEST_CASE("key cache: a new use block for the version it holds replaces the cach
   // again. Under ASan this read freed memory (key_cache.cpp, store()).
   OneKeyKeyd keyd;
   CacheReset reset;
-  pg::clear_key_cache();
   pg::set_key_cache_clock(fake_clock);
   const pg::KeydSettings s = settings_for(keyd.path(), 60);
   fake_now = 1'000;
@@ -171,7 +170,6 @@ TEST_CASE("key cache: time the machine spent suspended counts", "[key_cache]") {
   // clocks not at all: the entries fetched before it must be stale.
   OneKeyKeyd keyd;
   CacheReset reset;
-  pg::clear_key_cache();
   pg::set_key_cache_clock(fake_clock);
   const pg::KeydSettings s = settings_for(keyd.path(), 60);
   fake_now = 1'000;
@@ -208,7 +206,6 @@ TEST_CASE("key cache: the real clock is CLOCK_BOOTTIME", "[key_cache]") {
 TEST_CASE("key cache: without an injected clock the TTL runs in real time", "[key_cache]") {
   OneKeyKeyd keyd;
   CacheReset reset;
-  pg::clear_key_cache();
   pg::set_key_cache_clock(fake_clock);
   pg::set_key_cache_clock(nullptr);  // back to boottime_ms
   const pg::KeydSettings s = settings_for(keyd.path(), 1);
@@ -342,7 +339,6 @@ constexpr uint32_t kCapacity = static_cast<uint32_t>(pg::kKeyCacheCapacity);
 TEST_CASE("key cache: bounded; a statement meeting more versions still works", "[key_cache]") {
   ManyKeysKeyd keyd;
   CacheReset reset;
-  pg::clear_key_cache();
   const pg::KeydSettings s = settings_for(keyd.path(), 3600);
   const uint32_t last = kCapacity + 100;
   const auto values = values_of(1, 1, last);
@@ -366,7 +362,6 @@ TEST_CASE("key cache: bounded; a statement meeting more versions still works", "
 TEST_CASE("key cache: the least recently used version leaves first", "[key_cache]") {
   ManyKeysKeyd keyd;
   CacheReset reset;
-  pg::clear_key_cache();
   pg::set_key_cache_clock(fake_clock);
   fake_now = 10'000;
   const pg::KeydSettings s = settings_for(keyd.path(), 60);
@@ -406,7 +401,6 @@ TEST_CASE("key cache: the least recently used version leaves first", "[key_cache
 TEST_CASE("key cache: bounded key names, least recently used first", "[key_cache]") {
   ManyKeysKeyd keyd;
   CacheReset reset;
-  pg::clear_key_cache();
   const pg::KeydSettings s = settings_for(keyd.path(), 3600);
   const ByteView plaintext = ByteView::of("x");
   std::vector<uint8_t> out(sealed_size(plaintext.size));
@@ -442,7 +436,6 @@ TEST_CASE("key cache: deterministic values and blind indexes stay byte-identical
   ManyKeysKeyd keyd;
   keyd.primary = 3;  // rotated: both derive from version 1 all the same
   CacheReset reset;
-  pg::clear_key_cache();
   const auto fill = values_of(1, 1, kCapacity);
   for (int ttl : {60, 0, 3600}) {
     const pg::KeydSettings s = settings_for(keyd.path(), ttl);
@@ -481,7 +474,6 @@ TEST_CASE("key cache: deterministic values and blind indexes stay byte-identical
 TEST_CASE("key cache: the SIV and blind-index keys are derived on first use only", "[key_cache]") {
   ManyKeysKeyd keyd;
   CacheReset reset;
-  pg::clear_key_cache();
   const pg::KeydSettings s = settings_for(keyd.path(), 3600);
   const auto values = values_of(7, 1, 3);
   for (const auto& value : values) decrypted(s, value);
@@ -504,7 +496,6 @@ TEST_CASE("key cache: a key name keyd sends is checked before it is cached", "[k
   // valid key name is a protocol error, whichever function asked first.
   OneKeyKeyd keyd("bad name; DROP");
   CacheReset reset;
-  pg::clear_key_cache();
   const pg::KeydSettings s = settings_for(keyd.path(), 60);
   EnvelopeHeader header{};
   header.key_id = keyd.id();
